@@ -1,0 +1,30 @@
+# Every target creates/uses the local virtual environment in .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-fast demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -ra -m "not slow" tests
+
+demo: $(STAMP)
+	$(VENV)/bin/jaxgen generate --max-length 48 "The three most important inventions in history are"
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_decode.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

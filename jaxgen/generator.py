@@ -1,0 +1,197 @@
+"""`Generator`: the thin stateful layer over the pure, jitted decoding functions.
+
+It validates inputs, maps tokens <-> ids, splits and pads batches to shape buckets, owns the
+devices and the static-prompt caches, and runs asynchronous jobs. No model math lives here.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgen.decoding.scoring import SCORE_CHUNK, forward_logits, target_log_probs
+from jaxgen.devices import resolve_devices
+from jaxgen.model.loading import device_put_params, load_params
+from jaxgen.results import ScoringResult
+from jaxgen.vocabulary import Vocabulary, as_id_batch
+from jaxgen.batching import BATCH_TYPES, bucket, split_batches
+
+
+class Generator:
+    """Decoder-only language model with CTranslate2's `Generator` API.
+
+    Args mirror `ctranslate2.Generator`: `model_path` is a directory made by a jaxgen converter;
+    `device` is "cpu", "cuda"/"gpu", "tpu" or "auto"; `device_index` an int or list of ints.
+    """
+
+    def __init__(self, model_path: str, device: str = "cpu", *, device_index: Union[int, Sequence[int]] = 0,
+                 compute_type: str = "default", inter_threads: int = 1, intra_threads: int = 0,
+                 max_queued_batches: int = 0, tensor_parallel: bool = False,
+                 static_prompt_cache_size: int = 16):
+        for name, value in (("inter_threads", inter_threads), ("intra_threads", intra_threads),
+                            ("max_queued_batches", max_queued_batches),
+                            ("static_prompt_cache_size", static_prompt_cache_size)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if inter_threads < 1:
+            raise ValueError(f"inter_threads must be >= 1, got {inter_threads}")
+        self._platform, self._devices = resolve_devices(device, device_index)
+        self._device_index = [device_index] if isinstance(device_index, int) else list(device_index)
+        config, params, tokens, ctype = load_params(model_path, compute_type, self._platform)
+        self.config = config
+        self._ctype = ctype
+        self._vocab = Vocabulary(tokens, config.unk_token)
+        self._params = device_put_params(params, self._devices[0])
+        self._tensor_parallel = bool(tensor_parallel)
+        self.model_path = os.fspath(model_path)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> str:
+        return self._platform
+
+    @property
+    def device_index(self) -> List[int]:
+        return list(self._device_index)
+
+    @property
+    def compute_type(self) -> str:
+        return self._ctype.name
+
+    @property
+    def tensor_parallel(self) -> bool:
+        return self._tensor_parallel
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        return self._vocab
+
+    # ------------------------------------------------------------------ forward / score
+    def forward_batch(self, tokens, lengths=None, *, return_log_probs: bool = False) -> jax.Array:
+        """Full logits (or log-probs) of a batch: float32 array [batch, max_len, vocab].
+
+        tokens: lists of token strings or of ids (mixed lengths allowed, right-padded), or a
+        dense int array [batch, max_len] together with `lengths` [batch].
+        Positions past a row's length hold values computed from padding.
+        """
+        ids, lens = self._forward_inputs(tokens, lengths)
+        batch, max_len = len(ids), int(max(lens))
+        padded, lengths_arr = self._pad(ids, lens, bucket(max_len), bucket(batch, minimum=1))
+        out = forward_logits(self._params, padded, lengths_arr, config=self.config, dtype=self._ctype.dtype,
+                             log_probs=bool(return_log_probs))
+        return out[:batch, :max_len]
+
+    def _forward_inputs(self, tokens, lengths):
+        if isinstance(tokens, (np.ndarray, jax.Array)):
+            arr = np.asarray(tokens)
+            if arr.ndim != 2:
+                raise ValueError(f"dense inputs must have rank 2 [batch, max_len], got shape {arr.shape}")
+            if lengths is None:
+                raise ValueError("lengths vector is required when passing a dense input")
+            lens = [int(x) for x in np.asarray(lengths).reshape(-1)]
+            if len(lens) != arr.shape[0]:
+                raise ValueError(f"lengths has {len(lens)} entries for a batch of {arr.shape[0]}")
+            if any(not 1 <= n <= arr.shape[1] for n in lens):
+                raise ValueError(f"lengths must be in [1, {arr.shape[1]}], got {lens}")
+            ids = [arr[i, :n].astype(np.int64).tolist() for i, n in enumerate(lens)]
+            ids = as_id_batch(ids, self._vocab, "inputs", allow_ids=True)
+        else:
+            ids = as_id_batch(tokens, self._vocab, "inputs", allow_ids=True)
+            lens = [len(s) for s in ids]
+        if not ids:
+            raise ValueError("forward_batch needs at least one sequence")
+        for i, seq in enumerate(ids):
+            if not seq:
+                raise ValueError(f"inputs[{i}] is empty")
+        return ids, lens
+
+    def score_batch(self, tokens, *, max_batch_size: int = 0, batch_type: str = "examples",
+                    max_input_length: int = 1024, offset: int = 0, asynchronous: bool = False):
+        """Log-likelihood of each token given its prefix (CTranslate2 §4.1).
+
+        Returns one ScoringResult(tokens=input[1:], log_probs) per sequence; sequences shorter
+        than 2 tokens get empty results. Sequences longer than `max_input_length` are truncated,
+        keeping a final end token. `offset` drops the first `offset` scored tokens.
+        """
+        _check_batch_options(max_batch_size, batch_type)
+        for name, value in (("max_input_length", max_input_length), ("offset", offset)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        ids = as_id_batch(tokens, self._vocab, "tokens", allow_ids=True)
+        eos = self._eos_ids()
+        prepared = [_truncate_for_scoring(seq, max_input_length, eos) for seq in ids]
+        results: List[Optional[ScoringResult]] = [None] * len(prepared)
+        todo = [i for i, seq in enumerate(prepared) if len(seq) >= 2]
+        for i, seq in enumerate(prepared):
+            if len(seq) < 2:
+                results[i] = ScoringResult([], [])
+        for chunk in split_batches([len(prepared[i]) - 1 for i in todo], max_batch_size, batch_type):
+            rows = [todo[j] for j in chunk]
+            log_probs = self._score_rows([prepared[i] for i in rows])
+            for i, lp in zip(rows, log_probs):
+                targets = prepared[i][1:]
+                results[i] = ScoringResult(self._vocab.to_tokens(targets[offset:]), lp[offset:])
+        if asynchronous:
+            return [_Done(r) for r in results]
+        return results
+
+    def _score_rows(self, seqs: List[List[int]]) -> List[List[float]]:
+        inputs = [s[:-1] for s in seqs]
+        targets = [s[1:] for s in seqs]
+        lens = [len(s) for s in inputs]
+        t = max(bucket(max(lens)), SCORE_CHUNK)
+        t = -(-t // SCORE_CHUNK) * SCORE_CHUNK
+        b = bucket(len(seqs), minimum=1)
+        inp, lengths = self._pad(inputs, lens, t, b)
+        tgt, _ = self._pad(targets, lens, t, b)
+        out = np.asarray(target_log_probs(self._params, inp, tgt, lengths, config=self.config,
+                                          dtype=self._ctype.dtype))
+        return [out[i, :n].astype(np.float32).tolist() for i, n in enumerate(lens)]
+
+    # ------------------------------------------------------------------ helpers
+    def _pad(self, seqs: List[List[int]], lens: List[int], t: int, b: int):
+        arr = np.zeros((b, t), np.int32)
+        for i, s in enumerate(seqs):
+            arr[i, :len(s)] = s
+        lengths = np.zeros((b,), np.int32)
+        lengths[:len(lens)] = lens
+        lengths[len(lens):] = 1  # padding rows: one dummy token
+        return jnp.asarray(arr), jnp.asarray(lengths)
+
+    def _eos_ids(self) -> List[int]:
+        eos = self.config.eos_token
+        return [self._vocab.id_of(eos)] if eos is not None and eos in self._vocab else []
+
+
+def _check_batch_options(max_batch_size, batch_type) -> None:
+    if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 0:
+        raise ValueError(f"max_batch_size must be an int >= 0, got {max_batch_size!r}")
+    if batch_type not in BATCH_TYPES:
+        raise ValueError(f"Invalid batch type: {batch_type}")
+
+
+def _truncate_for_scoring(ids: List[int], max_input_length: int, eos_ids: List[int]) -> List[int]:
+    """CTranslate2's truncation: keep the first ids, but keep a final EOS as the last element."""
+    if max_input_length <= 0 or len(ids) <= max_input_length or len(ids) < 2:
+        return ids
+    out = ids[:max_input_length]
+    if ids[-1] in eos_ids:
+        out[-1] = ids[-1]
+    return out
+
+
+class _Done:
+    """A completed future (used where work ran synchronously)."""
+
+    def __init__(self, value):
+        self._value = value
+
+    def result(self):
+        return self._value
+
+    def done(self) -> bool:
+        return True

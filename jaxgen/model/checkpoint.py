@@ -1,0 +1,234 @@
+"""The model directory: canonical parameter names, shapes, and load/save.
+
+Files of a model directory:
+  config.json         `ModelConfig` with its format version
+  model.safetensors   flat canonical names (below), weights in [in, out] layout
+  vocabulary.json     list of token strings, index = id
+  tokenizer.model or tokenizer.json   the checkpoint's tokenizer (optional for the API)
+
+Canonical names (`L` layers; per layer `layers.{i}.{module}.{kind}`):
+  embed.weight [V, D]            pos_embed.weight [P, D] (learned positions only)
+  layers.{i}.attn_norm   .weight/.bias [D]
+  layers.{i}.q .weight [D, Hq*hd]   .bias [Hq*hd]
+  layers.{i}.k / v .weight [D, Hkv*hd]  .bias
+  layers.{i}.o .weight [Hq*hd, D]   .bias [D]
+  layers.{i}.q_norm / k_norm .weight [hd]
+  layers.{i}.post_attn_norm, mlp_norm, post_mlp_norm .weight/.bias [D]
+  layers.{i}.gate / up .weight [D, F] .bias [F];  layers.{i}.down .weight [F, D] .bias [D]
+  final_norm.weight/.bias [D]    lm_head.weight [D, V] .bias [V] (absent when tied)
+int8 weights carry `<module>.weight_scale` (float32, one per output channel; for `embed`, one
+per vocabulary row). The dequantised weight is `weight * weight_scale` (broadcast on the
+output axis).
+
+In memory, parameters form a nested dict pytree: `{"embed": {...}, "layers": {module: {kind:
+array with a leading layer axis}}, "final_norm": {...}, ...}` so that the decoder can scan over
+layers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+
+from jaxgen.model.config import ModelConfig
+
+WEIGHTS_FILE = "model.safetensors"
+VOCABULARY_FILE = "vocabulary.json"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+
+LINEAR_MODULES = ("q", "k", "v", "o", "gate", "up", "down")
+Shape = Tuple[int, ...]
+
+
+def layer_module_shapes(config: ModelConfig) -> Dict[str, Dict[str, Shape]]:
+    """Shapes of one layer's parameters: {module: {kind: shape}} (no int8 scales)."""
+    d, hd, f = config.hidden_size, config.head_dim, config.intermediate_size
+    q_out, kv_out = config.num_heads * hd, config.num_kv_heads * hd
+    layernorm = config.norm_type == "layer"
+
+    def norm(dim: int) -> Dict[str, Shape]:
+        return {"weight": (dim,), "bias": (dim,)} if layernorm else {"weight": (dim,)}
+
+    def linear(n_in: int, n_out: int, bias: bool) -> Dict[str, Shape]:
+        return {"weight": (n_in, n_out), "bias": (n_out,)} if bias else {"weight": (n_in, n_out)}
+
+    shapes = {
+        "attn_norm": norm(d),
+        "q": linear(d, q_out, config.attention_bias),
+        "k": linear(d, kv_out, config.attention_bias),
+        "v": linear(d, kv_out, config.attention_bias),
+        "o": linear(q_out, d, config.attention_out_bias),
+        "mlp_norm": norm(d),
+        "up": linear(d, f, config.mlp_bias),
+        "down": linear(f, d, config.mlp_bias),
+    }
+    if config.gated_mlp:
+        shapes["gate"] = linear(d, f, config.mlp_bias)
+    if config.qk_norm:
+        shapes["q_norm"] = {"weight": (hd,)}
+        shapes["k_norm"] = {"weight": (hd,)}
+    if config.post_attention_norm:
+        shapes["post_attn_norm"] = norm(d)
+    if config.post_mlp_norm:
+        shapes["post_mlp_norm"] = norm(d)
+    return shapes
+
+
+def top_level_shapes(config: ModelConfig) -> Dict[str, Dict[str, Shape]]:
+    """Shapes of the non-layer parameters: {module: {kind: shape}}."""
+    d, v = config.hidden_size, config.vocab_size
+    shapes: Dict[str, Dict[str, Shape]] = {"embed": {"weight": (v, d)}}
+    shapes["final_norm"] = {"weight": (d,), "bias": (d,)} if config.norm_type == "layer" else {"weight": (d,)}
+    if config.position_embedding == "learned":
+        shapes["pos_embed"] = {"weight": (config.max_position_embeddings, d)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head"] = {"weight": (d, v)}
+    if config.lm_head_bias:
+        shapes.setdefault("lm_head", {})["bias"] = (v,)
+    return shapes
+
+
+def is_quantizable(module: str, kind: str) -> bool:
+    """Weights that int8 quantization applies to (linear layers, embeddings and the head)."""
+    return kind == "weight" and (module in LINEAR_MODULES or module in ("embed", "lm_head"))
+
+
+def scale_shape(module: str, shape: Shape) -> Shape:
+    """One scale per output channel: the last axis, or the vocabulary rows of `embed`."""
+    return (shape[0],) if module == "embed" else (shape[-1],)
+
+
+def expected_flat_shapes(config: ModelConfig) -> Dict[str, Shape]:
+    """Every canonical file name with its shape, int8 scales included when weight_dtype is int8."""
+    int8 = config.weight_dtype == "int8"
+    out: Dict[str, Shape] = {}
+    for module, kinds in top_level_shapes(config).items():
+        for kind, shape in kinds.items():
+            out[f"{module}.{kind}"] = shape
+            if int8 and is_quantizable(module, kind):
+                out[f"{module}.weight_scale"] = scale_shape(module, shape)
+    for i in range(config.num_layers):
+        for module, kinds in layer_module_shapes(config).items():
+            for kind, shape in kinds.items():
+                out[f"layers.{i}.{module}.{kind}"] = shape
+                if int8 and is_quantizable(module, kind):
+                    out[f"layers.{i}.{module}.weight_scale"] = scale_shape(module, shape)
+    return out
+
+
+# ---------------------------------------------------------------------------- pytree <-> flat
+def stack_layers(flat: Dict[str, np.ndarray], config: ModelConfig) -> dict:
+    """Flat canonical names -> nested params pytree with layers stacked on a leading axis."""
+    params: dict = {}
+    per_layer: Dict[str, Dict[str, List[np.ndarray]]] = {}
+    for name, array in flat.items():
+        parts = name.split(".")
+        if parts[0] == "layers":
+            index, module, kind = int(parts[1]), parts[2], parts[3]
+            slots = per_layer.setdefault(module, {}).setdefault(kind, [None] * config.num_layers)
+            slots[index] = array
+        else:
+            module, kind = parts
+            params.setdefault(module, {})[kind] = array
+    params["layers"] = {m: {k: np.stack(v) for k, v in kinds.items()} for m, kinds in per_layer.items()}
+    return params
+
+
+def flatten_params(params: dict) -> Dict[str, np.ndarray]:
+    """Inverse of `stack_layers`."""
+    flat: Dict[str, np.ndarray] = {}
+    for module, kinds in params.items():
+        if module == "layers":
+            for layer_module, layer_kinds in kinds.items():
+                for kind, stacked in layer_kinds.items():
+                    for i in range(stacked.shape[0]):
+                        flat[f"layers.{i}.{layer_module}.{kind}"] = np.asarray(stacked[i])
+        else:
+            for kind, array in kinds.items():
+                flat[f"{module}.{kind}"] = np.asarray(array)
+    return flat
+
+
+# ---------------------------------------------------------------------------- files
+def save_model_dir(
+    output_dir: str,
+    config: ModelConfig,
+    flat: Dict[str, np.ndarray],
+    vocabulary: List[str],
+    tokenizer_files: Iterable[Tuple[str, bytes]] = (),
+    extra_json: Optional[Dict[str, dict]] = None,
+) -> None:
+    """Writes a complete model directory. `flat` must match `expected_flat_shapes(config)`."""
+    from safetensors.numpy import save_file
+
+    check_flat_shapes(flat, config)
+    if len(vocabulary) != config.vocab_size:
+        raise ValueError(f"vocabulary has {len(vocabulary)} tokens, config.vocab_size is {config.vocab_size}")
+    os.makedirs(output_dir, exist_ok=True)
+    config.save(output_dir)
+    save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, os.path.join(output_dir, WEIGHTS_FILE),
+              metadata={"format": "jaxgen", "format_version": str(config.format_version)})
+    with open(os.path.join(output_dir, VOCABULARY_FILE), "w", encoding="utf-8") as f:
+        json.dump(vocabulary, f, ensure_ascii=False)
+    for name, data in tokenizer_files:
+        with open(os.path.join(output_dir, name), "wb") as f:
+            f.write(data)
+    for name, obj in (extra_json or {}).items():
+        with open(os.path.join(output_dir, name), "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+
+
+def check_flat_shapes(flat: Dict[str, np.ndarray], config: ModelConfig) -> None:
+    """Raises ValueError naming a missing, unexpected or wrongly shaped tensor."""
+    expected = expected_flat_shapes(config)
+    missing = sorted(set(expected) - set(flat))
+    if missing:
+        raise ValueError(f"model weights are missing tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    unexpected = sorted(set(flat) - set(expected))
+    if unexpected:
+        raise ValueError(f"model weights have unexpected tensors: {unexpected[:5]}")
+    for name, shape in expected.items():
+        if tuple(flat[name].shape) != tuple(shape):
+            raise ValueError(f"tensor {name} has shape {tuple(flat[name].shape)}, expected {tuple(shape)}")
+
+
+def load_model_dir(model_dir: str) -> Tuple[ModelConfig, Dict[str, np.ndarray], List[str]]:
+    """Reads and validates a model directory: (config, flat numpy weights, vocabulary)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    if not isinstance(model_dir, (str, os.PathLike)):
+        raise TypeError(f"model_path must be a path string, got {type(model_dir).__name__}")
+    model_dir = os.fspath(model_dir)
+    if not os.path.isdir(model_dir):
+        raise ValueError(f"model directory {model_dir!r} does not exist")
+    config = ModelConfig.load(model_dir)
+    weights_path = os.path.join(model_dir, WEIGHTS_FILE)
+    if not os.path.isfile(weights_path):
+        raise ValueError(f"model directory {model_dir!r} has no {WEIGHTS_FILE}")
+    try:
+        flat = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{weights_path} cannot be read: {exc}") from None
+    check_flat_shapes(flat, config)
+    vocabulary = load_vocabulary(model_dir)
+    if len(vocabulary) != config.vocab_size:
+        raise ValueError(f"{VOCABULARY_FILE} has {len(vocabulary)} tokens, config.vocab_size is {config.vocab_size}")
+    return config, flat, vocabulary
+
+
+def load_vocabulary(model_dir: str) -> List[str]:
+    path = os.path.join(model_dir, VOCABULARY_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"model directory {model_dir!r} has no {VOCABULARY_FILE}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            vocabulary = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(vocabulary, list) or not all(isinstance(t, str) for t in vocabulary):
+        raise ValueError(f"{path} must be a JSON list of token strings")
+    return vocabulary

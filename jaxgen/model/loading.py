@@ -1,0 +1,85 @@
+"""Loads a model directory into device arrays with a requested compute type."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgen.model.checkpoint import load_model_dir, stack_layers
+from jaxgen.model.config import ModelConfig
+from jaxgen.model.quantization import convert_flat
+
+COMPUTE_TYPES = ("default", "auto", "float32", "float", "float16", "bfloat16", "int8", "int8_float32",
+                 "int8_float16", "int8_bfloat16")
+JNP_DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeType:
+    """How weights are stored on device and which float type activations use."""
+
+    weights: str  # "float32" | "float16" | "bfloat16" | "int8"
+    activations: str  # "float32" | "float16" | "bfloat16"
+
+    @property
+    def name(self) -> str:
+        if self.weights == "int8":
+            return f"int8_{self.activations}"
+        return self.activations
+
+    @property
+    def dtype(self):
+        return JNP_DTYPES[self.activations]
+
+
+def resolve_compute_type(requested: str, saved: str, platform: str) -> ComputeType:
+    """CTranslate2's compute-type names -> ComputeType, given the saved weight type.
+
+    `default` keeps the saved type (unlike CTranslate2 on CPU, bfloat16/float16 are not promoted
+    to float32: XLA runs them). `auto` picks int8 weights with float32 (CPU) or bfloat16
+    (accelerators) activations.
+    """
+    if not isinstance(requested, str):
+        raise TypeError(f"compute_type must be a str, got {type(requested).__name__}")
+    name = requested.lower()
+    if name not in COMPUTE_TYPES:
+        raise ValueError(f"unsupported compute type {requested!r}; expected one of {', '.join(COMPUTE_TYPES)}")
+    saved_float = "float32" if saved == "int8" else saved
+    if name == "default":
+        return ComputeType(saved, saved_float)
+    if name == "auto":
+        return ComputeType("int8", "float32" if platform == "cpu" else "bfloat16")
+    if name == "float":
+        name = "float32"
+    if name == "int8":
+        return ComputeType("int8", saved_float)
+    if name.startswith("int8_"):
+        return ComputeType("int8", name[len("int8_"):])
+    return ComputeType(name, name)
+
+
+def load_params(model_dir: str, compute_type: str = "default", platform: str = "cpu"
+                ) -> Tuple[ModelConfig, Dict, List[str], ComputeType]:
+    """Reads a model directory -> (config, numpy params pytree, vocabulary, compute type).
+
+    The params are converted to the compute type's weight storage (norms stay float32) and
+    stacked per layer; put them on devices with `jax.device_put`.
+    """
+    config, flat, vocabulary = load_model_dir(model_dir)
+    ctype = resolve_compute_type(compute_type, config.weight_dtype, platform)
+    flat = convert_flat(flat, config.weight_dtype, ctype.weights)
+    if ctype.weights == "int8" and ctype.activations != "float32":
+        # int8 storage keeps float32 non-quantized tensors; cast them to the activation type.
+        act = np.dtype(jnp.dtype(ctype.dtype))
+        flat = {k: (v if v.dtype == np.int8 or k.endswith("_scale") or k.split(".")[-2].endswith("norm")
+                    else v.astype(act)) for k, v in flat.items()}
+    config = config.replace(weight_dtype=ctype.weights)
+    return config, stack_layers(flat, config), vocabulary, ctype
+
+
+def device_put_params(params: dict, device_or_sharding) -> dict:
+    return jax.tree_util.tree_map(lambda a: jax.device_put(a, device_or_sharding), params)
