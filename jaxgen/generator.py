@@ -6,7 +6,10 @@ devices and the static-prompt caches, and runs asynchronous jobs. No model math 
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import os
+import threading
 from typing import List, Optional, Sequence, Union
 
 import jax
@@ -19,6 +22,10 @@ from jaxgen.model.loading import device_put_params, load_params
 from jaxgen.results import ScoringResult
 from jaxgen.vocabulary import Vocabulary, as_id_batch
 from jaxgen.batching import BATCH_TYPES, bucket, split_batches
+from jaxgen.decoding.search import prefill, start_cache
+from jaxgen.generation import assemble_results, plan_rows, run_rows
+from jaxgen.model.decoder import init_cache
+from jaxgen.options import GenerationOptions, validate_options
 
 
 class Generator:
@@ -48,6 +55,13 @@ class Generator:
         self._params = device_put_params(params, self._devices[0])
         self._tensor_parallel = bool(tensor_parallel)
         self.model_path = os.fspath(model_path)
+        self._static_cache_size = static_prompt_cache_size
+        self._static_cache: "collections.OrderedDict[tuple, object]" = collections.OrderedDict()
+        self._static_lock = threading.Lock()
+        self._seed_lock = threading.Lock()
+        self._seed_rng = np.random.default_rng()
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=inter_threads * len(self._devices),
+                                                               thread_name_prefix="jaxgen")
 
     # ------------------------------------------------------------------ properties
     @property
@@ -69,6 +83,107 @@ class Generator:
     @property
     def vocabulary(self) -> Vocabulary:
         return self._vocab
+
+    # ------------------------------------------------------------------ generation
+    def generate_batch(self, start_tokens, *, max_batch_size: int = 0, batch_type: str = "examples",
+                       asynchronous: bool = False, beam_size: int = 1, patience: float = 1,
+                       num_hypotheses: int = 1, length_penalty: float = 1, repetition_penalty: float = 1,
+                       no_repeat_ngram_size: int = 0, disable_unk: bool = False, suppress_sequences=None,
+                       end_token=None, return_end_token: bool = False, max_length: int = 512,
+                       min_length: int = 0, static_prompt=None, cache_static_prompt: bool = True,
+                       include_prompt_in_result: bool = True, return_scores: bool = False,
+                       return_logits_vocab: bool = False, return_alternatives: bool = False,
+                       min_alternative_expansion_prob: float = 0, sampling_topk: int = 1,
+                       sampling_topp: float = 1, sampling_temperature: float = 1, callback=None,
+                       random_seed: Optional[int] = None):
+        """Generates continuations of prompts given as lists of token strings (CTranslate2 §2).
+
+        Returns one GenerationResult per prompt (or futures with `asynchronous=True`).
+        `random_seed` (an extension) makes sampling reproducible.
+        """
+        _check_batch_options(max_batch_size, batch_type)
+        if isinstance(start_tokens, list) and not start_tokens:
+            return []
+        opts = GenerationOptions(
+            beam_size=beam_size, patience=patience, num_hypotheses=num_hypotheses, length_penalty=length_penalty,
+            repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+            disable_unk=disable_unk, suppress_sequences=suppress_sequences, end_token=end_token,
+            return_end_token=return_end_token, max_length=max_length, min_length=min_length,
+            static_prompt=static_prompt, cache_static_prompt=cache_static_prompt,
+            include_prompt_in_result=include_prompt_in_result, return_scores=return_scores,
+            return_logits_vocab=return_logits_vocab, return_alternatives=return_alternatives,
+            min_alternative_expansion_prob=min_alternative_expansion_prob, sampling_topk=sampling_topk,
+            sampling_topp=sampling_topp, sampling_temperature=sampling_temperature, callback=callback,
+            random_seed=random_seed)
+        resolved = validate_options(opts, self._vocab, self._eos_ids())
+        prompts = as_id_batch(start_tokens, self._vocab, "start_tokens", allow_ids=False)
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("One input has no decoder start token")
+        if beam_size > 1 or return_alternatives:
+            raise NotImplementedError("beam search and return_alternatives are not implemented yet")
+        seed = random_seed if random_seed is not None else self._next_seed()
+        groups = split_batches([len(p) for p in prompts], max_batch_size, batch_type)
+
+        def job(group_index: int, group: List[int]):
+            key = jax.random.fold_in(jax.random.PRNGKey(seed), group_index)
+            return self._generate_group([prompts[i] for i in group], group, resolved, key)
+
+        return self._run_jobs(groups, job, len(prompts), asynchronous)
+
+    def _generate_group(self, prompts: List[List[int]], batch_ids: List[int], resolved, key):
+        rows = plan_rows(prompts, batch_ids, resolved)
+        prefix, prefix_len = self._static_prefix(resolved.static_prompt_ids, resolved.options.cache_static_prompt)
+        decoded = run_rows(self._params, self.config, self._ctype.dtype, rows, resolved, prefix, prefix_len, key,
+                           self._vocab, resolved.options.callback)
+        bos = self._vocab.id_of(self.config.bos_token) if self.config.bos_token in self._vocab else None
+        return assemble_results(rows, decoded, resolved, self._vocab, bos, len(prompts), batch_ids)
+
+    def _static_prefix(self, ids: List[int], use_cache: bool):
+        """KV state (batch 1) after the static prompt, from the per-device LRU cache when allowed."""
+        if not ids:
+            return init_cache(self.config, 1, 0, self._ctype.dtype), 0
+        key = (self._devices[0].id, tuple(ids))
+        if use_cache:
+            with self._static_lock:
+                if key in self._static_cache:
+                    self._static_cache.move_to_end(key)
+                    return self._static_cache[key], len(ids)
+        length = bucket(len(ids), minimum=16)
+        cache = start_cache(init_cache(self.config, 1, 0, self._ctype.dtype), config=self.config, batch=1,
+                            length=length)
+        tokens = np.zeros((1, length), np.int32)
+        tokens[0, :len(ids)] = ids
+        positions = np.where(np.arange(length) < len(ids), np.arange(length), -1).astype(np.int32)[None]
+        cache = prefill(self._params, cache, jnp.asarray(tokens), jnp.asarray(positions), jnp.int32(0),
+                        config=self.config)
+        if use_cache and self._static_cache_size > 0:
+            with self._static_lock:
+                self._static_cache[key] = cache
+                self._static_cache.move_to_end(key)
+                while len(self._static_cache) > self._static_cache_size:
+                    self._static_cache.popitem(last=False)
+        return cache, len(ids)
+
+    def clear_static_prompt_cache(self) -> None:
+        """Drops every cached static-prompt state (on every device)."""
+        with self._static_lock:
+            self._static_cache.clear()
+
+    def _next_seed(self) -> int:
+        with self._seed_lock:
+            return int(self._seed_rng.integers(0, 2**31 - 1))
+
+    def _run_jobs(self, groups: List[List[int]], job, n: int, asynchronous: bool):
+        """Runs one job per sub-batch; returns per-example results (or futures) in input order."""
+        futures = [self._executor.submit(job, gi, g) for gi, g in enumerate(groups)]
+        index = {}
+        for gi, g in enumerate(groups):
+            for j, i in enumerate(g):
+                index[i] = (gi, j)
+        if asynchronous:
+            return [_ExampleFuture(futures[index[i][0]], index[i][1]) for i in range(n)]
+        outputs = [f.result() for f in futures]
+        return [outputs[index[i][0]][index[i][1]] for i in range(n)]
 
     # ------------------------------------------------------------------ forward / score
     def forward_batch(self, tokens, lengths=None, *, return_log_probs: bool = False) -> jax.Array:
@@ -182,6 +297,20 @@ def _truncate_for_scoring(ids: List[int], max_input_length: int, eos_ids: List[i
     if ids[-1] in eos_ids:
         out[-1] = ids[-1]
     return out
+
+
+class _ExampleFuture:
+    """One example's result inside a sub-batch job (CTranslate2's AsyncGenerationResult)."""
+
+    def __init__(self, future: concurrent.futures.Future, position: int):
+        self._future = future
+        self._position = position
+
+    def result(self):
+        return self._future.result()[self._position]
+
+    def done(self) -> bool:
+        return self._future.done()
 
 
 class _Done:

@@ -1,0 +1,124 @@
+"""Greedy search and random sampling as a `lax.while_loop` over one-token decoder steps.
+
+The loop state lives on device; the host only sets options (traced arrays) and, for streaming or
+callbacks, runs the loop a bounded number of steps at a time (`until`), reading tokens between
+chunks. Shapes: B rows, N output slots, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxgen.decoding.processors import History, ProcessorOptions, append_history, process_logits
+from jaxgen.decoding.sampling import SamplingOptions, greedy, sample
+from jaxgen.model.config import ModelConfig
+from jaxgen.model.decoder import KVCache, compute_logits, forward, init_cache
+
+
+class LoopSpec(NamedTuple):
+    """Static (compile-time) choices of the loop; everything else is traced."""
+
+    config: ModelConfig
+    sampling: bool  # False: argmax
+    k_static: int  # candidates kept by lax.top_k when sampling
+    return_logits: bool  # keep every step's processed logits
+
+
+class DecodeConsts(NamedTuple):
+    proc: ProcessorOptions
+    samp: SamplingOptions
+    max_new: jax.Array  # [B] int32: steps a row may run (its last step is max_new - 1)
+    min_new: jax.Array  # [B] int32: end ids are forbidden while step < min_new
+    write_base: jax.Array  # [] int32: cache slot written at step 0
+
+
+class DecodeState(NamedTuple):
+    step: jax.Array  # [] int32
+    last_token: jax.Array  # [B] token fed at this step
+    position: jax.Array  # [B] its absolute position
+    done: jax.Array  # [B] bool
+    out_tokens: jax.Array  # [B, N] int32
+    out_log_probs: jax.Array  # [B, N] float32 (log p of each chosen token, temperature 1)
+    gen_len: jax.Array  # [B] int32 tokens produced (end token included)
+    history: History
+    cache: KVCache
+    key: jax.Array
+    logits: jax.Array  # [B, N, V] float32 when spec.return_logits, else [B, 0, V]
+
+
+@partial(jax.jit, static_argnames=("config", "batch", "length"))
+def start_cache(prefix: KVCache, *, config: ModelConfig, batch: int, length: int) -> KVCache:
+    """A cache of `length` slots per row, the first slots holding a batch-1 `prefix` (tiled)."""
+    cache = init_cache(config, batch, length, prefix.k.dtype)
+    n = prefix.k.shape[2]
+    if n == 0:
+        return cache
+    k = jnp.broadcast_to(prefix.k, prefix.k.shape[:1] + (batch,) + prefix.k.shape[2:])
+    v = jnp.broadcast_to(prefix.v, k.shape)
+    pos = jnp.broadcast_to(prefix.slot_pos, (batch, n))
+    return KVCache(cache.k.at[:, :, :n].set(k), cache.v.at[:, :, :n].set(v), cache.slot_pos.at[:, :n].set(pos))
+
+
+@partial(jax.jit, static_argnames=("config",), donate_argnums=(1,))
+def prefill(params: dict, cache: KVCache, tokens: jax.Array, positions: jax.Array, write_index: jax.Array,
+            *, config: ModelConfig) -> KVCache:
+    """Writes the keys/values of tokens [B, T] (positions -1 = padding) at slot write_index."""
+    _, cache = forward(params, config, tokens, positions, cache, write_index)
+    return cache
+
+
+def _step(params: dict, state: DecodeState, consts: DecodeConsts, spec: LoopSpec) -> DecodeState:
+    config = spec.config
+    hidden, cache = forward(params, config, state.last_token[:, None], state.position[:, None], state.cache,
+                            consts.write_base + state.step)
+    logits = compute_logits(params, config, hidden[:, 0])
+    processed = process_logits(logits, state.history, consts.proc, ban_end=state.step < consts.min_new)
+    log_probs = jax.nn.log_softmax(processed, axis=-1)
+    key, subkey = jax.random.split(state.key)
+    if spec.sampling:
+        token = sample(subkey, log_probs, consts.samp, spec.k_static)
+    else:
+        token = greedy(processed)
+    active = ~state.done
+    token = jnp.where(active, token, 0)
+    chosen_log_prob = jnp.take_along_axis(log_probs, token[:, None], axis=1)[:, 0]
+    step = state.step
+    out_tokens = state.out_tokens.at[:, step].set(token)
+    out_log_probs = state.out_log_probs.at[:, step].set(chosen_log_prob)
+    out_logits = state.logits.at[:, step].set(processed) if spec.return_logits else state.logits
+    is_end = jnp.any(token[:, None] == consts.proc.end_ids[None, :], axis=-1)
+    finished = active & (is_end | (step + 1 >= consts.max_new))
+    return DecodeState(
+        step=step + 1,
+        last_token=token,
+        position=state.position + 1,
+        done=state.done | finished,
+        out_tokens=out_tokens,
+        out_log_probs=out_log_probs,
+        gen_len=jnp.where(active, step + 1, state.gen_len),
+        history=append_history(state.history, token, active),
+        cache=cache,
+        key=key,
+        logits=out_logits,
+    )
+
+
+@partial(jax.jit, static_argnames=("spec",), donate_argnums=(1,))
+def decode(params: dict, state: DecodeState, consts: DecodeConsts, until: jax.Array, *, spec: LoopSpec
+           ) -> DecodeState:
+    """Runs decoder steps while step < until and some row is not done."""
+    limit = jnp.minimum(until, state.out_tokens.shape[1])
+
+    def cond(s: DecodeState):
+        return (s.step < limit) & ~jnp.all(s.done)
+
+    return jax.lax.while_loop(cond, lambda s: _step(params, s, consts, spec), state)
+
+
+def set_done(state: DecodeState, done) -> DecodeState:
+    """Marks rows finished from the host (callbacks that returned True)."""
+    return state._replace(done=state.done | jnp.asarray(done))

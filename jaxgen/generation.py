@@ -1,0 +1,222 @@
+"""Host side of one generation job (one sub-batch on one device): build the loop inputs from the
+prompts and options, run prefill and the jitted loop, assemble CTranslate2-shaped results.
+
+Layout (differs from CTranslate2's force-decoding, same results): every prompt but its last token
+is prefilled in one right-padded pass after the static prompt; the loop starts from each prompt's
+last token at its own position. Length limits, the end-token ban and the penalty history are set
+per row so that they count exactly what CTranslate2 counts (spec §5.1-§5.3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgen.batching import bucket
+from jaxgen.decoding.processors import ProcessorOptions, init_history
+from jaxgen.decoding.sampling import SamplingOptions, candidate_count
+from jaxgen.decoding.search import (DecodeConsts, DecodeState, LoopSpec, decode, prefill, set_done,
+                                    start_cache)
+from jaxgen.model.decoder import KVCache
+from jaxgen.options import ResolvedOptions
+from jaxgen.results import GenerationResult, GenerationStepResult
+
+STREAM_CHUNK = 8  # decode steps per dispatch when a callback must see tokens as they come
+
+
+@dataclasses.dataclass
+class Row:
+    """One decoded row: a prompt (replicated per sampled hypothesis) and its accounting."""
+
+    batch_id: int  # index into the caller's start_tokens
+    hypothesis_id: int
+    prompt: List[int]
+    forced: List[int]  # prompt tokens CTranslate2 would force-decode and return (return-prefix on)
+    history: List[int]  # initial loop history (penalties, n-grams, suppress_sequences)
+    offset: int  # CTranslate2 loop step of this row's first free step (P_i)
+    max_new: int
+    min_new: int
+
+
+def _pad2(rows: Sequence[Sequence[int]], width: int, fill: int, height: Optional[int] = None) -> np.ndarray:
+    out = np.full((height or len(rows), width), fill, np.int32)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
+def plan_rows(prompts: List[List[int]], batch_ids: List[int], resolved: ResolvedOptions) -> List[Row]:
+    opts = resolved.options
+    m = min(len(p) for p in prompts)
+    n_hyp = opts.num_hypotheses if opts.is_sampling else 1
+    rows = []
+    for prompt, batch_id in zip(prompts, batch_ids):
+        if opts.include_prompt_in_result:
+            forced = prompt[1:]
+            offset = len(forced)
+            history = list(forced)
+            max_new = max(opts.max_length - offset, 0)
+            min_new = max(opts.min_length - offset, 0)
+        else:
+            forced = []
+            offset = len(prompt) - m
+            history = prompt[m:]
+            max_new, min_new = opts.max_length, opts.min_length
+        for h in range(n_hyp):
+            rows.append(Row(batch_id, h, prompt, forced, history, offset, max_new, min_new))
+    return rows
+
+
+def run_rows(params: dict, config, dtype, rows: List[Row], resolved: ResolvedOptions, prefix: KVCache,
+             prefix_len: int, key: jax.Array, vocabulary, callback: Optional[Callable]) -> List[dict]:
+    """Decodes the rows; returns per row {"ids", "log_probs", "logits", "stopped"} of generated steps."""
+    opts = resolved.options
+    b = len(rows)
+    bp = bucket(b, minimum=1)
+    n_out = bucket(max(max(r.max_new for r in rows), 1), minimum=16 if opts.return_logits_vocab else 64)
+    t_prompt = max(len(r.prompt) - 1 for r in rows)
+    tp = bucket(t_prompt, minimum=16) if t_prompt > 0 else 0
+    cache_len = bucket(prefix_len + tp + n_out, minimum=64)
+
+    cache = start_cache(prefix, config=config, batch=bp, length=cache_len)
+    if tp:
+        toks = _pad2([r.prompt[:-1] for r in rows], tp, 0, bp)
+        pos = np.full((bp, tp), -1, np.int32)
+        for i, r in enumerate(rows):
+            pos[i, :len(r.prompt) - 1] = prefix_len + np.arange(len(r.prompt) - 1)
+        cache = prefill(params, cache, jnp.asarray(toks), jnp.asarray(pos), jnp.int32(prefix_len), config=config)
+
+    hist_len = bucket(max(len(r.history) for r in rows) + n_out, minimum=64)
+    history = init_history(jnp.asarray(_pad2([r.history for r in rows], hist_len, 0, bp)),
+                           jnp.asarray(np.array([len(r.history) for r in rows] + [0] * (bp - b), np.int32)),
+                           config.vocab_size)
+    end_ids = _pad2([resolved.end_ids], bucket(max(len(resolved.end_ids), 1), minimum=4), -1)[0]
+    sup = resolved.suppress_ids
+    sup_arr = _pad2(sup, bucket(max([len(s) for s in sup] + [1]), minimum=4), -1,
+                    bucket(max(len(sup), 1), minimum=4))
+    sup_lens = np.zeros((sup_arr.shape[0],), np.int32)
+    sup_lens[:len(sup)] = [len(s) for s in sup]
+    max_new = np.array([r.max_new for r in rows] + [0] * (bp - b), np.int32)
+    consts = DecodeConsts(
+        proc=ProcessorOptions(jnp.asarray(end_ids), jnp.float32(opts.repetition_penalty),
+                              jnp.int32(opts.no_repeat_ngram_size), jnp.int32(resolved.unk_id),
+                              jnp.asarray(sup_arr), jnp.asarray(sup_lens)),
+        samp=SamplingOptions(jnp.int32(opts.sampling_topk), jnp.float32(opts.sampling_topp),
+                             jnp.float32(opts.sampling_temperature if opts.is_sampling else 1.0)),
+        max_new=jnp.asarray(max_new),
+        min_new=jnp.asarray(np.array([r.min_new for r in rows] + [0] * (bp - b), np.int32)),
+        write_base=jnp.int32(prefix_len + tp),
+    )
+    spec = LoopSpec(config=config, sampling=opts.is_sampling,
+                    k_static=candidate_count(opts.sampling_topk, config.vocab_size) if opts.is_sampling else 0,
+                    return_logits=bool(opts.return_logits_vocab))
+    last = np.array([r.prompt[-1] for r in rows] + [0] * (bp - b), np.int32)
+    position = np.array([prefix_len + len(r.prompt) - 1 for r in rows] + [0] * (bp - b), np.int32)
+    state = DecodeState(
+        step=jnp.int32(0), last_token=jnp.asarray(last), position=jnp.asarray(position),
+        done=jnp.asarray(max_new <= 0),
+        out_tokens=jnp.zeros((bp, n_out), jnp.int32), out_log_probs=jnp.zeros((bp, n_out), jnp.float32),
+        gen_len=jnp.zeros((bp,), jnp.int32), history=history, cache=cache, key=key,
+        logits=jnp.zeros((bp, n_out if opts.return_logits_vocab else 0, config.vocab_size), jnp.float32),
+    )
+    total = int(max_new.max())
+    stopped = [None] * b  # generated-token count at which a callback stopped the row
+    if callback is None:
+        state = decode(params, state, consts, jnp.int32(total), spec=spec)
+    else:
+        _emit_forced(rows, resolved, vocabulary, callback, stopped)
+        seen = 0
+        while seen < total:
+            state = decode(params, state, consts, jnp.int32(seen + STREAM_CHUNK), spec=spec)
+            tokens, log_probs, gen_len, step = jax.device_get(
+                (state.out_tokens, state.out_log_probs, state.gen_len, state.step))
+            new_stops = _emit_steps(rows, resolved, vocabulary, callback, stopped, tokens, log_probs, gen_len,
+                                    seen, int(step))
+            seen = int(step)
+            if new_stops:
+                done = np.zeros((bp,), bool)
+                done[new_stops] = True
+                state = set_done(state, done)
+            if bool(np.all(jax.device_get(state.done)[:b])):
+                break
+    tokens, log_probs, gen_len = jax.device_get((state.out_tokens, state.out_log_probs, state.gen_len))
+    out = []
+    for i, r in enumerate(rows):
+        n = int(gen_len[i]) if stopped[i] is None else stopped[i]
+        out.append({
+            "ids": tokens[i, :n].tolist(),
+            "log_probs": log_probs[i, :n].astype(np.float64),
+            "logits": state.logits[i, :n] if opts.return_logits_vocab else None,
+        })
+    return out
+
+
+def _emit_forced(rows, resolved, vocabulary, callback, stopped) -> None:
+    """Callbacks for the prompt tokens CTranslate2 force-decodes and returns (return-prefix on)."""
+    opts = resolved.options
+    for i, r in enumerate(rows):
+        for s, token in enumerate(r.forced[:opts.max_length]):
+            if stopped[i] is not None:
+                break
+            is_last = s == opts.max_length - 1
+            step = GenerationStepResult(step=s, batch_id=r.batch_id, token_id=token, hypothesis_id=r.hypothesis_id,
+                                        token=vocabulary.tokens[token],
+                                        log_prob=0.0 if opts.return_scores else None, is_last=is_last)
+            if callback(step):
+                stopped[i] = 0
+
+
+def _emit_steps(rows, resolved, vocabulary, callback, stopped, tokens, log_probs, gen_len, start, end) -> List[int]:
+    """Callbacks for generated steps [start, end); returns rows newly stopped by the callback."""
+    opts = resolved.options
+    end_ids = set(resolved.end_ids)
+    newly = []
+    for t in range(start, end):
+        for i, r in enumerate(rows):
+            if stopped[i] is not None or t >= gen_len[i]:
+                continue
+            token = int(tokens[i, t])
+            is_last = token in end_ids or t + 1 >= r.max_new
+            step = GenerationStepResult(step=r.offset + t, batch_id=r.batch_id, token_id=token,
+                                        hypothesis_id=r.hypothesis_id, token=vocabulary.tokens[token],
+                                        log_prob=float(log_probs[i, t]) if opts.return_scores else None,
+                                        is_last=is_last)
+            if callback(step):
+                stopped[i] = t + 1
+                newly.append(i)
+    return newly
+
+
+def assemble_results(rows: List[Row], decoded: List[dict], resolved: ResolvedOptions, vocabulary, bos_id,
+                     num_examples: int, batch_ids: List[int]) -> List[GenerationResult]:
+    """Per example: strip end tokens, re-insert the first prompt token, normalise scores, order."""
+    opts = resolved.options
+    end_ids = set(resolved.end_ids)
+    per_example = {bid: [] for bid in batch_ids}
+    for r, d in zip(rows, decoded):
+        internal = list(r.forced[:opts.max_length]) + d["ids"] if opts.include_prompt_in_result else list(d["ids"])
+        length = len(internal)
+        score = float(np.sum(d["log_probs"])) / (length ** opts.length_penalty if length else 1.0)
+        ids = internal
+        if not opts.return_end_token:
+            while ids and ids[-1] in end_ids:
+                ids = ids[:-1]
+        if opts.include_prompt_in_result and r.prompt[0] != bos_id:
+            ids = [r.prompt[0]] + ids
+        per_example[r.batch_id].append((score, ids, d["logits"]))
+    results = []
+    for bid in batch_ids:
+        hyps = per_example[bid]
+        if len(hyps) > 1:
+            hyps = sorted(hyps, key=lambda h: -h[0])
+        results.append(GenerationResult(
+            sequences=[vocabulary.to_tokens(h[1]) for h in hyps],
+            sequences_ids=[h[1] for h in hyps],
+            scores=[h[0] for h in hyps] if opts.return_scores else [],
+            logits=[list(h[2]) for h in hyps] if opts.return_logits_vocab else [],
+        ))
+    return results
