@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgen.batching import bucket
+from jaxgen.decoding.beam import BeamConsts, BeamSpec, BeamState, beam_decode, expand_beams
 from jaxgen.decoding.processors import ProcessorOptions, init_history
 from jaxgen.decoding.sampling import SamplingOptions, candidate_count
 from jaxgen.decoding.search import (DecodeConsts, DecodeState, LoopSpec, decode, prefill, set_done,
@@ -52,7 +53,7 @@ def _pad2(rows: Sequence[Sequence[int]], width: int, fill: int, height: Optional
 def plan_rows(prompts: List[List[int]], batch_ids: List[int], resolved: ResolvedOptions) -> List[Row]:
     opts = resolved.options
     m = min(len(p) for p in prompts)
-    n_hyp = opts.num_hypotheses if opts.is_sampling else 1
+    n_hyp = opts.num_hypotheses if opts.beam_size == 1 else 1
     rows = []
     for prompt, batch_id in zip(prompts, batch_ids):
         if opts.include_prompt_in_result:
@@ -71,9 +72,27 @@ def plan_rows(prompts: List[List[int]], batch_ids: List[int], resolved: Resolved
     return rows
 
 
-def run_rows(params: dict, config, dtype, rows: List[Row], resolved: ResolvedOptions, prefix: KVCache,
-             prefix_len: int, key: jax.Array, vocabulary, callback: Optional[Callable]) -> List[dict]:
-    """Decodes the rows; returns per row {"ids", "log_probs", "logits", "stopped"} of generated steps."""
+@dataclasses.dataclass
+class Prepared:
+    """Loop inputs shared by greedy/sampling and beam search (rows padded to `bp`)."""
+
+    bp: int
+    n_out: int
+    cache: KVCache
+    history: object
+    proc: ProcessorOptions
+    samp: SamplingOptions
+    max_new: np.ndarray
+    min_new: np.ndarray
+    write_base: int
+    last: np.ndarray
+    position: np.ndarray
+
+
+def prepare(params: dict, config, rows: List[Row], resolved: ResolvedOptions, prefix: KVCache,
+            prefix_len: int) -> Prepared:
+    """Prefills the prompts (all but their last token, right-padded, after the static prompt) and
+    builds the traced loop options. Array sizes are bucketed to limit recompilation."""
     opts = resolved.options
     b = len(rows)
     bp = bucket(b, minimum=1)
@@ -96,31 +115,43 @@ def run_rows(params: dict, config, dtype, rows: List[Row], resolved: ResolvedOpt
                            config.vocab_size)
     end_ids = _pad2([resolved.end_ids], bucket(max(len(resolved.end_ids), 1), minimum=4), -1)[0]
     sup = resolved.suppress_ids
-    sup_arr = _pad2(sup, bucket(max([len(s) for s in sup] + [1]), minimum=4), -1,
+    sup_arr = _pad2(sup, bucket(max([len(x) for x in sup] + [1]), minimum=4), -1,
                     bucket(max(len(sup), 1), minimum=4))
     sup_lens = np.zeros((sup_arr.shape[0],), np.int32)
-    sup_lens[:len(sup)] = [len(s) for s in sup]
-    max_new = np.array([r.max_new for r in rows] + [0] * (bp - b), np.int32)
-    consts = DecodeConsts(
+    sup_lens[:len(sup)] = [len(x) for x in sup]
+    pad = [0] * (bp - b)
+    return Prepared(
+        bp=bp, n_out=n_out, cache=cache, history=history,
         proc=ProcessorOptions(jnp.asarray(end_ids), jnp.float32(opts.repetition_penalty),
                               jnp.int32(opts.no_repeat_ngram_size), jnp.int32(resolved.unk_id),
                               jnp.asarray(sup_arr), jnp.asarray(sup_lens)),
         samp=SamplingOptions(jnp.int32(opts.sampling_topk), jnp.float32(opts.sampling_topp),
                              jnp.float32(opts.sampling_temperature if opts.is_sampling else 1.0)),
-        max_new=jnp.asarray(max_new),
-        min_new=jnp.asarray(np.array([r.min_new for r in rows] + [0] * (bp - b), np.int32)),
-        write_base=jnp.int32(prefix_len + tp),
+        max_new=np.array([r.max_new for r in rows] + pad, np.int32),
+        min_new=np.array([r.min_new for r in rows] + pad, np.int32),
+        write_base=prefix_len + tp,
+        last=np.array([r.prompt[-1] for r in rows] + pad, np.int32),
+        position=np.array([prefix_len + len(r.prompt) - 1 for r in rows] + pad, np.int32),
     )
+
+
+def run_rows(params: dict, config, rows: List[Row], resolved: ResolvedOptions, prefix: KVCache,
+             prefix_len: int, key: jax.Array, vocabulary, callback: Optional[Callable]) -> List[dict]:
+    """Greedy/sampling. Returns per row {"ids", "log_probs", "logits"} of its generated steps."""
+    opts = resolved.options
+    b = len(rows)
+    p = prepare(params, config, rows, resolved, prefix, prefix_len)
+    bp, n_out, max_new = p.bp, p.n_out, p.max_new
+    consts = DecodeConsts(proc=p.proc, samp=p.samp, max_new=jnp.asarray(max_new), min_new=jnp.asarray(p.min_new),
+                          write_base=jnp.int32(p.write_base))
     spec = LoopSpec(config=config, sampling=opts.is_sampling,
                     k_static=candidate_count(opts.sampling_topk, config.vocab_size) if opts.is_sampling else 0,
                     return_logits=bool(opts.return_logits_vocab))
-    last = np.array([r.prompt[-1] for r in rows] + [0] * (bp - b), np.int32)
-    position = np.array([prefix_len + len(r.prompt) - 1 for r in rows] + [0] * (bp - b), np.int32)
     state = DecodeState(
-        step=jnp.int32(0), last_token=jnp.asarray(last), position=jnp.asarray(position),
+        step=jnp.int32(0), last_token=jnp.asarray(p.last), position=jnp.asarray(p.position),
         done=jnp.asarray(max_new <= 0),
         out_tokens=jnp.zeros((bp, n_out), jnp.int32), out_log_probs=jnp.zeros((bp, n_out), jnp.float32),
-        gen_len=jnp.zeros((bp,), jnp.int32), history=history, cache=cache, key=key,
+        gen_len=jnp.zeros((bp,), jnp.int32), history=p.history, cache=p.cache, key=key,
         logits=jnp.zeros((bp, n_out if opts.return_logits_vocab else 0, config.vocab_size), jnp.float32),
     )
     total = int(max_new.max())
@@ -152,6 +183,48 @@ def run_rows(params: dict, config, dtype, rows: List[Row], resolved: ResolvedOpt
             "log_probs": log_probs[i, :n].astype(np.float64),
             "logits": state.logits[i, :n] if opts.return_logits_vocab else None,
         })
+    return out
+
+
+def run_beam(params: dict, config, rows: List[Row], resolved: ResolvedOptions, prefix: KVCache,
+             prefix_len: int, key: jax.Array) -> List[List[dict]]:
+    """Beam search. Returns per row its finished hypotheses, best first: {"ids", "score"}."""
+    opts = resolved.options
+    k = opts.beam_size
+    b = len(rows)
+    p = prepare(params, config, rows, resolved, prefix, prefix_len)
+    cache, history = expand_beams(p.cache, p.history, beam_size=k)
+    has_prefix = any(r.offset > 0 for r in rows)
+    consts = BeamConsts(
+        proc=p.proc, samp=p.samp, max_new=jnp.asarray(p.max_new), min_new=jnp.asarray(p.min_new),
+        length_offset=jnp.asarray(np.array([len(r.forced[:opts.max_length]) for r in rows] + [0] * (p.bp - b),
+                                           np.int32)),
+        length_penalty=jnp.float32(opts.length_penalty),
+        finish_target=jnp.int32(round(k * opts.patience)),
+        disable_first_eos=jnp.bool_(has_prefix), write_base=jnp.int32(p.write_base))
+    sampling = opts.sampling_topk != 1 and opts.sampling_temperature != 0
+    spec = BeamSpec(config=config, beam_size=k, num_keep=opts.num_hypotheses, sampling=sampling,
+                    k_static=candidate_count(opts.sampling_topk, k * config.vocab_size) if sampling else 0)
+    cum = np.full((p.bp, k), -np.inf, np.float32)
+    cum[:, 0] = 0
+    f = opts.num_hypotheses
+    state = BeamState(
+        step=jnp.int32(0), last_token=jnp.asarray(np.repeat(p.last, k)),
+        position=jnp.asarray(np.repeat(p.position, k)), cum=jnp.asarray(cum),
+        seqs=jnp.zeros((p.bp, k, p.n_out), jnp.int32), history=history, cache=cache,
+        done=jnp.asarray(p.max_new <= 0), top_finished=jnp.zeros((p.bp,), bool),
+        fin_tokens=jnp.zeros((p.bp, f, p.n_out), jnp.int32), fin_len=jnp.zeros((p.bp, f), jnp.int32),
+        fin_score=jnp.full((p.bp, f), -jnp.inf, jnp.float32), fin_count=jnp.zeros((p.bp,), jnp.int32), key=key)
+    state = beam_decode(params, state, consts, spec=spec)
+    tokens, lens, scores = jax.device_get((state.fin_tokens, state.fin_len, state.fin_score))
+    out = []
+    for i, r in enumerate(rows):
+        if r.max_new <= 0:
+            out.append([{"ids": [], "score": 0.0}])
+            continue
+        hyps = [{"ids": tokens[i, j, :lens[i, j]].tolist(), "score": float(scores[i, j])}
+                for j in range(f) if np.isfinite(scores[i, j])]
+        out.append(hyps)
     return out
 
 
@@ -191,32 +264,38 @@ def _emit_steps(rows, resolved, vocabulary, callback, stopped, tokens, log_probs
     return newly
 
 
-def assemble_results(rows: List[Row], decoded: List[dict], resolved: ResolvedOptions, vocabulary, bos_id,
-                     num_examples: int, batch_ids: List[int]) -> List[GenerationResult]:
-    """Per example: strip end tokens, re-insert the first prompt token, normalise scores, order."""
+def assemble_results(rows: List[Row], hyps_per_row: List[List[dict]], resolved: ResolvedOptions, vocabulary,
+                     bos_id, batch_ids: List[int]) -> List[GenerationResult]:
+    """Per example: strip end tokens, re-insert the first prompt token, normalise scores, order.
+
+    A hypothesis dict has the generated "ids" and either a normalised "score" (beam search) or the
+    per-step "log_probs" (greedy/sampling), and optionally "logits".
+    """
     opts = resolved.options
     end_ids = set(resolved.end_ids)
     per_example = {bid: [] for bid in batch_ids}
-    for r, d in zip(rows, decoded):
-        internal = list(r.forced[:opts.max_length]) + d["ids"] if opts.include_prompt_in_result else list(d["ids"])
-        length = len(internal)
-        score = float(np.sum(d["log_probs"])) / (length ** opts.length_penalty if length else 1.0)
-        ids = internal
-        if not opts.return_end_token:
-            while ids and ids[-1] in end_ids:
-                ids = ids[:-1]
-        if opts.include_prompt_in_result and r.prompt[0] != bos_id:
-            ids = [r.prompt[0]] + ids
-        per_example[r.batch_id].append((score, ids, d["logits"]))
+    for r, hyps in zip(rows, hyps_per_row):
+        for h in hyps:
+            internal = list(r.forced[:opts.max_length]) + h["ids"] if opts.include_prompt_in_result else list(h["ids"])
+            if "score" in h:
+                score = h["score"]
+            else:
+                length = len(internal)
+                score = float(np.sum(h["log_probs"])) / (length ** opts.length_penalty if length else 1.0)
+            ids = internal
+            if not opts.return_end_token:
+                while ids and ids[-1] in end_ids:
+                    ids = ids[:-1]
+            if opts.include_prompt_in_result and r.prompt[0] != bos_id:
+                ids = [r.prompt[0]] + ids
+            per_example[r.batch_id].append((score, ids, h.get("logits")))
     results = []
     for bid in batch_ids:
-        hyps = per_example[bid]
-        if len(hyps) > 1:
-            hyps = sorted(hyps, key=lambda h: -h[0])
+        hyps = sorted(per_example[bid], key=lambda h: -h[0])[:opts.num_hypotheses]
         results.append(GenerationResult(
             sequences=[vocabulary.to_tokens(h[1]) for h in hyps],
             sequences_ids=[h[1] for h in hyps],
             scores=[h[0] for h in hyps] if opts.return_scores else [],
-            logits=[list(h[2]) for h in hyps] if opts.return_logits_vocab else [],
+            logits=[list(h[2]) if h[2] is not None else [] for h in hyps] if opts.return_logits_vocab else [],
         ))
     return results

@@ -23,7 +23,7 @@ from jaxgen.results import ScoringResult
 from jaxgen.vocabulary import Vocabulary, as_id_batch
 from jaxgen.batching import BATCH_TYPES, bucket, split_batches
 from jaxgen.decoding.search import prefill, start_cache
-from jaxgen.generation import assemble_results, plan_rows, run_rows
+from jaxgen.generation import assemble_results, plan_rows, run_beam, run_rows
 from jaxgen.model.decoder import init_cache
 from jaxgen.options import GenerationOptions, validate_options
 
@@ -119,8 +119,8 @@ class Generator:
         prompts = as_id_batch(start_tokens, self._vocab, "start_tokens", allow_ids=False)
         if any(len(p) == 0 for p in prompts):
             raise ValueError("One input has no decoder start token")
-        if beam_size > 1 or return_alternatives:
-            raise NotImplementedError("beam search and return_alternatives are not implemented yet")
+        if return_alternatives:
+            raise NotImplementedError("return_alternatives is not implemented yet")
         seed = random_seed if random_seed is not None else self._next_seed()
         groups = split_batches([len(p) for p in prompts], max_batch_size, batch_type)
 
@@ -133,10 +133,14 @@ class Generator:
     def _generate_group(self, prompts: List[List[int]], batch_ids: List[int], resolved, key):
         rows = plan_rows(prompts, batch_ids, resolved)
         prefix, prefix_len = self._static_prefix(resolved.static_prompt_ids, resolved.options.cache_static_prompt)
-        decoded = run_rows(self._params, self.config, self._ctype.dtype, rows, resolved, prefix, prefix_len, key,
-                           self._vocab, resolved.options.callback)
+        if resolved.options.beam_size > 1:
+            hyps = run_beam(self._params, self.config, rows, resolved, prefix, prefix_len, key)
+        else:
+            decoded = run_rows(self._params, self.config, rows, resolved, prefix, prefix_len, key, self._vocab,
+                               resolved.options.callback)
+            hyps = [[d] for d in decoded]
         bos = self._vocab.id_of(self.config.bos_token) if self.config.bos_token in self._vocab else None
-        return assemble_results(rows, decoded, resolved, self._vocab, bos, len(prompts), batch_ids)
+        return assemble_results(rows, hyps, resolved, self._vocab, bos, batch_ids)
 
     def _static_prefix(self, ids: List[int], use_cache: bool):
         """KV state (batch 1) after the static prompt, from the per-device LRU cache when allowed."""
