@@ -10,7 +10,7 @@ import collections
 import concurrent.futures
 import os
 import threading
-from typing import List, Optional, Sequence, Union
+from typing import Iterable, List, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,7 @@ from jaxgen.decoding.scoring import SCORE_CHUNK, forward_logits, target_log_prob
 from jaxgen.devices import resolve_devices
 from jaxgen.model.loading import device_put_params, load_params
 from jaxgen.results import ScoringResult
+from jaxgen.streaming import TokenStream, bridge_async, iterate_in_chunks
 from jaxgen.vocabulary import Vocabulary, as_id_batch
 from jaxgen.batching import BATCH_TYPES, bucket, split_batches
 from jaxgen.decoding.search import prefill, start_cache
@@ -129,6 +130,51 @@ class Generator:
             return self._generate_group([prompts[i] for i in group], group, resolved, key)
 
         return self._run_jobs(groups, job, len(prompts), asynchronous)
+
+    def generate_tokens(self, prompt, max_batch_size: int = 0, batch_type: str = "examples", *,
+                        max_length: int = 512, min_length: int = 0, sampling_topk: int = 1,
+                        sampling_topp: float = 1, sampling_temperature: float = 1, return_log_prob: bool = False,
+                        repetition_penalty: float = 1, no_repeat_ngram_size: int = 0, disable_unk: bool = False,
+                        suppress_sequences=None, end_token=None, static_prompt=None,
+                        cache_static_prompt: bool = True, callback=None, random_seed: Optional[int] = None
+                        ) -> TokenStream:
+        """Streams GenerationStepResult for one prompt (list of str) or a batch (list of lists).
+
+        The end token is yielded as the last step of an entry that stops on it. Options are
+        validated before this returns; `close()` stops the decoding within a few steps.
+        """
+        batch = [prompt] if prompt and isinstance(prompt[0], str) else prompt
+        options = dict(max_batch_size=max_batch_size, batch_type=batch_type, asynchronous=True, beam_size=1,
+                       include_prompt_in_result=False, return_scores=return_log_prob, max_length=max_length,
+                       min_length=min_length, sampling_topk=sampling_topk, sampling_topp=sampling_topp,
+                       sampling_temperature=sampling_temperature, repetition_penalty=repetition_penalty,
+                       no_repeat_ngram_size=no_repeat_ngram_size, disable_unk=disable_unk,
+                       suppress_sequences=suppress_sequences, end_token=end_token, static_prompt=static_prompt,
+                       cache_static_prompt=cache_static_prompt, random_seed=random_seed)
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+        if isinstance(batch, list) and not batch:
+            raise ValueError("One input has no decoder start token")
+        return TokenStream(lambda cb: self.generate_batch(batch, callback=cb, **options), callback)
+
+    async def async_generate_tokens(self, prompt, max_batch_size: int = 0, batch_type: str = "examples", **kwargs):
+        """`generate_tokens` as an async iterator; waiting for tokens never blocks the event loop."""
+        stream = self.generate_tokens(prompt, max_batch_size, batch_type, **kwargs)
+        async for step in bridge_async(stream):
+            yield step
+
+    def generate_iterable(self, start_tokens: Iterable, max_batch_size: int = 32, batch_type: str = "examples",
+                          **kwargs):
+        """Generates from an iterable of prompts, reading it in chunks; results in input order."""
+        return iterate_in_chunks(start_tokens, lambda chunk: self.generate_batch(
+            chunk, max_batch_size=max_batch_size, batch_type=batch_type, asynchronous=True, **kwargs),
+            max_batch_size, batch_type)
+
+    def score_iterable(self, tokens: Iterable, max_batch_size: int = 64, batch_type: str = "examples", **kwargs):
+        """Scores an iterable of token lists, reading it in chunks; results in input order."""
+        return iterate_in_chunks(tokens, lambda chunk: self.score_batch(
+            chunk, max_batch_size=max_batch_size, batch_type=batch_type, asynchronous=True, **kwargs),
+            max_batch_size, batch_type)
 
     def _generate_group(self, prompts: List[List[int]], batch_ids: List[int], resolved, key):
         rows = plan_rows(prompts, batch_ids, resolved)
@@ -241,22 +287,25 @@ class Generator:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         ids = as_id_batch(tokens, self._vocab, "tokens", allow_ids=True)
+        if not ids:
+            return []
         eos = self._eos_ids()
         prepared = [_truncate_for_scoring(seq, max_input_length, eos) for seq in ids]
-        results: List[Optional[ScoringResult]] = [None] * len(prepared)
-        todo = [i for i, seq in enumerate(prepared) if len(seq) >= 2]
-        for i, seq in enumerate(prepared):
-            if len(seq) < 2:
-                results[i] = ScoringResult([], [])
-        for chunk in split_batches([len(prepared[i]) - 1 for i in todo], max_batch_size, batch_type):
-            rows = [todo[j] for j in chunk]
-            log_probs = self._score_rows([prepared[i] for i in rows])
-            for i, lp in zip(rows, log_probs):
-                targets = prepared[i][1:]
-                results[i] = ScoringResult(self._vocab.to_tokens(targets[offset:]), lp[offset:])
-        if asynchronous:
-            return [_Done(r) for r in results]
-        return results
+        groups = split_batches([max(len(seq) - 1, 0) for seq in prepared], max_batch_size, batch_type)
+
+        def job(_: int, group: List[int]) -> List[ScoringResult]:
+            todo = [i for i in group if len(prepared[i]) >= 2]
+            scored = dict(zip(todo, self._score_rows([prepared[i] for i in todo]) if todo else []))
+            out = []
+            for i in group:
+                if i not in scored:
+                    out.append(ScoringResult([], []))
+                else:
+                    targets = prepared[i][1:]
+                    out.append(ScoringResult(self._vocab.to_tokens(targets[offset:]), scored[i][offset:]))
+            return out
+
+        return self._run_jobs(groups, job, len(prepared), asynchronous)
 
     def _score_rows(self, seqs: List[List[int]]) -> List[List[float]]:
         inputs = [s[:-1] for s in seqs]
@@ -315,16 +364,3 @@ class _ExampleFuture:
 
     def done(self) -> bool:
         return self._future.done()
-
-
-class _Done:
-    """A completed future (used where work ran synchronously)."""
-
-    def __init__(self, value):
-        self._value = value
-
-    def result(self):
-        return self._value
-
-    def done(self) -> bool:
-        return True

