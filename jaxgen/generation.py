@@ -50,9 +50,11 @@ def _pad2(rows: Sequence[Sequence[int]], width: int, fill: int, height: Optional
     return out
 
 
-def plan_rows(prompts: List[List[int]], batch_ids: List[int], resolved: ResolvedOptions) -> List[Row]:
+def plan_rows(prompts: List[List[int]], batch_ids: List[int], resolved: ResolvedOptions,
+              min_prompt_len: int) -> List[Row]:
+    """min_prompt_len: shortest prompt of the CTranslate2 sub-batch (sets the penalty history)."""
     opts = resolved.options
-    m = min(len(p) for p in prompts)
+    m = min_prompt_len
     n_hyp = opts.num_hypotheses if opts.beam_size == 1 else 1
     rows = []
     for prompt, batch_id in zip(prompts, batch_ids):

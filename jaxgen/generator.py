@@ -18,7 +18,8 @@ import numpy as np
 
 from jaxgen.decoding.scoring import SCORE_CHUNK, forward_logits, target_log_probs
 from jaxgen.devices import resolve_devices
-from jaxgen.model.loading import device_put_params, load_params
+from jaxgen.model.loading import load_params
+from jaxgen.replicas import ReplicaPool, replicate, shard_tensor_parallel
 from jaxgen.results import ScoringResult
 from jaxgen.streaming import TokenStream, bridge_async, iterate_in_chunks
 from jaxgen.vocabulary import Vocabulary, as_id_batch
@@ -53,16 +54,21 @@ class Generator:
         self.config = config
         self._ctype = ctype
         self._vocab = Vocabulary(tokens, config.unk_token)
-        self._params = device_put_params(params, self._devices[0])
         self._tensor_parallel = bool(tensor_parallel)
+        if self._tensor_parallel:
+            replicas = [shard_tensor_parallel(params, config, self._devices)]
+        else:
+            replicas = replicate(params, self._devices)
+        del params
+        self._pool = ReplicaPool(replicas, inter_threads)
         self.model_path = os.fspath(model_path)
         self._static_cache_size = static_prompt_cache_size
         self._static_cache: "collections.OrderedDict[tuple, object]" = collections.OrderedDict()
         self._static_lock = threading.Lock()
         self._seed_lock = threading.Lock()
         self._seed_rng = np.random.default_rng()
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=inter_threads * len(self._devices),
-                                                               thread_name_prefix="jaxgen")
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=inter_threads * len(replicas), thread_name_prefix="jaxgen")
 
     # ------------------------------------------------------------------ properties
     @property
@@ -72,6 +78,22 @@ class Generator:
     @property
     def device_index(self) -> List[int]:
         return list(self._device_index)
+
+    @property
+    def num_replicas(self) -> int:
+        return len(self._pool.replicas)
+
+    @property
+    def num_generators(self) -> int:
+        return len(self._pool.replicas)
+
+    @property
+    def num_queued_batches(self) -> int:
+        return self._pool.queued
+
+    @property
+    def num_active_batches(self) -> int:
+        return self._pool.queued + self._pool.running
 
     @property
     def compute_type(self) -> str:
@@ -124,10 +146,18 @@ class Generator:
             raise NotImplementedError("return_alternatives is not implemented yet")
         seed = random_seed if random_seed is not None else self._next_seed()
         groups = split_batches([len(p) for p in prompts], max_batch_size, batch_type)
+        # The shortest prompt of each sub-batch sets CTranslate2's penalty history (spec §5.3);
+        # it is kept when a sub-batch is split over replicas so that results do not change.
+        min_len = {}
+        for group in groups:
+            for i in group:
+                min_len[i] = min(len(prompts[j]) for j in group)
+        groups = self._spread(groups)
 
-        def job(group_index: int, group: List[int]):
+        def job(replica, group_index: int, group: List[int]):
             key = jax.random.fold_in(jax.random.PRNGKey(seed), group_index)
-            return self._generate_group([prompts[i] for i in group], group, resolved, key)
+            return self._generate_group(replica, [prompts[i] for i in group], group, resolved, key,
+                                        min(min_len[i] for i in group))
 
         return self._run_jobs(groups, job, len(prompts), asynchronous)
 
@@ -176,23 +206,25 @@ class Generator:
             chunk, max_batch_size=max_batch_size, batch_type=batch_type, asynchronous=True, **kwargs),
             max_batch_size, batch_type)
 
-    def _generate_group(self, prompts: List[List[int]], batch_ids: List[int], resolved, key):
-        rows = plan_rows(prompts, batch_ids, resolved)
-        prefix, prefix_len = self._static_prefix(resolved.static_prompt_ids, resolved.options.cache_static_prompt)
+    def _generate_group(self, replica, prompts: List[List[int]], batch_ids: List[int], resolved, key,
+                        min_prompt_len: int):
+        rows = plan_rows(prompts, batch_ids, resolved, min_prompt_len)
+        prefix, prefix_len = self._static_prefix(replica, resolved.static_prompt_ids,
+                                                 resolved.options.cache_static_prompt)
         if resolved.options.beam_size > 1:
-            hyps = run_beam(self._params, self.config, rows, resolved, prefix, prefix_len, key)
+            hyps = run_beam(replica.params, self.config, rows, resolved, prefix, prefix_len, key)
         else:
-            decoded = run_rows(self._params, self.config, rows, resolved, prefix, prefix_len, key, self._vocab,
+            decoded = run_rows(replica.params, self.config, rows, resolved, prefix, prefix_len, key, self._vocab,
                                resolved.options.callback)
             hyps = [[d] for d in decoded]
         bos = self._vocab.id_of(self.config.bos_token) if self.config.bos_token in self._vocab else None
         return assemble_results(rows, hyps, resolved, self._vocab, bos, batch_ids)
 
-    def _static_prefix(self, ids: List[int], use_cache: bool):
+    def _static_prefix(self, replica, ids: List[int], use_cache: bool):
         """KV state (batch 1) after the static prompt, from the per-device LRU cache when allowed."""
         if not ids:
             return init_cache(self.config, 1, 0, self._ctype.dtype), 0
-        key = (self._devices[0].id, tuple(ids))
+        key = (replica.name, tuple(ids))
         if use_cache:
             with self._static_lock:
                 if key in self._static_cache:
@@ -204,7 +236,7 @@ class Generator:
         tokens = np.zeros((1, length), np.int32)
         tokens[0, :len(ids)] = ids
         positions = np.where(np.arange(length) < len(ids), np.arange(length), -1).astype(np.int32)[None]
-        cache = prefill(self._params, cache, jnp.asarray(tokens), jnp.asarray(positions), jnp.int32(0),
+        cache = prefill(replica.params, cache, jnp.asarray(tokens), jnp.asarray(positions), jnp.int32(0),
                         config=self.config)
         if use_cache and self._static_cache_size > 0:
             with self._static_lock:
@@ -219,13 +251,28 @@ class Generator:
         with self._static_lock:
             self._static_cache.clear()
 
+    def _spread(self, groups: List[List[int]]) -> List[List[int]]:
+        """With several replicas and fewer sub-batches than replicas, splits the sub-batches so
+        that every replica gets work (data parallelism)."""
+        n = len(self._pool.replicas)
+        if n == 1 or len(groups) >= n:
+            return groups
+        out: List[List[int]] = []
+        for g in groups:
+            parts = min(n // len(groups), len(g)) or 1
+            out.extend(g[i::parts] for i in range(parts))
+        return out
+
     def _next_seed(self) -> int:
         with self._seed_lock:
             return int(self._seed_rng.integers(0, 2**31 - 1))
 
     def _run_jobs(self, groups: List[List[int]], job, n: int, asynchronous: bool):
         """Runs one job per sub-batch; returns per-example results (or futures) in input order."""
-        futures = [self._executor.submit(job, gi, g) for gi, g in enumerate(groups)]
+        futures = []
+        for gi, g in enumerate(groups):
+            self._pool.submitted()
+            futures.append(self._executor.submit(self._pool.run, job, gi, g))
         index = {}
         for gi, g in enumerate(groups):
             for j, i in enumerate(g):
@@ -246,7 +293,7 @@ class Generator:
         ids, lens = self._forward_inputs(tokens, lengths)
         batch, max_len = len(ids), int(max(lens))
         padded, lengths_arr = self._pad(ids, lens, bucket(max_len), bucket(batch, minimum=1))
-        out = forward_logits(self._params, padded, lengths_arr, config=self.config, dtype=self._ctype.dtype,
+        out = forward_logits(self._pool.replicas[0].params, padded, lengths_arr, config=self.config, dtype=self._ctype.dtype,
                              log_probs=bool(return_log_probs))
         return out[:batch, :max_len]
 
@@ -293,9 +340,9 @@ class Generator:
         prepared = [_truncate_for_scoring(seq, max_input_length, eos) for seq in ids]
         groups = split_batches([max(len(seq) - 1, 0) for seq in prepared], max_batch_size, batch_type)
 
-        def job(_: int, group: List[int]) -> List[ScoringResult]:
+        def job(replica, _: int, group: List[int]) -> List[ScoringResult]:
             todo = [i for i in group if len(prepared[i]) >= 2]
-            scored = dict(zip(todo, self._score_rows([prepared[i] for i in todo]) if todo else []))
+            scored = dict(zip(todo, self._score_rows(replica, [prepared[i] for i in todo]) if todo else []))
             out = []
             for i in group:
                 if i not in scored:
@@ -305,9 +352,9 @@ class Generator:
                     out.append(ScoringResult(self._vocab.to_tokens(targets[offset:]), scored[i][offset:]))
             return out
 
-        return self._run_jobs(groups, job, len(prepared), asynchronous)
+        return self._run_jobs(self._spread(groups), job, len(prepared), asynchronous)
 
-    def _score_rows(self, seqs: List[List[int]]) -> List[List[float]]:
+    def _score_rows(self, replica, seqs: List[List[int]]) -> List[List[float]]:
         inputs = [s[:-1] for s in seqs]
         targets = [s[1:] for s in seqs]
         lens = [len(s) for s in inputs]
@@ -316,7 +363,7 @@ class Generator:
         b = bucket(len(seqs), minimum=1)
         inp, lengths = self._pad(inputs, lens, t, b)
         tgt, _ = self._pad(targets, lens, t, b)
-        out = np.asarray(target_log_probs(self._params, inp, tgt, lengths, config=self.config,
+        out = np.asarray(target_log_probs(replica.params, inp, tgt, lengths, config=self.config,
                                           dtype=self._ctype.dtype))
         return [out[i, :n].astype(np.float32).tolist() for i, n in enumerate(lens)]
 

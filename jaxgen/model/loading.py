@@ -80,6 +80,3 @@ def load_params(model_dir: str, compute_type: str = "default", platform: str = "
     config = config.replace(weight_dtype=ctype.weights)
     return config, stack_layers(flat, config), vocabulary, ctype
 
-
-def device_put_params(params: dict, device_or_sharding) -> dict:
-    return jax.tree_util.tree_map(lambda a: jax.device_put(a, device_or_sharding), params)

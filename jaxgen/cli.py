@@ -1,0 +1,438 @@
+"""The `jaxgen` command line: generate, chat, score, convert, info.
+
+    jaxgen generate "The three most important inventions in history are"
+    jaxgen chat --model MODEL_DIR
+    jaxgen score notes.txt
+    jaxgen convert --from gguf model.gguf -o MODEL_DIR
+    jaxgen info
+
+Every command runs on the default model (Gemma 3 270M, converted into the cache on first use)
+unless `--model DIR` names a jaxgen model directory. Errors are reported as one line on stderr
+with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from typing import List, Optional, Sequence
+
+EXIT_USAGE = 2
+_ERRORS = (ValueError, TypeError, OSError, RuntimeError, NotImplementedError, LookupError)
+
+
+class CLIError(Exception):
+    """An error reported to the user as one line, without a traceback."""
+
+
+# ============================================================================ parser
+def build_parser() -> argparse.ArgumentParser:
+    from jaxgen import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="jaxgen",
+        description="jaxgen: run decoder-only language models with JAX (CTranslate2's Generator API). "
+                    "Without --model, commands use the default model (Gemma 3 270M, converted into the "
+                    "cache on first use).")
+    parser.add_argument("--version", action="version", version=f"jaxgen {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    # ------------------------------------------------------------------ generate
+    p = sub.add_parser("generate", help="continue a prompt, streaming the text as it is produced",
+                       description="Continue PROMPT and stream the generated text to stdout.")
+    p.add_argument("prompt", metavar="PROMPT", help="the text to continue ('-' reads it from stdin)")
+    _add_model_options(p)
+    _add_decoding_options(p)
+    p.add_argument("--beam-size", type=_positive_int, default=1,
+                   help="beam search with this many beams (printed at the end, not streamed); default 1")
+    p.add_argument("--system", metavar="TEXT", default=None,
+                   help="a system prompt put before PROMPT (followed by a newline), cached as a static prompt")
+    p.add_argument("--echo", action=argparse.BooleanOptionalAction, default=True,
+                   help="print the prompt before the continuation (default: yes)")
+    p.set_defaults(func=cmd_generate)
+
+    # ------------------------------------------------------------------ chat
+    p = sub.add_parser("chat", help="interactive chat with an instruction-tuned model",
+                       description="Chat with an instruction-tuned model: type a message and press Enter; "
+                                   "'/exit' or end of input (Ctrl-D) quits, '/reset' starts over. Uses the "
+                                   "model's chat template when it has one (Gemma's turn format otherwise).")
+    _add_model_options(p)
+    _add_decoding_options(p, max_length=256)
+    p.add_argument("--system", metavar="TEXT", default=None, help="a system prompt (cached as a static prompt)")
+    p.set_defaults(func=cmd_chat)
+
+    # ------------------------------------------------------------------ score
+    p = sub.add_parser("score", help="log-likelihood and perplexity of each line of a file",
+                       description="Score each non-empty line of FILE: number of scored tokens, "
+                                   "log-likelihood (natural log) and perplexity, then the totals.")
+    p.add_argument("file", metavar="FILE", help="a UTF-8 text file ('-' reads stdin)")
+    _add_model_options(p)
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="lines scored together (default 8)")
+    p.add_argument("--max-input-length", type=_positive_int, default=1024,
+                   help="truncate longer lines to this many tokens (default 1024)")
+    p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
+    p.set_defaults(func=cmd_score)
+
+    # ------------------------------------------------------------------ convert
+    try:
+        from jaxgen.convert_cli import add_convert_parser, run_convert
+    except ImportError as exc:
+        p = sub.add_parser("convert", help="convert a checkpoint (unavailable)",
+                           description=f"Checkpoint conversion is unavailable: {exc}")
+        p.set_defaults(func=lambda args: _fail(f"jaxgen convert is unavailable: {exc}"))
+    else:
+        p = add_convert_parser(sub)
+        p.set_defaults(func=lambda args: run_convert(args))
+
+    # ------------------------------------------------------------------ info
+    p = sub.add_parser("info", help="describe a model directory",
+                       description="Print a model's architecture, parameter count, size on disk, weight "
+                                   "type, vocabulary size and special tokens.")
+    p.add_argument("model_path", metavar="MODEL", nargs="?", default=None,
+                   help="a jaxgen model directory (default: the default model)")
+    p.add_argument("--model", dest="model_option", default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="DIR", default=None,
+                   help="a jaxgen model directory (default: the default model, Gemma 3 270M)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, tpu or auto (default: auto)")
+    p.add_argument("--compute-type", default="default",
+                   help="default, auto, float32, float16, bfloat16, int8, int8_float32, int8_float16 or "
+                        "int8_bfloat16 (default: the model's weight type)")
+
+
+def _add_decoding_options(p: argparse.ArgumentParser, max_length: int = 64) -> None:
+    p.add_argument("--max-length", type=_positive_int, default=max_length,
+                   help=f"maximum number of generated tokens (default {max_length})")
+    p.add_argument("--sampling-topk", type=_positive_int, default=1,
+                   help="sample from the k most likely tokens; 1 is greedy decoding (default 1)")
+    p.add_argument("--sampling-topp", type=float, default=1.0,
+                   help="sample from the smallest set of tokens whose probability reaches p (default 1)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="penalty > 1 for tokens already produced (default 1: none)")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0,
+                   help="forbid repeating n-grams of this size (default 0: off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _fail(message: str) -> int:
+    raise CLIError(message)
+
+
+# ============================================================================ shared helpers
+def _model_dir(path: Optional[str]) -> str:
+    if path is None:
+        from jaxgen.default_model import default_model_path
+
+        return default_model_path()
+    if not os.path.isdir(path):
+        raise CLIError(f"model directory {path!r} does not exist")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise CLIError(f"{path!r} is not a jaxgen model directory (no config.json); "
+                       f"convert a checkpoint with `jaxgen convert`")
+    return path
+
+
+def _load(args, need_tokenizer: bool = True):
+    """(generator, tokenizer) for the parsed `--model/--device/--compute-type` options."""
+    model_dir = _model_dir(args.model)
+    tokenizer = None
+    if need_tokenizer:
+        from jaxgen.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(model_dir)
+    from jaxgen.generator import Generator
+
+    generator = Generator(model_dir, device=args.device, compute_type=args.compute_type)
+    return generator, tokenizer
+
+
+def _sampling_kwargs(args) -> dict:
+    return dict(max_length=args.max_length, sampling_topk=args.sampling_topk, sampling_topp=args.sampling_topp,
+                sampling_temperature=args.temperature, repetition_penalty=args.repetition_penalty,
+                no_repeat_ngram_size=args.no_repeat_ngram_size, random_seed=args.seed)
+
+
+def _read_text_arg(text: str) -> str:
+    return sys.stdin.read() if text == "-" else text
+
+
+def _stream(generator, tokenizer, prompt: List[str], kwargs: dict, end_ids: Sequence[int], out) -> str:
+    """Streams the continuation of `prompt` to `out`; returns the generated text."""
+    decoder = tokenizer.incremental_decoder(prompt)
+    pieces = []
+    stream = generator.generate_tokens(prompt, **kwargs)
+    try:
+        for step in stream:
+            if step.is_last and step.token_id in end_ids:
+                break
+            piece = decoder.push(step.token_id)
+            if piece:
+                pieces.append(piece)
+                out.write(piece)
+                out.flush()
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+    rest = decoder.flush()
+    if rest:
+        pieces.append(rest)
+        out.write(rest)
+    out.flush()
+    return "".join(pieces)
+
+
+# ============================================================================ generate
+def cmd_generate(args) -> int:
+    text = _read_text_arg(args.prompt)
+    if not text.strip():
+        raise CLIError("the prompt is empty")
+    if args.system is not None and not args.system.strip():
+        raise CLIError("the system prompt is empty")
+    generator, tokenizer = _load(args)
+    kwargs = _sampling_kwargs(args)
+    static = None
+    if args.system is not None:
+        system = args.system if args.system[-1:].isspace() else args.system + "\n"
+        static = tokenizer.encode(system, add_special_tokens=True)
+        prompt = tokenizer.encode(text, add_special_tokens=False)
+        kwargs["static_prompt"] = static
+    else:
+        prompt = tokenizer.encode(text, add_special_tokens=True)
+    if not prompt:
+        raise CLIError("the prompt has no tokens")
+    out = sys.stdout
+    if args.echo:
+        out.write(text)
+        out.flush()
+    if args.beam_size > 1:
+        results = generator.generate_batch([prompt], beam_size=args.beam_size, include_prompt_in_result=False,
+                                           **kwargs)
+        ids = [i for i in results[0].sequences_ids[0] if i not in _end_ids(generator, tokenizer)]
+        context = tokenizer.convert_tokens_to_ids(prompt[-4:])
+        continuation = tokenizer.decode(context + ids)[len(tokenizer.decode(context)):]
+        out.write(continuation)
+    else:
+        _stream(generator, tokenizer, prompt, kwargs, _end_ids(generator, tokenizer), out)
+    out.write("\n")
+    out.flush()
+    return 0
+
+
+def _end_ids(generator, tokenizer, extra: Sequence[str] = ()) -> List[int]:
+    ids = []
+    for token in [tokenizer.eos_token, *extra]:
+        if token is not None and token in generator.vocabulary:
+            ids.append(generator.vocabulary.id_of(token))
+    return ids
+
+
+# ============================================================================ chat
+def cmd_chat(args) -> int:
+    from jaxgen.tokenizer import GEMMA_END_OF_TURN
+
+    generator, tokenizer = _load(args)
+    interactive = sys.stdin.isatty()
+    if not tokenizer.chat_template:
+        print("jaxgen chat: note: this model has no chat template (it is probably a base model, not "
+              "instruction-tuned); using Gemma's turn format", file=sys.stderr)
+    end_tokens = [t for t in (GEMMA_END_OF_TURN, tokenizer.eos_token) if t and t in generator.vocabulary]
+    end_ids = _end_ids(generator, tokenizer, [GEMMA_END_OF_TURN])
+    base = [{"role": "system", "content": args.system}] if args.system else []
+    prefix = _static_chat_prefix(tokenizer, base)
+    kwargs = _sampling_kwargs(args)
+    kwargs["end_token"] = end_tokens or None
+    messages = list(base)
+    if interactive:
+        print("Type a message and press Enter; /exit or Ctrl-D quits, /reset starts over.", file=sys.stderr)
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        user = line.strip()
+        if user in ("/exit", "/quit"):
+            break
+        if user == "/reset":
+            messages = list(base)
+            continue
+        if not user:
+            continue
+        messages.append({"role": "user", "content": user})
+        tokens = tokenizer.encode(tokenizer.apply_chat_template(messages), parse_special=True)
+        call = dict(kwargs)
+        if prefix and len(tokens) > len(prefix) and tokens[:len(prefix)] == prefix:
+            call["static_prompt"] = prefix
+            tokens = tokens[len(prefix):]
+        reply = _stream(generator, tokenizer, tokens, call, end_ids, sys.stdout)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        messages.append({"role": "assistant", "content": reply.strip()})
+    return 0
+
+
+def _static_chat_prefix(tokenizer, base: List[dict]) -> List[str]:
+    """Tokens every conversation starts with (BOS, system prompt, first turn header): the common
+    prefix of two renderings that differ only in the user's message. Cached as a static prompt."""
+    probes = [tokenizer.encode(tokenizer.apply_chat_template(base + [{"role": "user", "content": c}]),
+                               parse_special=True) for c in ("A", "Z")]
+    n = 0
+    while n < min(map(len, probes)) and probes[0][n] == probes[1][n]:
+        n += 1
+    return probes[0][:max(n - 1, 0)]  # the last common token may merge with the user's text
+
+
+# ============================================================================ score
+def cmd_score(args) -> int:
+    from tqdm import tqdm
+
+    try:
+        if args.file == "-":
+            content = sys.stdin.read()
+        else:
+            with open(args.file, encoding="utf-8") as f:
+                content = f.read()
+    except UnicodeDecodeError:
+        raise CLIError(f"{args.file} is not a UTF-8 text file") from None
+    except OSError as exc:
+        raise CLIError(f"cannot read {args.file}: {exc.strerror or exc}") from None
+    lines = [(n, line) for n, line in enumerate(content.splitlines(), 1) if line.strip()]
+    if not lines:
+        raise CLIError(f"{args.file} has no text to score")
+    generator, tokenizer = _load(args)
+    encoded = [(n, line, tokenizer.encode(line, add_special_tokens=True)) for n, line in lines]
+    out = sys.stdout
+    out.write("line\ttokens\tlog_likelihood\tperplexity\n")
+    total_lp, total_n = 0.0, 0
+    results = {}
+    with tqdm(total=len(encoded), desc="Scoring", unit="line", file=sys.stderr, disable=args.no_progress) as bar:
+        for start in range(0, len(encoded), args.batch_size):
+            chunk = encoded[start:start + args.batch_size]
+            scores = generator.score_batch([tokens for _, _, tokens in chunk], max_input_length=args.max_input_length)
+            for (n, _, _), score in zip(chunk, scores):
+                results[n] = score.log_probs
+            bar.update(len(chunk))
+    for n, _, _ in encoded:
+        log_probs = results[n]
+        if not log_probs:
+            out.write(f"{n}\t0\tnan\tnan\n")
+            continue
+        lp = float(sum(log_probs))
+        total_lp += lp
+        total_n += len(log_probs)
+        out.write(f"{n}\t{len(log_probs)}\t{lp:.4f}\t{_ppl(lp, len(log_probs)):.4f}\n")
+    if total_n == 0:
+        raise CLIError("no line has enough tokens to score (at least 2 are needed)")
+    out.write(f"total\t{total_n}\t{total_lp:.4f}\t{_ppl(total_lp, total_n):.4f}\n")
+    print(f"perplexity: {_ppl(total_lp, total_n):.4f} over {total_n} tokens in {len(encoded)} lines",
+          file=sys.stderr)
+    return 0
+
+
+def _ppl(log_likelihood: float, n: int) -> float:
+    try:
+        return math.exp(-log_likelihood / n)
+    except OverflowError:
+        return math.inf
+
+
+# ============================================================================ info
+def cmd_info(args) -> int:
+    from jaxgen.model.checkpoint import expected_flat_shapes
+    from jaxgen.model.config import ModelConfig
+    from jaxgen.tokenizer import find_chat_template
+
+    model_dir = _model_dir(args.model_path or args.model_option)
+    config = ModelConfig.load(model_dir)
+    params = sum(math.prod(shape) for name, shape in expected_flat_shapes(config).items()
+                 if not name.endswith("weight_scale"))
+    size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(model_dir) for f in files)
+    tokenizer_file = next((f for f in ("tokenizer.model", "tokenizer.json")
+                           if os.path.isfile(os.path.join(model_dir, f))), None)
+    sliding = sum(t == "sliding" for t in config.layer_types)
+    rows = [
+        ("model", os.path.abspath(model_dir)),
+        ("architecture", config.architecture),
+        ("parameters", f"{params:,} ({_human(params, 1000, ['', 'K', 'M', 'B', 'T'])})"),
+        ("size on disk", _human(size, 1024, [" B", " KiB", " MiB", " GiB", " TiB"])),
+        ("weight dtype", config.weight_dtype),
+        ("vocabulary size", f"{config.vocab_size:,}"),
+        ("layers", f"{config.num_layers}" + (f" ({sliding} sliding-window, window {config.sliding_window})"
+                                             if sliding else "")),
+        ("hidden size", str(config.hidden_size)),
+        ("attention heads", f"{config.num_heads} query, {config.num_kv_heads} key/value, head_dim {config.head_dim}"),
+        ("context length", f"{config.max_position_embeddings:,}"),
+        ("special tokens", ", ".join(f"{k}={v!r}" for k, v in (
+            ("bos", config.bos_token), ("eos", config.eos_token), ("unk", config.unk_token),
+            ("pad", config.pad_token)) if v is not None) or "none"),
+        ("adds BOS", "yes" if config.add_bos_token else "no"),
+        ("tokenizer", tokenizer_file or "none"),
+        ("chat template", "yes" if find_chat_template(model_dir) else "no (base model?)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key + ':':<{width + 1}} {value}")
+    return 0
+
+
+def _human(value: float, base: int, units: List[str]) -> str:
+    for unit in units[:-1]:
+        if abs(value) < base:
+            return f"{value:.1f}{unit}" if unit.strip() else f"{value:.0f}{unit}"
+        value /= base
+    return f"{value:.1f}{units[-1]}"
+
+
+# ============================================================================ entry point
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs the `jaxgen` command; returns (and, as a console script, exits with) its status."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        status = args.func(args)
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        return 130
+    except BrokenPipeError:
+        # stdout was closed (e.g. `jaxgen generate ... | head`): quit quietly
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+    except CLIError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except _ERRORS as exc:
+        _error(str(exc) or type(exc).__name__)
+        return EXIT_USAGE
+    return int(status or 0)
+
+
+def _error(message: str) -> None:
+    message = " ".join(message.split())  # one line
+    print(f"jaxgen: error: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
