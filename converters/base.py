@@ -59,6 +59,7 @@ class Converter:
         parent = os.path.dirname(output_dir) or "."
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".jaxgen-convert-", dir=parent)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model directory is an ordinary one
         try:
             save_model_dir(tmp, config, flat, model.vocabulary, model.tokenizer_files, model.extra_json)
             if os.path.exists(output_dir):
