@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import sys
 from typing import Callable, Optional
 
@@ -38,6 +39,10 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_convert(args: argparse.Namespace) -> int:
     """Runs a conversion from parsed arguments; prints errors to stderr and returns an exit status."""
+    if os.path.exists(args.output_dir) and not args.force:
+        print(f"jaxgen convert: error: output directory {args.output_dir} already exists "
+              f"(use --force to overwrite it)", file=sys.stderr)
+        return 1
     progress = _TqdmProgress()
     try:
         converter = make_converter(args.source_format, args.source, progress)
