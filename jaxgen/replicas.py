@@ -40,11 +40,11 @@ def check_tensor_parallel(config: ModelConfig, n: int) -> None:
 
 
 def _layer_spec(module: str, kind: str) -> P:
-    """PartitionSpec of a stacked layer tensor [L, ...]."""
+    """PartitionSpec of a layer tensor (weights are [in, out])."""
     if module in COLUMN_PARALLEL:
-        return P(None, None, "model") if kind == "weight" else P(None, "model")
+        return P(None, "model") if kind == "weight" else P("model")
     if module in ROW_PARALLEL and kind == "weight":
-        return P(None, "model", None)
+        return P("model", None)
     return P()
 
 
@@ -54,8 +54,8 @@ def shard_tensor_parallel(params: dict, config: ModelConfig, devices: List[jax.D
     sharded = {}
     for module, kinds in params.items():
         if module == "layers":
-            sharded["layers"] = {m: {k: jax.device_put(a, NamedSharding(mesh, _layer_spec(m, k)))
-                                     for k, a in ks.items()} for m, ks in kinds.items()}
+            sharded["layers"] = [{m: {k: jax.device_put(a, NamedSharding(mesh, _layer_spec(m, k)))
+                                      for k, a in ks.items()} for m, ks in layer.items()} for layer in kinds]
         else:
             sharded[module] = {k: jax.device_put(a, NamedSharding(mesh, P())) for k, a in kinds.items()}
     return Replica("tp:" + ",".join(str(d.id) for d in devices), sharded)

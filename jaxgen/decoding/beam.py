@@ -127,8 +127,7 @@ def _beam_step(params: dict, s: BeamState, c: BeamConsts, spec: BeamSpec) -> Bea
     rows = (jnp.arange(b)[:, None] * k + sel_beam).reshape(-1)
     seqs = jnp.take_along_axis(s.seqs, sel_beam[:, :, None], axis=1).at[:, :, s.step].set(sel_tok)
     history = append_history(_gather_rows(s.history, rows, 0), sel_tok.reshape(-1), jnp.ones((b * k,), bool))
-    cache = KVCache(jnp.take(cache.k, rows, axis=1), jnp.take(cache.v, rows, axis=1),
-                    jnp.take(cache.slot_pos, rows, axis=0))
+    cache = cache.map_rows(lambda a: jnp.take(a, rows, axis=0))
     lp_zero = c.length_penalty == 0
     done_now = last_step | jnp.where(lp_zero, top_finished & (fin_count >= spec.num_keep),
                                      fin_count >= c.finish_target)
@@ -164,6 +163,5 @@ def beam_decode(params: dict, state: BeamState, consts: BeamConsts, *, spec: Bea
 @partial(jax.jit, static_argnames=("beam_size",))
 def expand_beams(cache: KVCache, history: History, beam_size: int):
     """Repeats every row `beam_size` times (row b*K + j is beam j of example b)."""
-    rep = lambda a, axis: jnp.repeat(a, beam_size, axis=axis)  # noqa: E731
-    return (KVCache(rep(cache.k, 1), rep(cache.v, 1), rep(cache.slot_pos, 0)),
-            History(rep(history.tokens, 0), rep(history.length, 0), rep(history.presence, 0)))
+    rep = lambda a: jnp.repeat(a, beam_size, axis=0)  # noqa: E731
+    return cache.map_rows(rep), History(rep(history.tokens), rep(history.length), rep(history.presence))

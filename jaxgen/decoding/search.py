@@ -53,14 +53,16 @@ class DecodeState(NamedTuple):
 @partial(jax.jit, static_argnames=("config", "batch", "length"))
 def start_cache(prefix: KVCache, *, config: ModelConfig, batch: int, length: int) -> KVCache:
     """A cache of `length` slots per row, the first slots holding a batch-1 `prefix` (tiled)."""
-    cache = init_cache(config, batch, length, prefix.k.dtype)
-    n = prefix.k.shape[2]
+    cache = init_cache(config, batch, length, prefix.dtype)
+    n = prefix.length
     if n == 0:
         return cache
-    k = jnp.broadcast_to(prefix.k, prefix.k.shape[:1] + (batch,) + prefix.k.shape[2:])
-    v = jnp.broadcast_to(prefix.v, k.shape)
-    pos = jnp.broadcast_to(prefix.slot_pos, (batch, n))
-    return KVCache(cache.k.at[:, :, :n].set(k), cache.v.at[:, :, :n].set(v), cache.slot_pos.at[:, :n].set(pos))
+
+    def place(dst: jax.Array, src: jax.Array) -> jax.Array:
+        return dst.at[:, :n].set(jnp.broadcast_to(src, (batch,) + src.shape[1:]))
+
+    return KVCache(tuple(place(d, s) for d, s in zip(cache.k, prefix.k)),
+                   tuple(place(d, s) for d, s in zip(cache.v, prefix.v)), place(cache.slot_pos, prefix.slot_pos))
 
 
 @partial(jax.jit, static_argnames=("config",), donate_argnums=(1,))

@@ -20,9 +20,10 @@ int8 weights carry `<module>.weight_scale` (float32, one per output channel; for
 per vocabulary row). The dequantised weight is `weight * weight_scale` (broadcast on the
 output axis).
 
-In memory, parameters form a nested dict pytree: `{"embed": {...}, "layers": {module: {kind:
-array with a leading layer axis}}, "final_norm": {...}, ...}` so that the decoder can scan over
-layers.
+In memory, parameters form a nested pytree: `{"embed": {kind: array}, "layers": [per layer
+{module: {kind: array}}], "final_norm": {...}, ...}`. Layers are separate arrays, not stacked:
+XLA:CPU copies a stacked layer's weights when a scan slices them, which costs more than the
+longer compile of an unrolled stack.
 """
 
 from __future__ import annotations
@@ -120,36 +121,18 @@ def expected_flat_shapes(config: ModelConfig) -> Dict[str, Shape]:
 
 
 # ---------------------------------------------------------------------------- pytree <-> flat
-def stack_layers(flat: Dict[str, np.ndarray], config: ModelConfig) -> dict:
-    """Flat canonical names -> nested params pytree with layers stacked on a leading axis."""
-    params: dict = {}
-    per_layer: Dict[str, Dict[str, List[np.ndarray]]] = {}
+def nest_params(flat: Dict[str, np.ndarray], config: ModelConfig) -> dict:
+    """Flat canonical names -> nested params pytree; "layers" is a list of per-layer dicts."""
+    params: dict = {"layers": [{} for _ in range(config.num_layers)]}
     for name, array in flat.items():
         parts = name.split(".")
         if parts[0] == "layers":
             index, module, kind = int(parts[1]), parts[2], parts[3]
-            slots = per_layer.setdefault(module, {}).setdefault(kind, [None] * config.num_layers)
-            slots[index] = array
+            params["layers"][index].setdefault(module, {})[kind] = array
         else:
             module, kind = parts
             params.setdefault(module, {})[kind] = array
-    params["layers"] = {m: {k: np.stack(v) for k, v in kinds.items()} for m, kinds in per_layer.items()}
     return params
-
-
-def flatten_params(params: dict) -> Dict[str, np.ndarray]:
-    """Inverse of `stack_layers`."""
-    flat: Dict[str, np.ndarray] = {}
-    for module, kinds in params.items():
-        if module == "layers":
-            for layer_module, layer_kinds in kinds.items():
-                for kind, stacked in layer_kinds.items():
-                    for i in range(stacked.shape[0]):
-                        flat[f"layers.{i}.{layer_module}.{kind}"] = np.asarray(stacked[i])
-        else:
-            for kind, array in kinds.items():
-                flat[f"{module}.{kind}"] = np.asarray(array)
-    return flat
 
 
 # ---------------------------------------------------------------------------- files

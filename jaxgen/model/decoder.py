@@ -25,14 +25,29 @@ MASK_VALUE = -1e30  # finite, so that a fully masked (padding) query yields no N
 
 
 class KVCache(NamedTuple):
-    k: jax.Array  # [L, B, S, Hkv, hd]
-    v: jax.Array  # [L, B, S, Hkv, hd]
+    """Per-layer key/value buffers (separate arrays, so each is updated in place)."""
+
+    k: Tuple[jax.Array, ...]  # L x [B, S, Hkv, hd]
+    v: Tuple[jax.Array, ...]  # L x [B, S, Hkv, hd]
     slot_pos: jax.Array  # [B, S] int32: absolute position of the token in each slot, -1 if empty
+
+    @property
+    def dtype(self):
+        return self.k[0].dtype
+
+    @property
+    def length(self) -> int:
+        return self.slot_pos.shape[1]
+
+    def map_rows(self, fn) -> "KVCache":
+        """Applies fn to the batch axis of every buffer (axis 0), e.g. a gather of beams."""
+        return KVCache(tuple(fn(a) for a in self.k), tuple(fn(a) for a in self.v), fn(self.slot_pos))
 
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype) -> KVCache:
-    shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+    shape = (batch, length, config.num_kv_heads, config.head_dim)
+    layers = range(config.num_layers)
+    return KVCache(tuple(jnp.zeros(shape, dtype) for _ in layers), tuple(jnp.zeros(shape, dtype) for _ in layers),
                    jnp.full((batch, length), -1, jnp.int32))
 
 
@@ -172,7 +187,7 @@ def attention_masks(config: ModelConfig, q_pos: jax.Array, slot_pos: jax.Array) 
 
 
 def _layer(config: ModelConfig, x: jax.Array, lp: dict, k_cache: jax.Array, v_cache: jax.Array,
-           is_sliding: jax.Array, write_index: jax.Array, rope: dict, masks: Tuple[jax.Array, jax.Array]):
+           is_sliding: bool, write_index: jax.Array, rope: dict, masks: Tuple[jax.Array, jax.Array]):
     b, t, _ = x.shape
     hq, hkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
     h = norm(x, lp["attn_norm"], config)
@@ -183,8 +198,7 @@ def _layer(config: ModelConfig, x: jax.Array, lp: dict, k_cache: jax.Array, v_ca
         q = norm(q, lp["q_norm"], config)
         k = norm(k, lp["k_norm"], config)
     if config.position_embedding == "rope":
-        cos = jnp.where(is_sliding, rope["local"][0], rope["full"][0])
-        sin = jnp.where(is_sliding, rope["local"][1], rope["full"][1])
+        cos, sin = rope["local" if is_sliding else "full"]
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
     k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, write_index, 0, 0))
@@ -197,7 +211,7 @@ def _layer(config: ModelConfig, x: jax.Array, lp: dict, k_cache: jax.Array, v_ca
     if config.attn_logit_softcapping:
         cap = config.attn_logit_softcapping
         scores = jnp.tanh(scores / cap) * cap
-    mask = jnp.where(is_sliding, masks[1], masks[0])[:, None, None, :, :]
+    mask = masks[1 if is_sliding else 0][:, None, None, :, :]
     scores = jnp.where(mask, scores, MASK_VALUE)
     weights = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     attn = jnp.einsum("bkgts,bskd->btkgd", weights, v_cache.astype(q.dtype)).reshape(b, t, hq * hd)
@@ -225,7 +239,7 @@ def forward(params: dict, config: ModelConfig, tokens: jax.Array, positions: jax
     cache: slots [write_index, write_index + T) receive the new keys/values.
     Returns the final-normed hidden states [B, T, D] and the updated cache.
     """
-    dtype = cache.k.dtype
+    dtype = cache.dtype
     x = embed(params, config, tokens, dtype)
     clipped = jnp.maximum(positions, 0)
     if config.position_embedding == "learned":
@@ -236,16 +250,14 @@ def forward(params: dict, config: ModelConfig, tokens: jax.Array, positions: jax
     if config.position_embedding == "rope":
         rope["full"] = rope_cos_sin(config, clipped, local=False)
         rope["local"] = rope_cos_sin(config, clipped, local=True) if config.rope_local_theta else rope["full"]
-    is_sliding = jnp.asarray([t == "sliding" for t in config.layer_types])
-
-    def body(x, xs):
-        lp, k_l, v_l, sliding = xs
-        x, k_l, v_l = _layer(config, x, lp, k_l, v_l, sliding, write_index, rope, masks)
-        return x, (k_l, v_l)
-
-    x, (k_new, v_new) = jax.lax.scan(body, x, (params["layers"], cache.k, cache.v, is_sliding))
+    k_new, v_new = [], []
+    for i, lp in enumerate(params["layers"]):
+        x, k_l, v_l = _layer(config, x, lp, cache.k[i], cache.v[i], config.layer_types[i] == "sliding",
+                             write_index, rope, masks)
+        k_new.append(k_l)
+        v_new.append(v_l)
     hidden = norm(x, params["final_norm"], config)
-    return hidden, KVCache(k_new, v_new, slot_pos)
+    return hidden, KVCache(tuple(k_new), tuple(v_new), slot_pos)
 
 
 def full_pass(params: dict, config: ModelConfig, tokens: jax.Array, lengths: jax.Array, dtype) -> jax.Array:

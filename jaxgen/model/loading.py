@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.model.checkpoint import load_model_dir, stack_layers
+from jaxgen.model.checkpoint import load_model_dir, nest_params
 from jaxgen.model.config import ModelConfig
 from jaxgen.model.quantization import convert_flat
 
@@ -78,5 +78,5 @@ def load_params(model_dir: str, compute_type: str = "default", platform: str = "
         flat = {k: (v if v.dtype == np.int8 or k.endswith("_scale") or k.split(".")[-2].endswith("norm")
                     else v.astype(act)) for k, v in flat.items()}
     config = config.replace(weight_dtype=ctype.weights)
-    return config, stack_layers(flat, config), vocabulary, ctype
+    return config, nest_params(flat, config), vocabulary, ctype
 
