@@ -23,7 +23,7 @@ from jaxgen.decoding.sampling import SamplingOptions, candidate_count
 from jaxgen.decoding.search import (DecodeConsts, DecodeState, LoopSpec, decode, prefill, set_done,
                                     start_cache)
 from jaxgen.model.decoder import KVCache
-from jaxgen.options import ResolvedOptions
+from jaxgen.options import ResolvedOptions, max_candidates
 from jaxgen.results import GenerationResult, GenerationStepResult
 
 STREAM_CHUNK = 8  # decode steps per dispatch when a callback must see tokens as they come
@@ -202,7 +202,7 @@ def run_beam(params: dict, config, rows: List[Row], resolved: ResolvedOptions, p
         proc=p.proc, samp=p.samp, max_new=jnp.asarray(p.max_new), min_new=jnp.asarray(p.min_new),
         length_offset=jnp.asarray(np.array([r.length_offset for r in rows] + [0] * (p.bp - b), np.int32)),
         length_penalty=jnp.float32(opts.length_penalty),
-        finish_target=jnp.int32(round(k * opts.patience)),
+        finish_target=jnp.int32(max_candidates(k, opts.patience)),
         disable_first_eos=jnp.bool_(has_prefix), write_base=jnp.int32(p.write_base))
     sampling = opts.sampling_topk != 1 and opts.sampling_temperature != 0
     spec = BeamSpec(config=config, beam_size=k, num_keep=opts.num_hypotheses, sampling=sampling,

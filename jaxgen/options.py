@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import Callable, List, Optional, Sequence
 
@@ -21,6 +22,15 @@ def _float(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     return float(value)
+
+
+def max_candidates(beam_size: int, patience: float) -> int:
+    """Finished hypotheses that end a beam search: CTranslate2's std::round(float(beam_size) *
+    patience), i.e. computed in float32 and rounded half away from zero (Python's round() would
+    round 0.5 and 4.5 down to even)."""
+    import numpy as np
+
+    return int(math.floor(float(np.float32(beam_size) * np.float32(patience)) + 0.5))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +104,7 @@ def validate_options(opts: GenerationOptions, vocabulary: Vocabulary, default_en
         prob = _float("min_alternative_expansion_prob", opts.min_alternative_expansion_prob)
         if not 0 <= prob <= 1:
             raise ValueError(f"min_alternative_expansion_prob must be in [0, 1], got {prob}")
-    max_hyps = round(opts.beam_size * patience)
+    max_hyps = max_candidates(opts.beam_size, patience)
     if (opts.num_hypotheses > max_hyps and not opts.return_alternatives
             and not (opts.beam_size == 1 and opts.sampling_topk != 1)):
         raise ValueError("The number of hypotheses cannot be greater than beam_size * patience")
