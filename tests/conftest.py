@@ -48,6 +48,85 @@ def jaxgen_tiny_model(tmp_path_factory, hf_tiny_model):
 # ============================================================================ end tiny HF checkpoints
 
 
+# ============================================================================ CLI / notebooks / default model
+# (used by test_cli.py and test_notebooks.py)
+# `cli_tiny_model` is a random tiny gemma3-like jaxgen model directory with a small SentencePiece
+# tokenizer (trained here in milliseconds) and a chat template, so that CLI tests need no real model.
+# `default_model_home` points JAXGEN_HOME at one cache for the whole session (the repository's
+# .jaxgen_home/ unless JAXGEN_HOME is already set), so the default model is converted at most once.
+
+CLI_TINY_CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "hello world, this is a tiny corpus for a tiny model",
+    "jaxgen runs language models with jax on cpu, gpu and tpu",
+    "perplexity is the exponential of the average negative log likelihood",
+    "a static prompt is computed once and cached for later calls",
+]
+CLI_TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def build_cli_tiny_model(directory: str) -> str:
+    """Writes a random tiny gemma3-like model directory with a SentencePiece tokenizer."""
+    import io
+
+    import numpy as np
+    import sentencepiece as spm
+
+    from jaxgen.model.checkpoint import expected_flat_shapes, save_model_dir
+    from jaxgen.model.config import ModelConfig
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CLI_TINY_CORPUS * 4), model_writer=buf, vocab_size=100, model_type="bpe",
+        unk_id=3, bos_id=2, eos_id=1, pad_id=0, unk_piece="<unk>", bos_piece="<bos>", eos_piece="<eos>",
+        pad_piece="<pad>", control_symbols=["<start_of_turn>", "<end_of_turn>"], hard_vocab_limit=False,
+        byte_fallback=False, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
+    vocabulary = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    config = ModelConfig(
+        architecture="gemma3", vocab_size=len(vocabulary), hidden_size=32, num_layers=2, num_heads=2,
+        num_kv_heads=1, head_dim=16, intermediate_size=64, norm_offset=1.0, post_attention_norm=True,
+        post_mlp_norm=True, qk_norm=True, activation="gelu_tanh", layer_types=("sliding", "full"),
+        sliding_window=8, max_position_embeddings=512, embedding_scale=32 ** 0.5, bos_token="<bos>",
+        eos_token="<eos>", unk_token="<unk>", pad_token="<pad>", add_bos_token=True)
+    rng = np.random.default_rng(0)
+    flat = {}
+    for name, shape in expected_flat_shapes(config).items():
+        if "norm" in name:
+            flat[name] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            flat[name] = (0.2 * rng.standard_normal(shape)).astype(np.float32)
+    save_model_dir(directory, config, flat, vocabulary, [("tokenizer.model", buf.getvalue())],
+                   {"tokenizer_config.json": {"chat_template": CLI_TINY_CHAT_TEMPLATE, "bos_token": "<bos>",
+                                              "eos_token": "<eos>"}})
+    return directory
+
+
+@pytest.fixture(scope="session")
+def cli_tiny_model(tmp_path_factory) -> str:
+    return build_cli_tiny_model(str(tmp_path_factory.mktemp("cli-tiny") / "model"))
+
+
+@pytest.fixture(scope="session")
+def default_model_home() -> str:
+    """JAXGEN_HOME shared by the whole session (set in os.environ for subprocesses and kernels)."""
+    home = os.environ.get("JAXGEN_HOME") or os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jaxgen_home")
+    os.environ["JAXGEN_HOME"] = home
+    return home
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(default_model_home) -> str:
+    """The default model, converted into `default_model_home` once (slow the first time)."""
+    from jaxgen.default_model import default_model_path
+
+    return default_model_path()
+# ============================================================================ end CLI / notebooks / default model
+
+
 # ============================================================================ GGUF default model
 # (used by test_gguf_default_model.py) Session-scoped artefacts of the default model, Gemma 3 270M
 # in GGUF Q4_K_M, built once under the session tmp dir:

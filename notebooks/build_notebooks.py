@@ -1,0 +1,254 @@
+"""Writes the example notebooks of this directory (without outputs) from the cells below.
+
+Edit the cells here, then run `python notebooks/build_notebooks.py`. tests/test_notebooks.py
+executes every notebook on the default model.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def md(text: str):
+    return new_markdown_cell(textwrap.dedent(text).strip())
+
+
+def code(text: str):
+    return new_code_cell(textwrap.dedent(text).strip())
+
+
+SETUP = code("""
+    import jaxgen
+    from jaxgen.tokenizer import load_tokenizer
+
+    model_dir = jaxgen.default_model_path()  # Gemma 3 270M, converted into the cache on first use
+    generator = jaxgen.Generator(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    print(model_dir)
+    print(tokenizer)
+""")
+
+NOTEBOOKS = {
+    # ------------------------------------------------------------------------------------------
+    "01_quickstart.ipynb": [
+        md("""
+            # jaxgen quickstart: generate, stream, score
+
+            jaxgen runs decoder-only language models with JAX behind CTranslate2's `Generator` API.
+            The `Generator` takes **token strings** (like CTranslate2); `jaxgen.tokenizer` turns text into
+            the model's tokens and back. This notebook uses the default model, Gemma 3 270M (a small
+            *base* model: it continues text, it does not follow instructions).
+        """),
+        SETUP,
+        md("""
+            ## Generate
+
+            The API adds no special tokens: Gemma expects a `<bos>` token first, so we add it.
+            `max_length` counts generated tokens.
+        """),
+        code("""
+            prompt = "The three most important inventions in history are"
+            tokens = [tokenizer.bos_token] + tokenizer.encode(prompt)
+            print(tokens)
+
+            results = generator.generate_batch([tokens], max_length=24)  # the result includes the prompt
+            print(tokenizer.decode(results[0].sequences_ids[0]))
+        """),
+        md("""
+            ## Stream tokens as they are produced
+
+            `generate_tokens` yields one `GenerationStepResult` per token. An incremental decoder turns
+            them into text pieces (SentencePiece marks spaces with `▁`, so tokens cannot be decoded one by
+            one). The end token, when produced, is the last step.
+        """),
+        code("""
+            decoder = tokenizer.incremental_decoder(context=tokens)
+            print(prompt, end="")
+            for step in generator.generate_tokens(tokens, max_length=24):
+                if step.is_last and step.token == tokenizer.eos_token:
+                    break
+                print(decoder.push(step.token_id), end="", flush=True)
+            print(decoder.flush())
+        """),
+        md("""
+            ## Score
+
+            `score_batch` returns the log-probability of each token given the tokens before it.
+        """),
+        code("""
+            import math
+
+            texts = ["The capital of France is Paris.", "The capital of France is a banana."]
+            batch = [[tokenizer.bos_token] + tokenizer.encode(text) for text in texts]
+            for text, result in zip(texts, generator.score_batch(batch)):
+                total = sum(result.log_probs)
+                print(f"{text!r:40} log-likelihood {total:8.2f}  perplexity {math.exp(-total / len(result.log_probs)):8.2f}")
+        """),
+    ],
+    # ------------------------------------------------------------------------------------------
+    "02_perplexity.ipynb": [
+        md("""
+            # Perplexity and per-token log-probabilities
+
+            Perplexity is `exp(-mean log p(token | previous tokens))`: lower means the model finds the text
+            more predictable. We score three texts and plot where the model is surprised.
+        """),
+        SETUP,
+        code("""
+            import math
+
+            texts = {
+                "natural": "The sun rises in the east and sets in the west every day.",
+                "shuffled": "east the day sets The in and every rises west the sun in.",
+                "random": "Zq8 vlorp x7 mugwa teek 42 plonf brizzle quan.",
+            }
+            scored = {}
+            for name, text in texts.items():
+                tokens = [tokenizer.bos_token] + tokenizer.encode(text)
+                result = generator.score_batch([tokens])[0]
+                scored[name] = result
+                ppl = math.exp(-sum(result.log_probs) / len(result.log_probs))
+                print(f"{name:9} {len(result.log_probs):3} tokens  perplexity {ppl:10.2f}")
+        """),
+        code("""
+            import io
+
+            import matplotlib
+            matplotlib.use("Agg")  # no display needed; the figure is embedded below as a PNG
+            import matplotlib.pyplot as plt
+            from IPython.display import Image, display
+
+            fig, axes = plt.subplots(len(scored), 1, figsize=(10, 7), sharey=True)
+            for ax, (name, result) in zip(axes, scored.items()):
+                ax.bar(range(len(result.log_probs)), result.log_probs, color="tab:blue")
+                ax.set_xticks(range(len(result.tokens)))
+                ax.set_xticklabels([t.replace("\\u2581", " ") for t in result.tokens], rotation=60, fontsize=8)
+                ax.set_title(name)
+                ax.set_ylabel("log p")
+            fig.tight_layout()
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=80)
+            plt.close(fig)
+            display(Image(buffer.getvalue()))
+        """),
+    ],
+    # ------------------------------------------------------------------------------------------
+    "03_static_prompt.ipynb": [
+        md("""
+            # Static prompts: compute a shared prefix once
+
+            A `static_prompt` (e.g. a long system prompt) is put before every prompt. jaxgen computes its
+            attention state once and caches it (a bounded LRU cache per device), so later calls skip it.
+            We time three calls: a first call (which also compiles), a call with a *new* static prompt of
+            the same length (compiled, but not cached), and a call that hits the cache.
+        """),
+        SETUP,
+        code("""
+            import time
+
+            system = ("You are a careful assistant that answers questions about geography. "
+                      "Answers are one short sentence. ") * 12
+            static_prompt = [tokenizer.bos_token] + tokenizer.encode(system)
+            other_static_prompt = static_prompt[:-1] + tokenizer.encode(" Thanks.")[-1:]  # same length
+            prompt = tokenizer.encode("Question: What is the capital of France?\\nAnswer:")
+            print(len(static_prompt), "static-prompt tokens,", len(prompt), "prompt tokens")
+
+            def timed(static, **kwargs):
+                start = time.perf_counter()
+                result = generator.generate_batch([prompt], max_length=8, static_prompt=static,
+                                                  include_prompt_in_result=False, **kwargs)[0]
+                return time.perf_counter() - start, tokenizer.decode(result.sequences_ids[0])
+
+            first, _ = timed(other_static_prompt)            # compiles, computes and caches
+            uncached, text = timed(static_prompt)            # compiled; computes and caches
+            cached, cached_text = timed(static_prompt)       # cache hit
+            recomputed, _ = timed(static_prompt, cache_static_prompt=False)
+            assert cached_text == text
+            print(f"first call (compiles):        {first * 1000:8.1f} ms")
+            print(f"new static prompt:            {uncached * 1000:8.1f} ms")
+            print(f"cached static prompt:         {cached * 1000:8.1f} ms")
+            print(f"cache_static_prompt=False:    {recomputed * 1000:8.1f} ms")
+            print("answer:", text)
+        """),
+        md("""
+            The cache keeps the most recent static prompts (`static_prompt_cache_size`, 16 by default);
+            `clear_static_prompt_cache()` frees them.
+        """),
+        code("""
+            generator.clear_static_prompt_cache()
+            after_clear, _ = timed(static_prompt)
+            print(f"after clear_static_prompt_cache(): {after_clear * 1000:8.1f} ms")
+        """),
+    ],
+    # ------------------------------------------------------------------------------------------
+    "04_multi_device.ipynb": [
+        md("""
+            # Several devices
+
+            Like CTranslate2, `device_index` takes a list: the model is loaded on each device and
+            sub-batches run on them in parallel. Without accelerators we can try this on the CPU by
+            asking XLA for 4 host devices. This must be set **before JAX is imported**, so run this
+            notebook in a fresh kernel.
+        """),
+        code("""
+            import os
+
+            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+
+            import jax
+
+            print(jax.devices())
+            assert len(jax.devices("cpu")) == 4, "restart the kernel: JAX was imported before XLA_FLAGS was set"
+        """),
+        code("""
+            import jaxgen
+            from jaxgen.tokenizer import load_tokenizer
+
+            model_dir = jaxgen.default_model_path()
+            tokenizer = load_tokenizer(model_dir)
+            generator = jaxgen.Generator(model_dir, device="cpu", device_index=[0, 1, 2, 3])
+            print("devices:", generator.device, generator.device_index)
+        """),
+        code("""
+            import time
+
+            subjects = ["The ocean", "A good book", "Mountains", "The river",
+                        "Coffee", "An old bridge", "Winter", "The library"]
+            batch = [[tokenizer.bos_token] + tokenizer.encode(s) for s in subjects]
+            start = time.perf_counter()
+            results = generator.generate_batch(batch, max_batch_size=2, max_length=12)  # 4 sub-batches of 2
+            print(f"{len(batch)} prompts in {time.perf_counter() - start:.2f} s")
+            for result in results:
+                print(repr(tokenizer.decode(result.sequences_ids[0])))
+        """),
+    ],
+}
+
+
+def build(directory: str = HERE) -> list:
+    """Writes every notebook (no outputs); returns their paths."""
+    paths = []
+    for name, cells in NOTEBOOKS.items():
+        nb = new_notebook(cells=cells, metadata={
+            "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+            "language_info": {"name": "python"},
+        })
+        for i, cell in enumerate(nb.cells):  # stable ids keep diffs small
+            cell["id"] = f"{name.split('_')[0]}-{i:02d}"
+        nbformat.validate(nb)
+        path = os.path.join(directory, name)
+        with open(path, "w", encoding="utf-8") as f:
+            nbformat.write(nb, f)
+        paths.append(path)
+    return paths
+
+
+if __name__ == "__main__":
+    for p in build():
+        print("wrote", os.path.relpath(p))

@@ -1,0 +1,219 @@
+"""The `jaxgen` command line, run in subprocesses on a tiny random model (see conftest.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+SUBCOMMANDS = ("generate", "chat", "score", "convert", "info")
+# The installed console script when there is one (what users run), else `python -m jaxgen.cli`.
+_SCRIPT = os.path.join(os.path.dirname(sys.executable), "jaxgen")
+JAXGEN = [_SCRIPT] if os.path.isfile(_SCRIPT) else [sys.executable, "-m", "jaxgen.cli"]
+
+
+def run_cli(*args: str, stdin: str = "", env_extra=None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.update(env_extra or {})
+    return subprocess.run([*JAXGEN, *args], input=stdin, capture_output=True,
+                          text=True, env=env, timeout=timeout)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("jaxgen: error: ")
+
+
+def test_console_script_declared():
+    from importlib.metadata import entry_points
+
+    scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
+    assert scripts.get("jaxgen") == "jaxgen.cli:main"
+
+
+@pytest.mark.parametrize("command", [None, *SUBCOMMANDS])
+def test_help(command):
+    proc = run_cli(*([command] if command else []), "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: jaxgen" in proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+def test_no_command_is_a_usage_error():
+    proc = run_cli()
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+
+
+def test_generate_prints_text(cli_tiny_model):
+    proc = run_cli("generate", "--model", cli_tiny_model, "--max-length", "8", "the quick brown fox")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("the quick brown fox")
+    assert len(proc.stdout.strip()) > len("the quick brown fox")
+    assert "Traceback" not in proc.stderr
+
+
+def test_generate_is_deterministic_and_streams_like_batch(cli_tiny_model):
+    """Greedy streaming (generate_tokens) and beam size 1 via the Python API give the same text."""
+    from jaxgen import Generator
+    from jaxgen.tokenizer import load_tokenizer
+
+    proc = run_cli("generate", "--model", cli_tiny_model, "--max-length", "8", "--no-echo", "hello world")
+    assert proc.returncode == 0, proc.stderr
+    tokenizer = load_tokenizer(cli_tiny_model)
+    prompt = tokenizer.encode("hello world", add_special_tokens=True)
+    assert prompt[0] == "<bos>"
+    result = Generator(cli_tiny_model).generate_batch([prompt], max_length=8, include_prompt_in_result=False)[0]
+    ids = [i for i in result.sequences_ids[0] if i != tokenizer.convert_tokens_to_ids(["<eos>"])[0]]
+    context = tokenizer.convert_tokens_to_ids(prompt[-4:])
+    expected = tokenizer.decode(context + ids)[len(tokenizer.decode(context)):]
+    assert proc.stdout == expected + "\n"
+
+
+def test_generate_options(cli_tiny_model):
+    proc = run_cli("generate", "--model", cli_tiny_model, "--max-length", "6", "--sampling-topk", "5",
+                   "--sampling-topp", "0.9", "--temperature", "0.8", "--seed", "3", "--system", "be brief",
+                   "--compute-type", "float32", "hello")
+    assert proc.returncode == 0, proc.stderr
+    again = run_cli("generate", "--model", cli_tiny_model, "--max-length", "6", "--sampling-topk", "5",
+                    "--sampling-topp", "0.9", "--temperature", "0.8", "--seed", "3", "--system", "be brief",
+                    "--compute-type", "float32", "hello")
+    assert again.stdout == proc.stdout  # same seed, same text
+    beam = run_cli("generate", "--model", cli_tiny_model, "--max-length", "6", "--beam-size", "2", "hello")
+    assert beam.returncode == 0, beam.stderr
+    assert beam.stdout.startswith("hello")
+
+
+def test_generate_prompt_from_stdin(cli_tiny_model):
+    proc = run_cli("generate", "--model", cli_tiny_model, "--max-length", "4", "-", stdin="jax runs")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("jax runs")
+
+
+def test_chat_reads_until_exit(cli_tiny_model):
+    proc = run_cli("chat", "--model", cli_tiny_model, "--max-length", "5", "--system", "be brief",
+                   stdin="hello\n\nhow are you\n/exit\nnot read\n")
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) == 2  # one reply per message
+    assert "Traceback" not in proc.stderr
+
+
+def test_chat_stops_at_eof(cli_tiny_model):
+    proc = run_cli("chat", "--model", cli_tiny_model, "--max-length", "3", stdin="hello")
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) == 1
+
+
+def test_score_prints_perplexity(cli_tiny_model, tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text("the quick brown fox\n\nhello world, this is a tiny corpus\njax\n", encoding="utf-8")
+    proc = run_cli("score", "--model", cli_tiny_model, str(path))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0] == "line\ttokens\tlog_likelihood\tperplexity"
+    rows = {line.split("\t")[0]: line.split("\t") for line in lines[1:]}
+    assert set(rows) == {"1", "3", "4", "total"}  # the empty line 2 is skipped
+    total = rows["total"]
+    assert int(total[1]) == sum(int(rows[k][1]) for k in ("1", "3", "4"))
+    assert float(total[3]) > 1.0
+    assert "perplexity:" in proc.stderr
+
+
+def test_score_matches_score_batch(cli_tiny_model, tmp_path):
+    import math
+
+    from jaxgen import Generator
+    from jaxgen.tokenizer import load_tokenizer
+
+    path = tmp_path / "one.txt"
+    path.write_text("hello world\n", encoding="utf-8")
+    proc = run_cli("score", "--model", cli_tiny_model, "--no-progress", str(path))
+    assert proc.returncode == 0, proc.stderr
+    row = proc.stdout.strip().splitlines()[1].split("\t")
+    tokens = load_tokenizer(cli_tiny_model).encode("hello world", add_special_tokens=True)
+    log_probs = Generator(cli_tiny_model).score_batch([tokens])[0].log_probs
+    assert int(row[1]) == len(log_probs) == len(tokens) - 1
+    assert math.isclose(float(row[2]), sum(log_probs), abs_tol=1e-3)
+
+
+def test_info_prints_architecture(cli_tiny_model):
+    proc = run_cli("info", cli_tiny_model)
+    assert proc.returncode == 0, proc.stderr
+    assert "architecture:" in proc.stdout and "gemma3" in proc.stdout
+    assert "vocabulary size: 100" in proc.stdout
+    assert "parameters:" in proc.stdout and "size on disk:" in proc.stdout
+    assert "bos='<bos>'" in proc.stdout and "chat template:   yes" in proc.stdout
+
+
+@pytest.mark.parametrize("args", [
+    ("generate", "--model", "{missing}", "hello"),
+    ("chat", "--model", "{missing}"),
+    ("score", "--model", "{missing}", "{file}"),
+    ("info", "{missing}"),
+    ("info", "{not_a_model}"),
+])
+def test_unknown_model_dir(args, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("hello\n")
+    values = dict(missing=str(tmp_path / "no-such-model"), file=str(text), not_a_model=str(tmp_path))
+    proc = run_cli(*[a.format(**values) for a in args])
+    assert_one_line_error(proc)
+
+
+def test_broken_model_dir(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    assert_one_line_error(run_cli("generate", "--model", str(tmp_path), "hello"))
+    assert_one_line_error(run_cli("info", str(tmp_path)))
+
+
+@pytest.mark.parametrize("prompt", ["", "   "])
+def test_empty_prompt(cli_tiny_model, prompt):
+    assert_one_line_error(run_cli("generate", "--model", cli_tiny_model, prompt))
+
+
+def test_unreadable_file(cli_tiny_model, tmp_path):
+    assert_one_line_error(run_cli("score", "--model", cli_tiny_model, str(tmp_path / "missing.txt")))
+    assert_one_line_error(run_cli("score", "--model", cli_tiny_model, str(tmp_path)))  # a directory
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    assert_one_line_error(run_cli("score", "--model", cli_tiny_model, str(binary)))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    assert_one_line_error(run_cli("score", "--model", cli_tiny_model, str(empty)))
+
+
+def test_bad_option_values(cli_tiny_model):
+    for args in (("--compute-type", "float64"), ("--device", "abacus"), ("--sampling-topp", "2")):
+        proc = run_cli("generate", "--model", cli_tiny_model, *args, "hello")
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr, args
+    proc = run_cli("generate", "--model", cli_tiny_model, "--max-length", "0", "hello")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_convert_errors_are_one_line(tmp_path):
+    proc = run_cli("convert", "--from", "gguf", str(tmp_path / "missing.gguf"), "-o", str(tmp_path / "out"))
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_generate_default_model(default_model_home):
+    proc = run_cli("generate", "--max-length", "12", "The capital of France is", timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("The capital of France is")
+    assert len(proc.stdout.split()) > len("The capital of France is".split())
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_info_default_model(default_model_dir):
+    proc = run_cli("info")
+    assert proc.returncode == 0, proc.stderr
+    assert "gemma3" in proc.stdout and "262,144" in proc.stdout
