@@ -8,16 +8,16 @@ BATCH_TYPES = ("examples", "tokens")
 
 
 def bucket(n: int, minimum: int = 16) -> int:
-    """Smallest padded size >= n: powers of two from `minimum`, then multiples of 512.
+    """Smallest padded size >= n: powers of two from `minimum` up to 256, then multiples of 256.
 
-    Keeps the number of distinct compiled shapes small.
+    Keeps the number of distinct compiled shapes small without doubling long inputs.
     """
     size = max(minimum, 1)
-    while size < n and size < 512:
+    while size < n and size < 256:
         size *= 2
     if size >= n:
         return size
-    return -(-n // 512) * 512
+    return -(-n // 256) * 256
 
 
 def split_batches(lengths: List[int], max_batch_size: int, batch_type: str) -> List[List[int]]:
