@@ -178,6 +178,8 @@ def run_rows(params: dict, config, rows: List[Row], resolved: ResolvedOptions, p
             if bool(np.all(jax.device_get(state.done)[:b])):
                 break
     tokens, log_probs, gen_len = jax.device_get((state.out_tokens, state.out_log_probs, state.gen_len))
+    check_positions(config, prefix_len, rows, [int(gen_len[i]) if stopped[i] is None else stopped[i] for i in range(b)],
+                    opts.max_length)
     out = []
     for i, r in enumerate(rows):
         n = int(gen_len[i]) if stopped[i] is None else stopped[i]
@@ -219,6 +221,9 @@ def run_beam(params: dict, config, rows: List[Row], resolved: ResolvedOptions, p
         fin_score=jnp.full((p.bp, f), -jnp.inf, jnp.float32), fin_count=jnp.zeros((p.bp,), jnp.int32), key=key)
     state = beam_decode(params, state, consts, spec=spec)
     tokens, lens, scores = jax.device_get((state.fin_tokens, state.fin_len, state.fin_score))
+    # The longest kept hypothesis is a lower bound of the steps an example ran.
+    check_positions(config, prefix_len, rows, [int(lens[i].max()) if rows[i].max_new > 0 else 0 for i in range(b)],
+                    opts.max_length)
     out = []
     for i, r in enumerate(rows):
         if r.max_new <= 0:
@@ -228,6 +233,24 @@ def run_beam(params: dict, config, rows: List[Row], resolved: ResolvedOptions, p
                 for j in range(f) if np.isfinite(scores[i, j])]
         out.append(hyps)
     return out
+
+
+def check_positions(config, prefix_len: int, rows: List[Row], generated: List[int], max_length: int) -> None:
+    """CTranslate2's RuntimeError for a model with learned positions fed past its table (spec
+    §5.6): the positions it feeds are the static prompt, the prompt (up to max_length steps when
+    the prompt is returned) and every generated token but the last."""
+    if config.position_embedding != "learned":
+        return
+    limit = config.max_position_embeddings
+    reached = -1
+    for r, n in zip(rows, generated):
+        fed = len(r.prompt) + n - 1 if n > 0 else min(len(r.prompt), max_length + 1) - 1
+        reached = max(reached, prefix_len + fed - 1)
+    if prefix_len - 1 >= limit:
+        raise RuntimeError(f"No position encodings are defined for positions >= {limit}, but got position "
+                           f"{prefix_len - 1}")
+    if reached >= limit:
+        raise RuntimeError(f"No position encodings are defined for positions >= {limit}, but got position {limit}")
 
 
 def _emit_forced(rows, resolved, vocabulary, callback, stopped) -> None:
