@@ -126,6 +126,8 @@ class Generator:
         `random_seed` (an extension) makes sampling reproducible.
         """
         _check_batch_options(max_batch_size, batch_type)
+        if not isinstance(asynchronous, (bool, int, float)) and asynchronous is not None:
+            raise TypeError(f"asynchronous must be a bool, got {type(asynchronous).__name__}")
         if isinstance(start_tokens, list) and not start_tokens:
             return []
         opts = GenerationOptions(
@@ -390,8 +392,11 @@ class Generator:
 
 
 def _check_batch_options(max_batch_size, batch_type) -> None:
+    # Wrong types (and negative sizes, unsigned in CTranslate2) are TypeErrors, as in CTranslate2.
     if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 0:
-        raise ValueError(f"max_batch_size must be an int >= 0, got {max_batch_size!r}")
+        raise TypeError(f"max_batch_size must be an int >= 0, got {max_batch_size!r}")
+    if not isinstance(batch_type, str):
+        raise TypeError(f"batch_type must be a str, got {type(batch_type).__name__}")
     if batch_type not in BATCH_TYPES:
         raise ValueError(f"Invalid batch type: {batch_type}")
 

@@ -13,9 +13,18 @@ from jaxgen.vocabulary import Vocabulary
 def _int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0:  # CTranslate2's unsigned (size_t) parameters reject negative values as a wrong type
+        raise TypeError(f"{name} must be a non-negative int, got {value}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
+
+
+def _flag(name: str, value) -> bool:
+    """CTranslate2's bool parameters accept numbers and None (pybind11 conversion), not e.g. strings."""
+    if value is not None and not isinstance(value, numbers.Number):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
 
 
 def _float(name: str, value) -> float:
@@ -79,6 +88,9 @@ class ResolvedOptions:
 def validate_options(opts: GenerationOptions, vocabulary: Vocabulary, default_end_ids: List[int]
                      ) -> ResolvedOptions:
     """Checks every option; raises TypeError/ValueError naming the bad one."""
+    for name in ("disable_unk", "return_end_token", "cache_static_prompt", "include_prompt_in_result",
+                 "return_scores", "return_logits_vocab", "return_alternatives"):
+        _flag(name, getattr(opts, name))
     _int("beam_size", opts.beam_size, 1)
     patience = _float("patience", opts.patience)
     if patience <= 0:
