@@ -125,11 +125,11 @@ class Generator:
         Returns one GenerationResult per prompt (or futures with `asynchronous=True`).
         `random_seed` (an extension) makes sampling reproducible.
         """
+        if isinstance(start_tokens, list) and not start_tokens:
+            return []  # nothing is validated for an empty batch (spec §2.1)
         _check_batch_options(max_batch_size, batch_type)
         if not isinstance(asynchronous, (bool, int, float)) and asynchronous is not None:
             raise TypeError(f"asynchronous must be a bool, got {type(asynchronous).__name__}")
-        if isinstance(start_tokens, list) and not start_tokens:
-            return []
         opts = GenerationOptions(
             beam_size=beam_size, patience=patience, num_hypotheses=num_hypotheses, length_penalty=length_penalty,
             repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
@@ -184,8 +184,6 @@ class Generator:
                        cache_static_prompt=cache_static_prompt, random_seed=random_seed)
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
-        if isinstance(batch, list) and not batch:
-            raise ValueError("One input has no decoder start token")
         return TokenStream(lambda cb: self.generate_batch(batch, callback=cb, **options), callback)
 
     async def async_generate_tokens(self, prompt, max_batch_size: int = 0, batch_type: str = "examples", **kwargs):
