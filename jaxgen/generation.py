@@ -168,8 +168,10 @@ def run_rows(params: dict, config, rows: List[Row], resolved: ResolvedOptions, p
             state = decode(params, state, consts, jnp.int32(seen + STREAM_CHUNK), spec=spec)
             tokens, log_probs, gen_len, step = jax.device_get(
                 (state.out_tokens, state.out_log_probs, state.gen_len, state.step))
+            # Each row gets its own [V] processed logits (spec §11 Q4), not the first row only.
+            logits = state.logits[:b, seen:int(step)] if opts.return_logits_vocab else None
             new_stops = _emit_steps(rows, resolved, vocabulary, callback, stopped, tokens, log_probs, gen_len,
-                                    seen, int(step))
+                                    seen, int(step), logits)
             seen = int(step)
             if new_stops:
                 done = np.zeros((bp,), bool)
@@ -268,8 +270,10 @@ def _emit_forced(rows, resolved, vocabulary, callback, stopped) -> None:
                 stopped[i] = 0
 
 
-def _emit_steps(rows, resolved, vocabulary, callback, stopped, tokens, log_probs, gen_len, start, end) -> List[int]:
-    """Callbacks for generated steps [start, end); returns rows newly stopped by the callback."""
+def _emit_steps(rows, resolved, vocabulary, callback, stopped, tokens, log_probs, gen_len, start, end,
+                logits=None) -> List[int]:
+    """Callbacks for generated steps [start, end); returns rows newly stopped by the callback.
+    logits: [rows, end - start, V] processed logits when return_logits_vocab, else None."""
     opts = resolved.options
     end_ids = set(resolved.end_ids)
     newly = []
@@ -282,7 +286,7 @@ def _emit_steps(rows, resolved, vocabulary, callback, stopped, tokens, log_probs
             step = GenerationStepResult(step=r.offset + t, batch_id=r.batch_id, token_id=token,
                                         hypothesis_id=r.hypothesis_id, token=vocabulary.tokens[token],
                                         log_prob=float(log_probs[i, t]) if opts.return_scores else None,
-                                        is_last=is_last)
+                                        is_last=is_last, logits=None if logits is None else logits[i, t - start])
             if callback(step):
                 stopped[i] = t + 1
                 newly.append(i)
