@@ -54,14 +54,14 @@ class Generator:
         config, params, tokens, ctype = load_params(model_path, compute_type, self._platform)
         self.config = config
         self._ctype = ctype
+        self._compute_type_requested = compute_type
         self._vocab = Vocabulary(tokens, config.unk_token)
         self._tensor_parallel = bool(tensor_parallel)
-        if self._tensor_parallel:
-            replicas = [shard_tensor_parallel(params, config, self._devices)]
-        else:
-            replicas = replicate(params, self._devices)
+        replicas = self._place(params)
         del params
         self._pool = ReplicaPool(replicas, inter_threads)
+        self._host_params: Optional[dict] = None  # kept by unload_model(to_cpu=True)
+        self._loaded = True
         self.model_path = os.fspath(model_path)
         self._static_cache_size = static_prompt_cache_size
         self._static_cache: "collections.OrderedDict[tuple, object]" = collections.OrderedDict()
@@ -70,6 +70,51 @@ class Generator:
         self._seed_rng = np.random.default_rng()
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=inter_threads * len(replicas), thread_name_prefix="jaxgen")
+
+    def _place(self, params: dict):
+        """Host params -> replicas (one per device, or one sharded over all of them)."""
+        if self._tensor_parallel:
+            return [shard_tensor_parallel(params, self.config, self._devices)]
+        return replicate(params, self._devices)
+
+    # ------------------------------------------------------------------ unload / load
+    def unload_model(self, to_cpu: bool = False) -> None:
+        """Frees the device weights (CTranslate2 §1.2). Does nothing while batches are active.
+
+        to_cpu=True keeps a host copy for a fast `load_model()`; otherwise the static-prompt
+        cache is dropped too.
+        """
+        if not self._loaded or self.num_active_batches > 0:
+            return
+        if to_cpu and self._host_params is None:
+            self._host_params = jax.device_get(self._pool.replicas[0].params)
+        elif not to_cpu:
+            self._host_params = None
+            self.clear_static_prompt_cache()
+        for replica in self._pool.replicas:
+            replica.params = None
+        self._loaded = False
+
+    def load_model(self, keep_cache: bool = False) -> None:
+        """Puts the weights back on the devices (from the host copy, else from disk)."""
+        if self._loaded:
+            return
+        params = self._host_params
+        if params is None:
+            params = load_params(self.model_path, self._compute_type_requested, self._platform)[1]
+        for replica, placed in zip(self._pool.replicas, self._place(params)):
+            replica.params = placed.params
+        if not keep_cache:
+            self._host_params = None
+        self._loaded = True
+
+    @property
+    def model_is_loaded(self) -> bool:
+        return self._loaded
+
+    def _check_loaded(self) -> None:
+        if not self._loaded:
+            raise RuntimeError("The model for this translator was unloaded")
 
     # ------------------------------------------------------------------ properties
     @property
@@ -128,6 +173,7 @@ class Generator:
         if isinstance(start_tokens, list) and not start_tokens:
             return []  # nothing is validated for an empty batch (spec §2.1)
         _check_batch_options(max_batch_size, batch_type)
+        self._check_loaded()
         if not isinstance(asynchronous, (bool, int, float)) and asynchronous is not None:
             raise TypeError(f"asynchronous must be a bool, got {type(asynchronous).__name__}")
         opts = GenerationOptions(
@@ -297,6 +343,7 @@ class Generator:
         dense int array [batch, max_len] together with `lengths` [batch].
         Positions past a row's length hold values computed from padding.
         """
+        self._check_loaded()
         ids, lens = self._forward_inputs(tokens, lengths)
         batch, max_len = len(ids), int(max(lens))
         padded, lengths_arr = self._pad(ids, lens, bucket(max_len), bucket(batch, minimum=1))
@@ -337,6 +384,7 @@ class Generator:
         keeping a final end token. `offset` drops the first `offset` scored tokens.
         """
         _check_batch_options(max_batch_size, batch_type)
+        self._check_loaded()
         for name, value in (("max_input_length", max_input_length), ("offset", offset)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
