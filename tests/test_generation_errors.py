@@ -234,3 +234,29 @@ def test_position_past_learned_table(gen_pair, kwargs):
     expected = pair.ct2.generate_batch(prompt, end_token=[], return_scores=True, **ok)
     actual = pair.jaxgen.generate_batch(prompt, end_token=[], return_scores=True, **ok)
     assert actual[0].sequences_ids == expected[0].sequences_ids
+
+
+def test_unloaded_model(pair):
+    """Spec §1.2/§7: generation on an unloaded model raises RuntimeError; after load_model() the
+    results are unchanged (own Generators: the shared ones stay loaded)."""
+    import time
+
+    import ctranslate2
+
+    import jaxgen
+
+    engines = [ctranslate2.Generator(pair.ct2_dir, intra_threads=1), jaxgen.Generator(pair.jaxgen_dir)]
+    for engine in engines:
+        before = engine.generate_batch(GOOD, **GOOD_KWARGS)
+        deadline = time.monotonic() + 10
+        while engine.num_active_batches and time.monotonic() < deadline:  # unloading is a no-op while busy
+            time.sleep(0.01)
+        engine.unload_model()
+        assert not engine.model_is_loaded
+        for kwargs in ({}, {"beam_size": 2}, {"asynchronous": True}):
+            with pytest.raises(RuntimeError, match="The model for this translator was unloaded"):
+                out = engine.generate_batch(GOOD, **dict(GOOD_KWARGS, **kwargs))
+                [r.result() for r in out]
+        engine.load_model()
+        after = engine.generate_batch(GOOD, **GOOD_KWARGS)
+        assert [r.sequences_ids for r in after] == [r.sequences_ids for r in before]
