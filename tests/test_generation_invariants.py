@@ -379,3 +379,17 @@ def test_changing_options_does_not_recompile(pair, jg):
         kwargs.setdefault("max_length", 32)  # (the default, 512, is another shape bucket)
         jg.generate_batch(prompt, **kwargs)
         assert compile_cache_sizes() == before, f"{kwargs} recompiled"
+
+
+def test_callback_logits_per_row(pair, jg):
+    """Spec §11 Q4 (deliberate difference): with return_logits_vocab every callback step carries its
+    own row's [V] processed logits -- those GenerationResult.logits holds for that step."""
+    prompts = batch(pair, (5, 5, 5), seed=110)
+    steps = []
+    out = jg.generate_batch(prompts, max_length=6, include_prompt_in_result=False, return_logits_vocab=True,
+                            repetition_penalty=1.3, callback=steps.append)
+    assert len(steps) == sum(len(r.logits[0]) for r in out) > 0
+    for s in steps:
+        assert s.logits is not None and np.asarray(s.logits).shape == (len(jg.vocabulary),)
+        np.testing.assert_array_equal(np.asarray(s.logits), np.asarray(out[s.batch_id].logits[0][s.step]))
+        assert int(np.argmax(np.asarray(s.logits))) == s.token_id
