@@ -81,10 +81,10 @@ class Generator:
     def unload_model(self, to_cpu: bool = False) -> None:
         """Frees the device weights (CTranslate2 §1.2). Does nothing while batches are active.
 
-        to_cpu=True keeps a host copy for a fast `load_model()`; otherwise the static-prompt
-        cache is dropped too.
+        to_cpu=True keeps a host copy for a fast `load_model()` (and does nothing on a CPU device);
+        otherwise the static-prompt cache is dropped too.
         """
-        if not self._loaded or self.num_active_batches > 0:
+        if not self._loaded or self.num_active_batches > 0 or (to_cpu and self._platform == "cpu"):
             return
         if to_cpu and self._host_params is None:
             self._host_params = jax.device_get(self._pool.replicas[0].params)

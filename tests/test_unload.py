@@ -15,10 +15,15 @@ def generator(tmp_path_factory):
     return jaxgen.Generator(directory)
 
 
-@pytest.mark.parametrize("to_cpu", [False, True])
-def test_unload_then_load_gives_the_same_answers(generator, to_cpu):
+def test_unload_to_cpu_on_cpu_does_nothing(generator):
+    generator.unload_model(to_cpu=True)
+    assert generator.model_is_loaded
+    assert generator.generate_batch(PROMPTS[:1], max_length=2)[0].sequences_ids
+
+
+def test_unload_then_load_gives_the_same_answers(generator):
     before = generator.generate_batch(PROMPTS, max_length=6, return_scores=True)
-    generator.unload_model(to_cpu=to_cpu)
+    generator.unload_model()
     assert not generator.model_is_loaded
     for call in (lambda: generator.generate_batch(PROMPTS), lambda: generator.score_batch(PROMPTS),
                  lambda: generator.forward_batch(PROMPTS)):
