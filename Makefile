@@ -23,8 +23,12 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/jaxgen generate --max-length 48 "The three most important inventions in history are"
 
+# jaxgen vs CTranslate2 vs transformers on the default model (median of alternating runs; a full
+# run takes a while, `make bench BENCH_ARGS=--quick` is a smoke test). See also
+# benchmarks/bench_devices.py and benchmarks/bench_stream_close.py.
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(PY) benchmarks/bench_decode.py
+	$(PY) benchmarks/bench_compare.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
