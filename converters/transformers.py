@@ -23,7 +23,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxgen.converters.base import ConvertedModel, Converter
-from jaxgen.model.config import ModelConfig, default_embedding_scale
+from jaxgen.model.config import ModelConfig, default_embedding_scale, read_json_file
 
 SUPPORTED_MODEL_TYPES = ("gemma", "gemma2", "gemma3", "gemma3_text", "gpt2", "llama", "mistral", "phi3",
                          "qwen2", "qwen3")
@@ -165,13 +165,7 @@ def _resolve_directory(name: str) -> str:
 
 
 def _read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise ValueError(f"{os.path.dirname(path) or '.'} has no {os.path.basename(path)}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    data = read_json_file(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object")
     return data

@@ -22,7 +22,7 @@ import os
 import re
 from typing import Dict, List, Optional, Sequence, Union
 
-from jaxgen.model.checkpoint import load_vocabulary
+from jaxgen.model.checkpoint import check_model_dir, load_vocabulary
 from jaxgen.model.config import ModelConfig
 
 GEMMA_START_OF_TURN = "<start_of_turn>"
@@ -317,11 +317,7 @@ class _TokenizersBackend(_Backend):
 # ---------------------------------------------------------------------------- loading
 def load_tokenizer(model_dir: str) -> Tokenizer:
     """The tokenizer of a jaxgen model directory (ValueError when it has none or it is broken)."""
-    if not isinstance(model_dir, (str, os.PathLike)):
-        raise TypeError(f"model_dir must be a path string, got {type(model_dir).__name__}")
-    model_dir = os.fspath(model_dir)
-    if not os.path.isdir(model_dir):
-        raise ValueError(f"model directory {model_dir!r} does not exist")
+    model_dir = check_model_dir(model_dir)
     config = ModelConfig.load(model_dir)
     vocabulary = load_vocabulary(model_dir)
     sp_path = os.path.join(model_dir, "tokenizer.model")

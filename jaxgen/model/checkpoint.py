@@ -34,7 +34,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
-from jaxgen.model.config import ModelConfig
+from jaxgen.model.config import ModelConfig, read_json_file
 
 WEIGHTS_FILE = "model.safetensors"
 VOCABULARY_FILE = "vocabulary.json"
@@ -178,16 +178,22 @@ def check_flat_shapes(flat: Dict[str, np.ndarray], config: ModelConfig) -> None:
             raise ValueError(f"tensor {name} has shape {tuple(flat[name].shape)}, expected {tuple(shape)}")
 
 
-def load_model_dir(model_dir: str) -> Tuple[ModelConfig, Dict[str, np.ndarray], List[str]]:
-    """Reads and validates a model directory: (config, flat numpy weights, vocabulary)."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
+def check_model_dir(model_dir) -> str:
+    """The path of an existing directory; TypeError/ValueError otherwise."""
     if not isinstance(model_dir, (str, os.PathLike)):
         raise TypeError(f"model_path must be a path string, got {type(model_dir).__name__}")
     model_dir = os.fspath(model_dir)
     if not os.path.isdir(model_dir):
         raise ValueError(f"model directory {model_dir!r} does not exist")
+    return model_dir
+
+
+def load_model_dir(model_dir: str) -> Tuple[ModelConfig, Dict[str, np.ndarray], List[str]]:
+    """Reads and validates a model directory: (config, flat numpy weights, vocabulary)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    model_dir = check_model_dir(model_dir)
     config = ModelConfig.load(model_dir)
     weights_path = os.path.join(model_dir, WEIGHTS_FILE)
     if not os.path.isfile(weights_path):
@@ -205,13 +211,7 @@ def load_model_dir(model_dir: str) -> Tuple[ModelConfig, Dict[str, np.ndarray], 
 
 def load_vocabulary(model_dir: str) -> List[str]:
     path = os.path.join(model_dir, VOCABULARY_FILE)
-    if not os.path.isfile(path):
-        raise ValueError(f"model directory {model_dir!r} has no {VOCABULARY_FILE}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            vocabulary = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    vocabulary = read_json_file(path)
     if not isinstance(vocabulary, list) or not all(isinstance(t, str) for t in vocabulary):
         raise ValueError(f"{path} must be a JSON list of token strings")
     return vocabulary

@@ -172,15 +172,18 @@ class ModelConfig:
 
     @classmethod
     def load(cls, model_dir: str) -> "ModelConfig":
-        path = os.path.join(model_dir, CONFIG_FILE)
-        if not os.path.isfile(path):
-            raise ValueError(f"model directory {model_dir!r} has no {CONFIG_FILE}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON: {exc}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_file(os.path.join(model_dir, CONFIG_FILE)))
+
+
+def read_json_file(path: str) -> Any:
+    """Parsed JSON of a file; ValueError naming the directory and file when it is missing or broken."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{os.path.dirname(path) or '.'!r} has no {os.path.basename(path)}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
 
 
 def _freeze(value: Any) -> Any:
