@@ -26,7 +26,10 @@ from jaxgen.model.decoder import KVCache
 from jaxgen.options import ResolvedOptions, max_candidates
 from jaxgen.results import GenerationResult, GenerationStepResult
 
-STREAM_CHUNK = 8  # decode steps per dispatch when a callback must see tokens as they come
+# Decode steps per dispatch when a callback must see tokens as they come: the first token is handed
+# over after one step (time to first token), then chunks stay short so that a callback's stop (and
+# a stream's close()) takes effect within STREAM_CHUNKS[-1] steps.
+STREAM_CHUNKS = (1, 2)
 
 
 @dataclasses.dataclass
@@ -164,8 +167,11 @@ def run_rows(params: dict, config, rows: List[Row], resolved: ResolvedOptions, p
     else:
         _emit_forced(rows, resolved, vocabulary, callback, stopped)
         seen = 0
+        chunk = 0
         while seen < total:
-            state = decode(params, state, consts, jnp.int32(seen + STREAM_CHUNK), spec=spec)
+            steps = STREAM_CHUNKS[min(chunk, len(STREAM_CHUNKS) - 1)]
+            chunk += 1
+            state = decode(params, state, consts, jnp.int32(seen + steps), spec=spec)
             tokens, log_probs, gen_len, step = jax.device_get(
                 (state.out_tokens, state.out_log_probs, state.gen_len, state.step))
             # Each row gets its own [V] processed logits (spec §11 Q4), not the first row only.
