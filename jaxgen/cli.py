@@ -403,11 +403,25 @@ def _human(value: float, base: int, units: List[str]) -> str:
 
 
 # ============================================================================ entry point
+def _use_compilation_cache() -> None:
+    """Keeps compiled programs in `<jaxgen cache>/xla` so that a later command skips compilation
+    (unless the user set JAX's own cache directory, or JAXGEN_COMPILATION_CACHE=0)."""
+    import jax
+
+    from jaxgen.default_model import cache_dir
+
+    if os.environ.get("JAXGEN_COMPILATION_CACHE", "1") == "0" or jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_compilation_cache_dir", os.path.join(cache_dir(), "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the `jaxgen` command; returns (and, as a console script, exits with) its status."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
     args = parser.parse_args(argv)
+    _use_compilation_cache()
     try:
         status = args.func(args)
     except KeyboardInterrupt:
