@@ -172,6 +172,16 @@ def header_lines(title: str, threads: int, device: str, extra: Sequence[str] = (
     return lines
 
 
+def emit_report(lines: Sequence[str], header_len: int, output: Optional[str], log) -> None:
+    """Prints the report without its header (already printed at the start) and writes it whole
+    to `output` when given."""
+    print("\n".join(lines[header_len:]), flush=True)
+    if output:
+        with open(output, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+        log(f"wrote {output}")
+
+
 def _mem_total_gib() -> float:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30

@@ -202,11 +202,7 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - t_start
     report = build_report(header, args, engines, specs, cases, results, workers, startup, prompts, notes,
                           elapsed, prep_seconds)
-    print("\n".join(report[len(header):]), flush=True)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write("\n".join(report) + "\n")
-        log(f"wrote {args.output}")
+    bc.emit_report(report, len(header), args.output, log)
     if args.json:
         dump = {"args": {k: v for k, v in vars(args).items()}, "header": header,
                 "results": [{"case": c, "worker": k, **v} for (c, k), v in results.items()],

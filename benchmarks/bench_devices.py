@@ -148,11 +148,7 @@ def main(argv=None) -> int:
     lines.append(f"- total wall time: {(time.perf_counter() - t_start) / 60:.1f} min.")
     for (w, n), ss in samples.items():
         lines.append(f"- raw seconds {w} n={n}: {' '.join(f'{s:.3f}' for s in ss)}")
-    print("\n".join(lines[len(header):]), flush=True)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-        log(f"wrote {args.output}")
+    bc.emit_report(lines, len(header), args.output, log)
     return 0
 
 

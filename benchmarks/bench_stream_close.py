@@ -125,11 +125,7 @@ def main(argv=None) -> int:
             lines.append(f"- reading the first {case['read']} token(s) before close() took (median ms): " +
                          ", ".join(f"{bc.ENGINE_LABELS[k]} {bc.fmt(v)}" for k, v in case["reads"].items()))
     lines.append(f"- total wall time: {(time.perf_counter() - t_start) / 60:.1f} min.")
-    print("\n".join(lines[len(header):]), flush=True)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-        log(f"wrote {args.output}")
+    bc.emit_report(lines, len(header), args.output, log)
     return 0
 
 
