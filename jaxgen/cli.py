@@ -77,15 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_score)
 
     # ------------------------------------------------------------------ convert
-    try:
-        from jaxgen.convert_cli import add_convert_parser, run_convert
-    except ImportError as exc:
-        p = sub.add_parser("convert", help="convert a checkpoint (unavailable)",
-                           description=f"Checkpoint conversion is unavailable: {exc}")
-        p.set_defaults(func=lambda args: _fail(f"jaxgen convert is unavailable: {exc}"))
-    else:
-        p = add_convert_parser(sub)
-        p.set_defaults(func=lambda args: run_convert(args))
+    from jaxgen.convert_cli import add_convert_parser, run_convert
+
+    p = add_convert_parser(sub)
+    p.set_defaults(func=run_convert)
 
     # ------------------------------------------------------------------ info
     p = sub.add_parser("info", help="describe a model directory",
@@ -130,10 +125,6 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
-
-
-def _fail(message: str) -> int:
-    raise CLIError(message)
 
 
 # ============================================================================ shared helpers

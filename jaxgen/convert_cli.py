@@ -42,7 +42,7 @@ def run_convert(args: argparse.Namespace) -> int:
     if os.path.exists(args.output_dir) and not args.force:
         print(f"jaxgen convert: error: output directory {args.output_dir} already exists "
               f"(use --force to overwrite it)", file=sys.stderr)
-        return 1
+        return 2
     progress = _TqdmProgress()
     try:
         converter = make_converter(args.source_format, args.source, progress)
@@ -50,7 +50,7 @@ def run_convert(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError, OSError, TypeError) as exc:
         progress.close()
         print(f"jaxgen convert: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     progress.close()
     print(f"Converted {args.source} to {output}")
     return 0

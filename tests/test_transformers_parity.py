@@ -251,7 +251,7 @@ def test_convert_cli(hf_tiny_model, tmp_path, capsys):
     assert ModelConfig.load(str(out)).weight_dtype == "int8"
     assert str(out) in capsys.readouterr().out
     args = parser.parse_args(["convert", "--from", "transformers", tiny.path, "-o", str(out)])
-    assert args.func(args) == 1  # exists, no --force
+    assert args.func(args) == 2  # exists, no --force: a usage error, like every CLI error
     assert "already exists" in capsys.readouterr().err
     args = parser.parse_args(["convert", "--from", "transformers", tiny.path, "-o", str(out), "--force"])
     assert args.func(args) == 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, List, Tuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
