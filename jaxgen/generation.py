@@ -113,7 +113,8 @@ def prepare(params: dict, config, rows: List[Row], resolved: ResolvedOptions, pr
         pos = np.full((bp, tp), -1, np.int32)
         for i, r in enumerate(rows):
             pos[i, :len(r.prompt) - 1] = prefix_len + np.arange(len(r.prompt) - 1)
-        cache = prefill(params, cache, jnp.asarray(toks), jnp.asarray(pos), jnp.int32(prefix_len), config=config)
+        cache = prefill(params, cache, jnp.asarray(toks), jnp.asarray(pos), jnp.int32(prefix_len), config=config,
+                        attend_len=min(cache_len, bucket(prefix_len + tp, minimum=64)))
 
     hist_len = bucket(max(len(r.history) for r in rows) + n_out, minimum=64)
     history = init_history(jnp.asarray(_pad2([r.history for r in rows], hist_len, 0, bp)),

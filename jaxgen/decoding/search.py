@@ -8,7 +8,7 @@ chunks. Shapes: B rows, N output slots, V vocabulary.
 from __future__ import annotations
 
 from functools import partial
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -65,11 +65,13 @@ def start_cache(prefix: KVCache, *, config: ModelConfig, batch: int, length: int
                    tuple(place(d, s) for d, s in zip(cache.v, prefix.v)), place(cache.slot_pos, prefix.slot_pos))
 
 
-@partial(jax.jit, static_argnames=("config",), donate_argnums=(1,))
+@partial(jax.jit, static_argnames=("config", "attend_len"), donate_argnums=(1,))
 def prefill(params: dict, cache: KVCache, tokens: jax.Array, positions: jax.Array, write_index: jax.Array,
-            *, config: ModelConfig) -> KVCache:
-    """Writes the keys/values of tokens [B, T] (positions -1 = padding) at slot write_index."""
-    _, cache = forward(params, config, tokens, positions, cache, write_index)
+            *, config: ModelConfig, attend_len: Optional[int] = None) -> KVCache:
+    """Writes the keys/values of tokens [B, T] (positions -1 = padding) at slot write_index.
+
+    attend_len (static) >= write_index + T bounds the slots attention reads."""
+    _, cache = forward(params, config, tokens, positions, cache, write_index, attend_len)
     return cache
 
 

@@ -13,7 +13,7 @@ Hq / Hkv query / key-value heads, hd head dim.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -187,7 +187,8 @@ def attention_masks(config: ModelConfig, q_pos: jax.Array, slot_pos: jax.Array) 
 
 
 def _layer(config: ModelConfig, x: jax.Array, lp: dict, k_cache: jax.Array, v_cache: jax.Array,
-           is_sliding: bool, write_index: jax.Array, rope: dict, masks: Tuple[jax.Array, jax.Array]):
+           is_sliding: bool, write_index: jax.Array, rope: dict, masks: Tuple[jax.Array, jax.Array],
+           attend_len: Optional[int]):
     b, t, _ = x.shape
     hq, hkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
     h = norm(x, lp["attn_norm"], config)
@@ -204,9 +205,10 @@ def _layer(config: ModelConfig, x: jax.Array, lp: dict, k_cache: jax.Array, v_ca
     k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, write_index, 0, 0))
     v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, write_index, 0, 0))
 
+    k_seen, v_seen = (k_cache, v_cache) if attend_len is None else (k_cache[:, :attend_len], v_cache[:, :attend_len])
     groups = hq // hkv
     qg = q.reshape(b, t, hkv, groups, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k_cache.astype(q.dtype),
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k_seen.astype(q.dtype),
                         preferred_element_type=jnp.float32) * config.scale
     if config.attn_logit_softcapping:
         cap = config.attn_logit_softcapping
@@ -214,7 +216,7 @@ def _layer(config: ModelConfig, x: jax.Array, lp: dict, k_cache: jax.Array, v_ca
     mask = masks[1 if is_sliding else 0][:, None, None, :, :]
     scores = jnp.where(mask, scores, MASK_VALUE)
     weights = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    attn = jnp.einsum("bkgts,bskd->btkgd", weights, v_cache.astype(q.dtype)).reshape(b, t, hq * hd)
+    attn = jnp.einsum("bkgts,bskd->btkgd", weights, v_seen.astype(q.dtype)).reshape(b, t, hq * hd)
     out = linear(attn, lp["o"])
     if config.post_attention_norm:
         out = norm(out, lp["post_attn_norm"], config)
@@ -232,11 +234,13 @@ def _layer(config: ModelConfig, x: jax.Array, lp: dict, k_cache: jax.Array, v_ca
 
 
 def forward(params: dict, config: ModelConfig, tokens: jax.Array, positions: jax.Array,
-            cache: KVCache, write_index: jax.Array) -> Tuple[jax.Array, KVCache]:
+            cache: KVCache, write_index: jax.Array, attend_len: Optional[int] = None) -> Tuple[jax.Array, KVCache]:
     """Runs the decoder on new tokens and updates the cache.
 
     tokens, positions: int32 [B, T]; a position of -1 marks padding (never attended to).
     cache: slots [write_index, write_index + T) receive the new keys/values.
+    attend_len: static; when every visible slot lies below it, attention reads only those slots
+    (a prompt prefill need not scan the empty slots reserved for generated tokens).
     Returns the final-normed hidden states [B, T, D] and the updated cache.
     """
     dtype = cache.dtype
@@ -245,7 +249,7 @@ def forward(params: dict, config: ModelConfig, tokens: jax.Array, positions: jax
     if config.position_embedding == "learned":
         x = x + jnp.take(params["pos_embed"]["weight"], clipped, axis=0).astype(dtype)
     slot_pos = jax.lax.dynamic_update_slice(cache.slot_pos, positions.astype(jnp.int32), (0, write_index))
-    masks = attention_masks(config, positions, slot_pos)
+    masks = attention_masks(config, positions, slot_pos if attend_len is None else slot_pos[:, :attend_len])
     rope = {}
     if config.position_embedding == "rope":
         rope["full"] = rope_cos_sin(config, clipped, local=False)
@@ -253,7 +257,7 @@ def forward(params: dict, config: ModelConfig, tokens: jax.Array, positions: jax
     k_new, v_new = [], []
     for i, lp in enumerate(params["layers"]):
         x, k_l, v_l = _layer(config, x, lp, cache.k[i], cache.v[i], config.layer_types[i] == "sliding",
-                             write_index, rope, masks)
+                             write_index, rope, masks, attend_len)
         k_new.append(k_l)
         v_new.append(v_l)
     hidden = norm(x, params["final_norm"], config)
