@@ -16,19 +16,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgen.alternatives import generate_alternatives
+from jaxgen.batching import BATCH_TYPES, bucket, split_batches
 from jaxgen.decoding.scoring import SCORE_CHUNK, forward_logits, target_log_probs
+from jaxgen.decoding.search import prefill, start_cache
 from jaxgen.devices import resolve_devices
+from jaxgen.generation import assemble_results, plan_rows, run_beam, run_rows
+from jaxgen.model.decoder import init_cache
 from jaxgen.model.loading import load_params
+from jaxgen.options import GenerationOptions, validate_options
 from jaxgen.replicas import ReplicaPool, replicate, shard_tensor_parallel
 from jaxgen.results import ScoringResult
 from jaxgen.streaming import TokenStream, bridge_async, iterate_in_chunks
 from jaxgen.vocabulary import Vocabulary, as_id_batch
-from jaxgen.alternatives import generate_alternatives
-from jaxgen.batching import BATCH_TYPES, bucket, split_batches
-from jaxgen.decoding.search import prefill, start_cache
-from jaxgen.generation import assemble_results, plan_rows, run_beam, run_rows
-from jaxgen.model.decoder import init_cache
-from jaxgen.options import GenerationOptions, validate_options
 
 
 class Generator:
