@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 from jaxgen.model.checkpoint import check_model_dir, load_vocabulary
 from jaxgen.model.config import ModelConfig
+from jaxgen.vocabulary import Vocabulary
 
 GEMMA_START_OF_TURN = "<start_of_turn>"
 GEMMA_END_OF_TURN = "<end_of_turn>"
@@ -37,9 +38,7 @@ class Tokenizer:
         self.model_dir = model_dir
         self.config = config
         self.vocabulary = vocabulary
-        self._index: Dict[str, int] = {}
-        for i, token in enumerate(vocabulary):
-            self._index.setdefault(token, i)
+        self._vocab = Vocabulary(vocabulary, config.unk_token)  # token -> first id, unk fallback
         self._backend = backend
         self.chat_template = chat_template
         self.bos_token: Optional[str] = config.bos_token or backend.bos_token
@@ -83,8 +82,8 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
         ids: List[int] = []
-        if add_special_tokens and self.add_bos_token and self.bos_token in self._index:
-            ids.append(self._index[self.bos_token])
+        if add_special_tokens and self.add_bos_token and self.bos_token in self._vocab:
+            ids.append(self._vocab.id_of(self.bos_token))
         if parse_special:
             for piece, is_special in self._split_special(text):
                 if is_special:
@@ -118,17 +117,10 @@ class Tokenizer:
         return self._backend.decode([i for i in ids if i < self._backend.size], skip_special_tokens)
 
     def convert_tokens_to_ids(self, tokens: Sequence[str]) -> List[int]:
-        unk = self._index.get(self.unk_token) if self.unk_token else None
-        out = []
-        for token in tokens:
-            i = self._index.get(token, unk)
-            if i is None:
-                raise ValueError(f"token {token!r} is not in the vocabulary")
-            out.append(i)
-        return out
+        return self._vocab.lenient_ids(tokens)
 
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> List[str]:
-        return [self.vocabulary[i] for i in ids]
+        return self._vocab.to_tokens(ids)
 
     def _to_ids(self, tokens) -> List[int]:
         tokens = list(tokens)
