@@ -54,6 +54,19 @@ def _pad2(rows: Sequence[Sequence[int]], width: int, fill: int, height: Optional
     return out
 
 
+def prefill_sequences(params: dict, config, cache: KVCache, sequences: List[List[int]], start: int, width: int,
+                      attend_len: Optional[int] = None) -> KVCache:
+    """Prefills token sequences right-padded to `width` (rows beyond them are padding) at positions
+    and cache slots starting at `start`."""
+    rows = cache.slot_pos.shape[0]
+    tokens = _pad2(sequences, width, 0, rows)
+    positions = np.full((rows, width), -1, np.int32)
+    for i, seq in enumerate(sequences):
+        positions[i, :len(seq)] = start + np.arange(len(seq))
+    return prefill(params, cache, jnp.asarray(tokens), jnp.asarray(positions), jnp.int32(start), config=config,
+                   attend_len=attend_len)
+
+
 def plan_rows(prompts: List[List[int]], batch_ids: List[int], resolved: ResolvedOptions,
               min_prompt_len: int) -> List[Row]:
     """min_prompt_len: shortest prompt of the CTranslate2 sub-batch (sets the penalty history)."""
@@ -109,12 +122,8 @@ def prepare(params: dict, config, rows: List[Row], resolved: ResolvedOptions, pr
 
     cache = start_cache(prefix, config=config, batch=bp, length=cache_len)
     if tp:
-        toks = _pad2([r.prompt[:-1] for r in rows], tp, 0, bp)
-        pos = np.full((bp, tp), -1, np.int32)
-        for i, r in enumerate(rows):
-            pos[i, :len(r.prompt) - 1] = prefix_len + np.arange(len(r.prompt) - 1)
-        cache = prefill(params, cache, jnp.asarray(toks), jnp.asarray(pos), jnp.int32(prefix_len), config=config,
-                        attend_len=min(cache_len, bucket(prefix_len + tp, minimum=64)))
+        cache = prefill_sequences(params, config, cache, [r.prompt[:-1] for r in rows], prefix_len, tp,
+                                  attend_len=min(cache_len, bucket(prefix_len + tp, minimum=64)))
 
     hist_len = bucket(max(len(r.history) for r in rows) + n_out, minimum=64)
     history = init_history(jnp.asarray(_pad2([r.history for r in rows], hist_len, 0, bp)),

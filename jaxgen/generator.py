@@ -19,9 +19,9 @@ import numpy as np
 from jaxgen.alternatives import generate_alternatives
 from jaxgen.batching import BATCH_TYPES, bucket, split_batches
 from jaxgen.decoding.scoring import SCORE_CHUNK, forward_logits, target_log_probs
-from jaxgen.decoding.search import prefill, start_cache
+from jaxgen.decoding.search import start_cache
 from jaxgen.devices import resolve_devices
-from jaxgen.generation import assemble_results, plan_rows, run_beam, run_rows
+from jaxgen.generation import assemble_results, plan_rows, prefill_sequences, run_beam, run_rows
 from jaxgen.model.decoder import init_cache
 from jaxgen.model.loading import load_params
 from jaxgen.options import GenerationOptions, validate_options
@@ -286,11 +286,7 @@ class Generator:
         length = bucket(len(ids), minimum=16)
         cache = start_cache(init_cache(self.config, 1, 0, self._ctype.dtype), config=self.config, batch=1,
                             length=length)
-        tokens = np.zeros((1, length), np.int32)
-        tokens[0, :len(ids)] = ids
-        positions = np.where(np.arange(length) < len(ids), np.arange(length), -1).astype(np.int32)[None]
-        cache = prefill(replica.params, cache, jnp.asarray(tokens), jnp.asarray(positions), jnp.int32(0),
-                        config=self.config)
+        cache = prefill_sequences(replica.params, self.config, cache, [ids], 0, length)
         if use_cache and self._static_cache_size > 0:
             with self._static_lock:
                 self._static_cache[key] = cache
