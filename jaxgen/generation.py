@@ -20,9 +20,10 @@ from jaxgen.batching import bucket
 from jaxgen.decoding.beam import BeamConsts, BeamSpec, BeamState, beam_decode, expand_beams
 from jaxgen.decoding.processors import ProcessorOptions, init_history
 from jaxgen.decoding.sampling import SamplingOptions, candidate_count
-from jaxgen.decoding.search import (DecodeConsts, DecodeState, LoopSpec, decode, prefill, set_done,
+from jaxgen.decoding.scoring import pass_width
+from jaxgen.decoding.search import (DecodeConsts, DecodeState, LoopSpec, decode, live_length, prefill, set_done,
                                     start_cache)
-from jaxgen.model.decoder import KVCache
+from jaxgen.model.decoder import KVCache, PassPlan
 from jaxgen.options import ResolvedOptions, max_candidates
 from jaxgen.results import GenerationResult, GenerationStepResult
 
@@ -55,16 +56,22 @@ def _pad2(rows: Sequence[Sequence[int]], width: int, fill: int, height: Optional
 
 
 def prefill_sequences(params: dict, config, cache: KVCache, sequences: List[List[int]], start: int, width: int,
-                      attend_len: Optional[int] = None) -> KVCache:
+                      plan: PassPlan) -> KVCache:
     """Prefills token sequences right-padded to `width` (rows beyond them are padding) at positions
-    and cache slots starting at `start`."""
-    rows = cache.slot_pos.shape[0]
+    starting at `start`, in chunks of plan.chunk tokens (width is then a multiple of it), so that
+    memory stays bounded whatever the prompt length. The cache must hold start + width positions."""
+    rows = cache.batch
     tokens = _pad2(sequences, width, 0, rows)
     positions = np.full((rows, width), -1, np.int32)
     for i, seq in enumerate(sequences):
         positions[i, :len(seq)] = start + np.arange(len(seq))
-    return prefill(params, cache, jnp.asarray(tokens), jnp.asarray(positions), jnp.int32(start), config=config,
-                   attend_len=attend_len)
+    chunk = min(width, plan.chunk)
+    if width % chunk:
+        raise ValueError(f"prefill width {width} is not a multiple of the chunk size {chunk}")
+    for c in range(0, width, chunk):
+        cache = prefill(params, cache, jnp.asarray(tokens[:, c:c + chunk]), jnp.asarray(positions[:, c:c + chunk]),
+                        jnp.int32(start + c), config=config, impl=plan.impl, fresh=start + c == 0)
+    return cache
 
 
 def plan_rows(prompts: List[List[int]], batch_ids: List[int], resolved: ResolvedOptions,
@@ -103,13 +110,16 @@ class Prepared:
     samp: SamplingOptions
     max_new: np.ndarray
     min_new: np.ndarray
-    write_base: int
     last: np.ndarray
     position: np.ndarray
 
+    @property
+    def cache_len(self) -> int:
+        return self.cache.length
+
 
 def prepare(params: dict, config, rows: List[Row], resolved: ResolvedOptions, prefix: KVCache,
-            prefix_len: int) -> Prepared:
+            prefix_len: int, plan: PassPlan) -> Prepared:
     """Prefills the prompts (all but their last token, right-padded, after the static prompt) and
     builds the traced loop options. Array sizes are bucketed to limit recompilation."""
     opts = resolved.options
@@ -117,13 +127,12 @@ def prepare(params: dict, config, rows: List[Row], resolved: ResolvedOptions, pr
     bp = bucket(b, minimum=1)
     n_out = bucket(max(max(r.max_new for r in rows), 1), minimum=16 if opts.return_logits_vocab else 64)
     t_prompt = max(len(r.prompt) - 1 for r in rows)
-    tp = bucket(t_prompt, minimum=16) if t_prompt > 0 else 0
+    tp = pass_width(bucket(t_prompt, minimum=16), plan.chunk) if t_prompt > 0 else 0
     cache_len = bucket(prefix_len + tp + n_out, minimum=64)
 
     cache = start_cache(prefix, config=config, batch=bp, length=cache_len)
     if tp:
-        cache = prefill_sequences(params, config, cache, [r.prompt[:-1] for r in rows], prefix_len, tp,
-                                  attend_len=min(cache_len, bucket(prefix_len + tp, minimum=64)))
+        cache = prefill_sequences(params, config, cache, [r.prompt[:-1] for r in rows], prefix_len, tp, plan)
 
     hist_len = bucket(max(len(r.history) for r in rows) + n_out, minimum=64)
     history = init_history(jnp.asarray(_pad2([r.history for r in rows], hist_len, 0, bp)),
@@ -145,21 +154,37 @@ def prepare(params: dict, config, rows: List[Row], resolved: ResolvedOptions, pr
                              jnp.float32(opts.sampling_temperature if opts.is_sampling else 1.0)),
         max_new=np.array([r.max_new for r in rows] + pad, np.int32),
         min_new=np.array([r.min_new for r in rows] + pad, np.int32),
-        write_base=prefix_len + tp,
         last=np.array([r.prompt[-1] for r in rows] + pad, np.int32),
         position=np.array([prefix_len + len(r.prompt) - 1 for r in rows] + pad, np.int32),
     )
 
 
+def run_in_segments(loop, state, until: int, first_position: int, cache_len: int):
+    """Runs `loop(state, attend_len)` (a jitted decoding loop that stops before a running row's
+    position reaches attend_len) with the smallest live bound that fits, growing it until the
+    loop is done or `until` steps ran, so that decode reads only the live part of the cache.
+
+    first_position: the highest position fed at step 0 (any row)."""
+    step = int(jax.device_get(state.step))
+    while True:
+        attend_len = live_length(first_position + step + 1, cache_len)
+        state = loop(state, attend_len)
+        if attend_len >= cache_len:
+            return state
+        step, done = jax.device_get((state.step, state.done))
+        step = int(step)
+        if step >= until or bool(np.all(done)):
+            return state
+
+
 def run_rows(params: dict, config, rows: List[Row], resolved: ResolvedOptions, prefix: KVCache,
-             prefix_len: int, key: jax.Array, vocabulary, callback: Optional[Callable]) -> List[dict]:
+             prefix_len: int, key: jax.Array, vocabulary, callback: Optional[Callable], plan: PassPlan) -> List[dict]:
     """Greedy/sampling. Returns per row {"ids", "log_probs", "logits"} of its generated steps."""
     opts = resolved.options
     b = len(rows)
-    p = prepare(params, config, rows, resolved, prefix, prefix_len)
+    p = prepare(params, config, rows, resolved, prefix, prefix_len, plan)
     bp, n_out, max_new = p.bp, p.n_out, p.max_new
-    consts = DecodeConsts(proc=p.proc, samp=p.samp, max_new=jnp.asarray(max_new), min_new=jnp.asarray(p.min_new),
-                          write_base=jnp.int32(p.write_base))
+    consts = DecodeConsts(proc=p.proc, samp=p.samp, max_new=jnp.asarray(max_new), min_new=jnp.asarray(p.min_new))
     spec = LoopSpec(config=config, sampling=opts.is_sampling,
                     k_static=candidate_count(opts.sampling_topk, config.vocab_size) if opts.is_sampling else 0,
                     return_logits=bool(opts.return_logits_vocab))
@@ -171,9 +196,16 @@ def run_rows(params: dict, config, rows: List[Row], resolved: ResolvedOptions, p
         logits=jnp.zeros((bp, n_out if opts.return_logits_vocab else 0, config.vocab_size), jnp.float32),
     )
     total = int(max_new.max())
+    first_position = int(p.position[:b].max())
+
+    def run_until(state, until: int):
+        return run_in_segments(lambda s, attend_len: decode(params, s, consts, jnp.int32(until),
+                                                            spec=spec._replace(attend_len=attend_len)),
+                               state, until, first_position, p.cache_len)
+
     stopped = [None] * b  # generated-token count at which a callback stopped the row
     if callback is None:
-        state = decode(params, state, consts, jnp.int32(total), spec=spec)
+        state = run_until(state, total)
     else:
         _emit_forced(rows, resolved, vocabulary, callback, stopped)
         seen = 0
@@ -181,7 +213,7 @@ def run_rows(params: dict, config, rows: List[Row], resolved: ResolvedOptions, p
         while seen < total:
             steps = STREAM_CHUNKS[min(chunk, len(STREAM_CHUNKS) - 1)]
             chunk += 1
-            state = decode(params, state, consts, jnp.int32(seen + steps), spec=spec)
+            state = run_until(state, seen + steps)
             tokens, log_probs, gen_len, step = jax.device_get(
                 (state.out_tokens, state.out_log_probs, state.gen_len, state.step))
             # Each row gets its own [V] processed logits (spec §11 Q4), not the first row only.
@@ -210,12 +242,12 @@ def run_rows(params: dict, config, rows: List[Row], resolved: ResolvedOptions, p
 
 
 def run_beam(params: dict, config, rows: List[Row], resolved: ResolvedOptions, prefix: KVCache,
-             prefix_len: int, key: jax.Array) -> List[List[dict]]:
+             prefix_len: int, key: jax.Array, plan: PassPlan) -> List[List[dict]]:
     """Beam search. Returns per row its finished hypotheses, best first: {"ids", "score"}."""
     opts = resolved.options
     k = opts.beam_size
     b = len(rows)
-    p = prepare(params, config, rows, resolved, prefix, prefix_len)
+    p = prepare(params, config, rows, resolved, prefix, prefix_len, plan)
     cache, history = expand_beams(p.cache, p.history, beam_size=k)
     has_prefix = any(r.offset > 0 for r in rows)
     consts = BeamConsts(
@@ -223,7 +255,7 @@ def run_beam(params: dict, config, rows: List[Row], resolved: ResolvedOptions, p
         length_offset=jnp.asarray(np.array([r.length_offset for r in rows] + [0] * (p.bp - b), np.int32)),
         length_penalty=jnp.float32(opts.length_penalty),
         finish_target=jnp.int32(max_candidates(k, opts.patience)),
-        disable_first_eos=jnp.bool_(has_prefix), write_base=jnp.int32(p.write_base))
+        disable_first_eos=jnp.bool_(has_prefix))
     sampling = opts.sampling_topk != 1 and opts.sampling_temperature != 0
     spec = BeamSpec(config=config, beam_size=k, num_keep=opts.num_hypotheses, sampling=sampling,
                     k_static=candidate_count(opts.sampling_topk, k * config.vocab_size) if sampling else 0)
@@ -237,7 +269,9 @@ def run_beam(params: dict, config, rows: List[Row], resolved: ResolvedOptions, p
         done=jnp.asarray(p.max_new <= 0), top_finished=jnp.zeros((p.bp,), bool),
         fin_tokens=jnp.zeros((p.bp, f, p.n_out), jnp.int32), fin_len=jnp.zeros((p.bp, f), jnp.int32),
         fin_score=jnp.full((p.bp, f), -jnp.inf, jnp.float32), fin_count=jnp.zeros((p.bp,), jnp.int32), key=key)
-    state = beam_decode(params, state, consts, spec=spec)
+    state = run_in_segments(lambda s, attend_len: beam_decode(params, s, consts,
+                                                              spec=spec._replace(attend_len=attend_len)),
+                            state, p.n_out, int(p.position[:b].max()), p.cache_len)
     tokens, lens, scores = jax.device_get((state.fin_tokens, state.fin_len, state.fin_score))
     # The longest kept hypothesis is a lower bound of the steps an example ran.
     check_positions(config, prefix_len, rows, [int(lens[i].max()) if rows[i].max_new > 0 else 0 for i in range(b)],

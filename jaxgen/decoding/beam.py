@@ -10,7 +10,7 @@ length-normalised score, plus a count for the stopping rule.
 from __future__ import annotations
 
 from functools import partial
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,7 @@ class BeamSpec(NamedTuple):
     num_keep: int  # finished hypotheses kept per example (= num_hypotheses)
     sampling: bool  # stochastic beam search (Gumbel-top-2K among filtered candidates)
     k_static: int
+    attend_len: Optional[int] = None  # decode reads cache slots [0, attend_len) (see search.live_length)
 
 
 class BeamConsts(NamedTuple):
@@ -40,7 +41,6 @@ class BeamConsts(NamedTuple):
     length_penalty: jax.Array  # [] float32
     finish_target: jax.Array  # [] int32: round(K * patience)
     disable_first_eos: jax.Array  # [] bool: rule out secondary end candidates at step 0
-    write_base: jax.Array  # [] int32
 
 
 class BeamState(NamedTuple):
@@ -69,7 +69,7 @@ def _beam_step(params: dict, s: BeamState, c: BeamConsts, spec: BeamSpec) -> Bea
     b = s.cum.shape[0]
     v = config.vocab_size
     hidden, cache = forward(params, config, s.last_token[:, None], s.position[:, None], s.cache,
-                            c.write_base + s.step)
+                            attend_len=spec.attend_len)
     logits = compute_logits(params, config, hidden[:, 0])
     ban_end = jnp.repeat(s.step < c.min_new, k)
     processed = process_logits(logits, s.history, c.proc, ban_end)
@@ -152,10 +152,17 @@ def _beam_step(params: dict, s: BeamState, c: BeamConsts, spec: BeamSpec) -> Bea
 
 @partial(jax.jit, static_argnames=("spec",), donate_argnums=(1,))
 def beam_decode(params: dict, state: BeamState, consts: BeamConsts, *, spec: BeamSpec) -> BeamState:
+    """Runs beam steps until every example is done, or a running row's position reaches
+    spec.attend_len (the host then continues with a larger bound)."""
     limit = state.seqs.shape[2]
+    k = spec.beam_size
 
     def cond(s: BeamState):
-        return (s.step < limit) & ~jnp.all(s.done)
+        go = (s.step < limit) & ~jnp.all(s.done)
+        if spec.attend_len is not None:
+            running = jnp.repeat(~s.done, k)
+            go = go & (jnp.max(jnp.where(running, s.position, 0)) < spec.attend_len)
+        return go
 
     return jax.lax.while_loop(cond, lambda s: _beam_step(params, s, consts, spec), state)
 

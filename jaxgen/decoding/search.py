@@ -26,6 +26,7 @@ class LoopSpec(NamedTuple):
     sampling: bool  # False: argmax
     k_static: int  # candidates kept by lax.top_k when sampling
     return_logits: bool  # keep every step's processed logits
+    attend_len: Optional[int] = None  # decode reads cache slots [0, attend_len) (see live_length)
 
 
 class DecodeConsts(NamedTuple):
@@ -33,7 +34,6 @@ class DecodeConsts(NamedTuple):
     samp: SamplingOptions
     max_new: jax.Array  # [B] int32: steps a row may run (its last step is max_new - 1)
     min_new: jax.Array  # [B] int32: end ids are forbidden while step < min_new
-    write_base: jax.Array  # [] int32: cache slot written at step 0
 
 
 class DecodeState(NamedTuple):
@@ -52,33 +52,45 @@ class DecodeState(NamedTuple):
 
 @partial(jax.jit, static_argnames=("config", "batch", "length"))
 def start_cache(prefix: KVCache, *, config: ModelConfig, batch: int, length: int) -> KVCache:
-    """A cache of `length` slots per row, the first slots holding a batch-1 `prefix` (tiled)."""
+    """A cache of `length` positions per row whose first positions hold a batch-1 `prefix` (tiled).
+
+    A prefix layer's slots go to the same slots of the new cache: full layers index by position,
+    and a sliding layer's ring is either the same size or (prefix shorter than the window)
+    indexed by position too.
+    """
     cache = init_cache(config, batch, length, prefix.dtype)
-    n = prefix.length
-    if n == 0:
+    if prefix.length == 0:
         return cache
 
     def place(dst: jax.Array, src: jax.Array) -> jax.Array:
-        return dst.at[:, :n].set(jnp.broadcast_to(src, (batch,) + src.shape[1:]))
+        return dst.at[:, :src.shape[1]].set(jnp.broadcast_to(src, (batch,) + src.shape[1:]))
 
     return KVCache(tuple(place(d, s) for d, s in zip(cache.k, prefix.k)),
-                   tuple(place(d, s) for d, s in zip(cache.v, prefix.v)), place(cache.slot_pos, prefix.slot_pos))
+                   tuple(place(d, s) for d, s in zip(cache.v, prefix.v)), length)
 
 
-@partial(jax.jit, static_argnames=("config", "attend_len"), donate_argnums=(1,))
+@partial(jax.jit, static_argnames=("config", "impl", "fresh"), donate_argnums=(1,))
 def prefill(params: dict, cache: KVCache, tokens: jax.Array, positions: jax.Array, write_index: jax.Array,
-            *, config: ModelConfig, attend_len: Optional[int] = None) -> KVCache:
-    """Writes the keys/values of tokens [B, T] (positions -1 = padding) at slot write_index.
-
-    attend_len (static) >= write_index + T bounds the slots attention reads."""
-    _, cache = forward(params, config, tokens, positions, cache, write_index, attend_len)
+            *, config: ModelConfig, impl: str = "flash", fresh: bool = False) -> KVCache:
+    """Writes the keys/values of a chunk of tokens [B, T] (positions -1 = padding) at positions
+    [write_index, write_index + T). fresh: the chunk starts the cache (write_index 0)."""
+    _, cache = forward(params, config, tokens, positions, cache, write_index, impl=impl, fresh=fresh)
     return cache
+
+
+def live_length(needed: int, length: int, minimum: int = 512) -> int:
+    """Static bound on the cache slots decode reads while positions stay below `needed`: a
+    power of two >= needed (at least `minimum`), capped by the cache `length`."""
+    size = minimum
+    while size < needed:
+        size *= 2
+    return min(size, length)
 
 
 def _step(params: dict, state: DecodeState, consts: DecodeConsts, spec: LoopSpec) -> DecodeState:
     config = spec.config
     hidden, cache = forward(params, config, state.last_token[:, None], state.position[:, None], state.cache,
-                            consts.write_base + state.step)
+                            attend_len=spec.attend_len)
     logits = compute_logits(params, config, hidden[:, 0])
     processed = process_logits(logits, state.history, consts.proc, ban_end=state.step < consts.min_new)
     log_probs = jax.nn.log_softmax(processed, axis=-1)
@@ -114,11 +126,15 @@ def _step(params: dict, state: DecodeState, consts: DecodeConsts, spec: LoopSpec
 @partial(jax.jit, static_argnames=("spec",), donate_argnums=(1,))
 def decode(params: dict, state: DecodeState, consts: DecodeConsts, until: jax.Array, *, spec: LoopSpec
            ) -> DecodeState:
-    """Runs decoder steps while step < until and some row is not done."""
+    """Runs decoder steps while step < until, some row is not done and every running row's
+    position is below spec.attend_len (the host then continues with a larger bound)."""
     limit = jnp.minimum(until, state.out_tokens.shape[1])
 
     def cond(s: DecodeState):
-        return (s.step < limit) & ~jnp.all(s.done)
+        go = (s.step < limit) & ~jnp.all(s.done)
+        if spec.attend_len is not None:
+            go = go & (jnp.max(jnp.where(s.done, 0, s.position)) < spec.attend_len)
+        return go
 
     return jax.lax.while_loop(cond, lambda s: _step(params, s, consts, spec), state)
 

@@ -1,10 +1,14 @@
 """The one decoder: pure functions over a params pytree and a KV cache.
 
 Every architecture is this function with different `ModelConfig` values. The same `forward`
-serves a full pass (scoring, `forward_batch`), prompt prefill and one-token decode: it writes the
-new tokens' keys/values into cache slots `[write_index, write_index + T)` and attends over the
-whole cache, masking by the absolute position stored for each slot (`slot_pos`, -1 = empty).
-That mask handles padding, causality and sliding windows the same way in every mode.
+serves a full pass (scoring, `forward_batch`, in chunks), prompt prefill (in chunks) and decode.
+
+Cache layout: every row's cache is indexed by absolute position. Full-attention layers keep one
+slot per position (slot s holds position s); sliding-window layers keep a ring of
+`min(window, length)` slots (slot = position mod ring size), so they do not grow with the
+sequence. Slots past a row's current position may hold stale values: attention masks by
+position (see `jaxgen.model.attention`), so no per-slot bookkeeping is stored. A static prompt
+occupies positions [0, P) of every row; each prompt continues at position P.
 
 Shapes: B batch, T new tokens, S cache slots, L layers, D hidden, V vocabulary,
 Hq / Hkv query / key-value heads, hd head dim.
@@ -19,36 +23,67 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgen.model.attention import AttentionSpec, attend, fused_self_attention
 from jaxgen.model.config import ModelConfig
 
-MASK_VALUE = -1e30  # finite, so that a fully masked (padding) query yields no NaN
+
+# Positions per prefill/full-pass chunk: long inputs run in chunks of this many tokens, which
+# bounds activation memory; larger chunks suit accelerators (fewer, bigger matrix products).
+DEFAULT_CHUNKS = {"cpu": 512, "cuda": 8192, "tpu": 4096}
 
 
-class KVCache(NamedTuple):
-    """Per-layer key/value buffers (separate arrays, so each is updated in place)."""
+class PassPlan(NamedTuple):
+    """How a Generator runs its passes (static: part of the compiled programs' keys)."""
 
-    k: Tuple[jax.Array, ...]  # L x [B, S, Hkv, hd]
-    v: Tuple[jax.Array, ...]  # L x [B, S, Hkv, hd]
-    slot_pos: jax.Array  # [B, S] int32: absolute position of the token in each slot, -1 if empty
+    impl: str = "flash"  # attention implementation, resolved (see jaxgen.model.attention)
+    chunk: int = 512  # positions per prefill / full-pass chunk
+
+
+@jax.tree_util.register_pytree_node_class
+class KVCache:
+    """Per-layer key/value buffers (separate arrays, so each is updated in place).
+
+    k[i], v[i]: [B, S_i, Hkv, hd] with S_i = `length` for full layers and the ring size
+    min(sliding_window, length) for sliding layers. `length` (static) is the number of positions
+    the cache can hold.
+    """
+
+    def __init__(self, k: Tuple[jax.Array, ...], v: Tuple[jax.Array, ...], length: int):
+        self.k = tuple(k)
+        self.v = tuple(v)
+        self.length = int(length)
+
+    def tree_flatten(self):
+        return (self.k, self.v), self.length
+
+    @classmethod
+    def tree_unflatten(cls, length, children):
+        return cls(children[0], children[1], length)
 
     @property
     def dtype(self):
         return self.k[0].dtype
 
     @property
-    def length(self) -> int:
-        return self.slot_pos.shape[1]
+    def batch(self) -> int:
+        return self.k[0].shape[0]
 
     def map_rows(self, fn) -> "KVCache":
         """Applies fn to the batch axis of every buffer (axis 0), e.g. a gather of beams."""
-        return KVCache(tuple(fn(a) for a in self.k), tuple(fn(a) for a in self.v), fn(self.slot_pos))
+        return KVCache(tuple(fn(a) for a in self.k), tuple(fn(a) for a in self.v), self.length)
+
+
+def layer_slots(config: ModelConfig, layer: int, length: int) -> int:
+    """Slots of layer `layer` in a cache of `length` positions (sliding layers keep a ring)."""
+    if config.layer_types[layer] == "sliding":
+        return min(config.sliding_window, length)
+    return length
 
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype) -> KVCache:
-    shape = (batch, length, config.num_kv_heads, config.head_dim)
-    layers = range(config.num_layers)
-    return KVCache(tuple(jnp.zeros(shape, dtype) for _ in layers), tuple(jnp.zeros(shape, dtype) for _ in layers),
-                   jnp.full((batch, length), -1, jnp.int32))
+    shapes = [(batch, layer_slots(config, i, length), config.num_kv_heads, config.head_dim)
+              for i in range(config.num_layers)]
+    return KVCache(tuple(jnp.zeros(s, dtype) for s in shapes), tuple(jnp.zeros(s, dtype) for s in shapes), length)
 
 
 # ---------------------------------------------------------------------------- building blocks
@@ -174,21 +209,79 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------- the layer stack
-def attention_masks(config: ModelConfig, q_pos: jax.Array, slot_pos: jax.Array) -> Tuple[jax.Array, jax.Array]:
-    """q_pos [B, T], slot_pos [B, S] -> (full mask, sliding mask), each bool [B, T, S]."""
-    k = slot_pos[:, None, :]
-    q = q_pos[:, :, None]
-    full = (k >= 0) & (k <= q)
-    if config.has_sliding_layers:
-        sliding = full & (q - k < config.sliding_window)
+def ring_positions(last: jax.Array, slots: int) -> jax.Array:
+    """Positions held by a ring of `slots` slots whose newest position is last [B] -> [B, slots]
+    (-1 where nothing was written), assuming every position <= last was written in order."""
+    j = jnp.arange(slots, dtype=jnp.int32)[None, :]
+    held = last[:, None] - jnp.mod(last[:, None] - j, slots)
+    return jnp.where(held >= 0, held, -1)
+
+
+def _write_ring(buf: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+    """Scatters new [B, T, ...] into ring buf [B, R, ...] at position mod R. Padding (-1) and
+    tokens that a later token of the same call overwrites are dropped (no duplicate indices)."""
+    b, t = positions.shape
+    r = buf.shape[1]
+    newest = jnp.max(positions, axis=1, keepdims=True)
+    keep = (positions >= 0) & (positions > newest - r)
+    slots = jnp.where(keep, jnp.mod(positions, r), r)  # r is out of bounds: dropped
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+    return buf.at[rows, slots].set(new.astype(buf.dtype), mode="drop")
+
+
+def _attention(config: ModelConfig, q, k, v, k_cache, v_cache, positions, write_index, is_sliding: bool,
+               attend_len: Optional[int], impl: str, fresh: bool):
+    """Writes the new keys/values into this layer's cache and attends. Returns (out [B, T, Hq*hd],
+    k_cache, v_cache). See `forward` for write_index / attend_len / fresh."""
+    spec = AttentionSpec(config.scale, config.attn_logit_softcapping,
+                         config.sliding_window if is_sliding else None, "flash" if impl == "cudnn" else impl)
+    b, t = positions.shape
+    slots = k_cache.shape[1]
+    ring = is_sliding  # a ring of min(window, length) slots; when that is `length`, slot == position still
+    if fresh and t > 1:
+        # No earlier context: attend over the new tokens only (a fused kernel can run this).
+        if impl == "cudnn":
+            out = fused_self_attention(q, k, v, jnp.sum(positions >= 0, axis=1), spec)
+        else:
+            out = attend(q, k, v, positions, positions, spec, linear_keys=False)
+        if ring:
+            k_cache, v_cache = _write_ring(k_cache, k, positions), _write_ring(v_cache, v, positions)
+        else:
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, write_index, 0, 0))
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, write_index, 0, 0))
+        return out, k_cache, v_cache
+    if ring:
+        if t == 1:
+            # The slot written holds a position `slots` back, outside the window: write, then read.
+            k_cache, v_cache = _write_ring(k_cache, k, positions), _write_ring(v_cache, v, positions)
+            out = attend(q, k_cache, v_cache, positions, ring_positions(positions[:, 0], slots), spec)
+        else:
+            # Later tokens of the chunk would overwrite keys its earlier tokens still see: read the
+            # ring as it was, together with the new keys, then write.
+            start = positions[:, 0] if write_index is None else jnp.broadcast_to(write_index, (b,))
+            k_all = jnp.concatenate([k_cache.astype(k.dtype), k], axis=1)
+            v_all = jnp.concatenate([v_cache.astype(v.dtype), v], axis=1)
+            k_pos = jnp.concatenate([ring_positions(start - 1, slots), positions], axis=1)
+            out = attend(q, k_all, v_all, positions, k_pos, spec)
+            k_cache, v_cache = _write_ring(k_cache, k, positions), _write_ring(v_cache, v, positions)
+        return out, k_cache, v_cache
+    if write_index is None:
+        rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+        index = jnp.where(positions >= 0, positions, slots)
+        k_cache = k_cache.at[rows, index].set(k.astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[rows, index].set(v.astype(v_cache.dtype), mode="drop")
     else:
-        sliding = full
-    return full, sliding
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, write_index, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, write_index, 0, 0))
+    n = slots if attend_len is None else min(attend_len, slots)
+    k_pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, :], (b, n))
+    out = attend(q, k_cache[:, :n], v_cache[:, :n], positions, k_pos, spec, linear_keys=True)
+    return out, k_cache, v_cache
 
 
 def _layer(config: ModelConfig, x: jax.Array, lp: dict, k_cache: jax.Array, v_cache: jax.Array,
-           is_sliding: bool, write_index: jax.Array, rope: dict, masks: Tuple[jax.Array, jax.Array],
-           attend_len: Optional[int]):
+           is_sliding: bool, positions: jax.Array, write_index, rope: dict, attend_len: Optional[int],
+           impl: str, fresh: bool):
     b, t, _ = x.shape
     hq, hkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
     h = norm(x, lp["attn_norm"], config)
@@ -202,21 +295,8 @@ def _layer(config: ModelConfig, x: jax.Array, lp: dict, k_cache: jax.Array, v_ca
         cos, sin = rope["local" if is_sliding else "full"]
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, write_index, 0, 0))
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, write_index, 0, 0))
-
-    k_seen, v_seen = (k_cache, v_cache) if attend_len is None else (k_cache[:, :attend_len], v_cache[:, :attend_len])
-    groups = hq // hkv
-    qg = q.reshape(b, t, hkv, groups, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k_seen.astype(q.dtype),
-                        preferred_element_type=jnp.float32) * config.scale
-    if config.attn_logit_softcapping:
-        cap = config.attn_logit_softcapping
-        scores = jnp.tanh(scores / cap) * cap
-    mask = masks[1 if is_sliding else 0][:, None, None, :, :]
-    scores = jnp.where(mask, scores, MASK_VALUE)
-    weights = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    attn = jnp.einsum("bkgts,bskd->btkgd", weights, v_seen.astype(q.dtype)).reshape(b, t, hq * hd)
+    attn, k_cache, v_cache = _attention(config, q, k, v, k_cache, v_cache, positions, write_index, is_sliding,
+                                        attend_len, impl, fresh)
     out = linear(attn, lp["o"])
     if config.post_attention_norm:
         out = norm(out, lp["post_attn_norm"], config)
@@ -233,14 +313,21 @@ def _layer(config: ModelConfig, x: jax.Array, lp: dict, k_cache: jax.Array, v_ca
     return x + h, k_cache, v_cache
 
 
-def forward(params: dict, config: ModelConfig, tokens: jax.Array, positions: jax.Array,
-            cache: KVCache, write_index: jax.Array, attend_len: Optional[int] = None) -> Tuple[jax.Array, KVCache]:
+def forward(params: dict, config: ModelConfig, tokens: jax.Array, positions: jax.Array, cache: KVCache,
+            write_index: Optional[jax.Array] = None, *, attend_len: Optional[int] = None, impl: str = "flash",
+            fresh: bool = False) -> Tuple[jax.Array, KVCache]:
     """Runs the decoder on new tokens and updates the cache.
 
-    tokens, positions: int32 [B, T]; a position of -1 marks padding (never attended to).
-    cache: slots [write_index, write_index + T) receive the new keys/values.
-    attend_len: static; when every visible slot lies below it, attention reads only those slots
-    (a prompt prefill need not scan the empty slots reserved for generated tokens).
+    tokens, positions: int32 [B, T]; a position of -1 marks padding (never attended to, never
+    stored in a ring).
+    write_index: None (decode): each token goes to the slot of its own position, row by row.
+      A scalar (a chunk): every row's tokens sit at positions [write_index, write_index + T) (or
+      are padding), written as one block.
+    attend_len (static): full layers read only slots [0, attend_len): every query's position
+      must be below it (decode bounds its reads by the live length this way).
+    impl (static): the attention implementation ("flash", "cudnn", "dense"; see attention.py).
+    fresh (static): the chunk starts at position 0 with nothing before it (write_index == 0),
+      so attention reads only the new tokens.
     Returns the final-normed hidden states [B, T, D] and the updated cache.
     """
     dtype = cache.dtype
@@ -248,8 +335,6 @@ def forward(params: dict, config: ModelConfig, tokens: jax.Array, positions: jax
     clipped = jnp.maximum(positions, 0)
     if config.position_embedding == "learned":
         x = x + jnp.take(params["pos_embed"]["weight"], clipped, axis=0).astype(dtype)
-    slot_pos = jax.lax.dynamic_update_slice(cache.slot_pos, positions.astype(jnp.int32), (0, write_index))
-    masks = attention_masks(config, positions, slot_pos if attend_len is None else slot_pos[:, :attend_len])
     rope = {}
     if config.position_embedding == "rope":
         rope["full"] = rope_cos_sin(config, clipped, local=False)
@@ -257,18 +342,44 @@ def forward(params: dict, config: ModelConfig, tokens: jax.Array, positions: jax
     k_new, v_new = [], []
     for i, lp in enumerate(params["layers"]):
         x, k_l, v_l = _layer(config, x, lp, cache.k[i], cache.v[i], config.layer_types[i] == "sliding",
-                             write_index, rope, masks, attend_len)
+                             positions, write_index, rope, attend_len, impl, fresh)
         k_new.append(k_l)
         v_new.append(v_l)
     hidden = norm(x, params["final_norm"], config)
-    return hidden, KVCache(tuple(k_new), tuple(v_new), slot_pos)
+    return hidden, KVCache(tuple(k_new), tuple(v_new), cache.length)
 
 
-def full_pass(params: dict, config: ModelConfig, tokens: jax.Array, lengths: jax.Array, dtype) -> jax.Array:
-    """Non-incremental pass over right-padded tokens [B, T] with lengths [B] -> hidden [B, T, D]."""
+def chunk_positions(lengths: jax.Array, start, width: int) -> jax.Array:
+    """Positions [B, width] of the chunk starting at `start` of right-padded rows of `lengths` [B]
+    (-1 past a row's length)."""
+    pos = start + jnp.arange(width, dtype=jnp.int32)[None, :]
+    return jnp.where(pos < lengths[:, None], pos, -1)
+
+
+def chunked_pass(params: dict, config: ModelConfig, tokens: jax.Array, lengths: jax.Array, dtype, chunk: int,
+                 per_chunk, impl: str = "flash"):
+    """A full (non-incremental) pass over right-padded tokens [B, T] in chunks of `chunk` tokens.
+
+    T must be a multiple of `chunk`. Each chunk's final-normed hidden states [B, chunk, D] go to
+    `per_chunk(hidden, chunk_index)`, whose outputs are stacked on axis 1 and returned, so that
+    neither [T, T] attention scores nor [B, T, D]-sized intermediates of every chunk exist at
+    once; the KV cache holds T positions (rings for sliding layers).
+    """
     b, t = tokens.shape
-    pos = jnp.arange(t, dtype=jnp.int32)[None, :]
-    positions = jnp.where(pos < lengths[:, None], pos, -1)
+    n = t // chunk
     cache = init_cache(config, b, t, dtype)
-    hidden, _ = forward(params, config, tokens, positions, cache, jnp.int32(0))
-    return hidden
+
+    def run(cache, i, fresh):
+        start = i * chunk
+        ids = jax.lax.dynamic_slice_in_dim(tokens, start, chunk, axis=1)
+        hidden, cache = forward(params, config, ids, chunk_positions(lengths, start, chunk), cache, start,
+                                impl=impl, fresh=fresh)
+        return cache, per_chunk(hidden, i)
+
+    cache, first = run(cache, jnp.int32(0), True)
+    if n == 1:
+        return first
+    _, rest = jax.lax.scan(lambda c, i: run(c, i, False), cache, jnp.arange(1, n, dtype=jnp.int32))
+    # rest: [n-1, B, chunk, ...] -> [B, (n-1) * chunk, ...]
+    rest = jax.tree_util.tree_map(lambda a: jnp.moveaxis(a, 0, 1).reshape((b, (n - 1) * chunk) + a.shape[3:]), rest)
+    return jax.tree_util.tree_map(lambda f, r: jnp.concatenate([f, r], axis=1), first, rest)

@@ -1,0 +1,232 @@
+"""Attention of new tokens over keys that carry their absolute positions.
+
+One function, `attend`, serves every pass of the decoder (prefill chunks, full passes for
+scoring, one-token decode). Keys come with `k_pos` [B, S], the absolute position each key slot
+holds (-1: empty). A query at position p sees a key at position k when
+
+    0 <= k <= p   and, for sliding-window layers,   p - k < window,
+
+which covers padding, causality, sliding windows, ring buffers and static-prompt prefixes alike.
+GQA/MQA group the query heads of each key/value head (no key/value copies); attention logit
+soft-capping is applied before masking.
+
+Implementations (`ATTENTION_IMPLEMENTATIONS`):
+- "flash": the portable path. Small problems (and decode steps) compute the masked scores in one
+  einsum; larger ones run a blocked online-softmax ("flash") loop over key blocks for each query
+  block, visiting only the key blocks that the block's positions can see, so memory is
+  O(new tokens x block) whatever the number of key slots.
+- "cudnn": NVIDIA's fused kernel through `jax.nn.dot_product_attention(implementation="cudnn")`
+  where its constraints hold (see `cudnn_supported`): causal self-attention of a chunk that has
+  no earlier context, 16-bit dtypes, no soft-capping. Every other call takes the portable path.
+- "dense": the reference: one masked softmax over all keys, [T, S] materialised (tests, debugging).
+- "auto": "cudnn" on NVIDIA GPUs when the model allows it, else "flash".
+
+Shapes: B batch, T new tokens (queries), S key slots, Hq query heads, Hkv key/value heads,
+G = Hq / Hkv, hd head dim.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+ATTENTION_IMPLEMENTATIONS = ("auto", "flash", "cudnn", "dense")
+MASK_VALUE = -1e30  # finite: a query that sees no key (padding) gets zeros, never NaN
+BLOCK_Q = 512  # query rows per block of the blocked path
+BLOCK_K = 512  # key slots per block of the blocked path
+DENSE_MAX_ELEMENTS = 1 << 24  # B * Hq * T * S scores above which the blocked path runs
+DENSE_MAX_QUERIES = 16  # decode steps (and small verifications) always take the one-einsum path
+
+
+class AttentionSpec(NamedTuple):
+    """Static description of one layer's attention (hashable: part of jitted functions' keys)."""
+
+    scale: float
+    softcap: Optional[float]  # attention logit soft-capping (Gemma 2)
+    window: Optional[int]  # sliding window, None for full attention
+    impl: str = "flash"  # "flash" | "cudnn" | "dense" (already resolved from "auto")
+
+
+def visible(q_pos: jax.Array, k_pos: jax.Array, window: Optional[int]) -> jax.Array:
+    """q_pos [B, T], k_pos [B, S] -> bool [B, T, S]: which keys each query may attend to."""
+    q = q_pos[:, :, None]
+    k = k_pos[:, None, :]
+    mask = (k >= 0) & (k <= q)
+    if window is not None:
+        mask = mask & (q - k < window)
+    return mask
+
+
+def _scores(q: jax.Array, k: jax.Array, spec: AttentionSpec) -> jax.Array:
+    """q [B, T, Hkv, G, hd], k [B, S, Hkv, hd] -> float32 scores [B, Hkv, G, T, S]."""
+    s = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32) * spec.scale
+    if spec.softcap:
+        s = jnp.tanh(s / spec.softcap) * spec.softcap
+    return s
+
+
+def _dense(q, k, v, q_pos, k_pos, spec: AttentionSpec) -> Tuple[jax.Array, jax.Array]:
+    """One masked softmax over all S keys. Returns out [B, T, Hkv, G, hd] (q's dtype) and the
+    log-sum-exp [B, Hkv, G, T] (MASK_VALUE where a query sees nothing)."""
+    mask = visible(q_pos, k_pos, spec.window)[:, None, None]  # [B, 1, 1, T, S]
+    s = jnp.where(mask, _scores(q, k, spec), MASK_VALUE)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.where(mask, jnp.exp(s - m), 0.0)
+    denom = jnp.sum(p, axis=-1)
+    weights = (p / jnp.maximum(denom, 1e-30)[..., None]).astype(q.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", weights, v.astype(q.dtype))
+    lse = jnp.where(denom > 0, m[..., 0] + jnp.log(jnp.maximum(denom, 1e-30)), MASK_VALUE)
+    return out, lse
+
+
+def _pad_axis(x: jax.Array, axis: int, multiple: int, value) -> jax.Array:
+    size = x.shape[axis]
+    extra = -size % multiple
+    if not extra:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def _blocked(q, k, v, q_pos, k_pos, spec: AttentionSpec, linear_keys: bool) -> Tuple[jax.Array, jax.Array]:
+    """Online-softmax attention over key blocks, one query block at a time.
+
+    linear_keys: the keys satisfy k_pos[b, s] == s wherever valid (a cache indexed by position),
+    so a query block visits only key blocks [lo, hi) that its positions can see.
+    Same outputs as `_dense`; memory O(B * Hq * BLOCK_Q * BLOCK_K).
+    """
+    b, t, hkv, g, hd = q.shape
+    bq = min(BLOCK_Q, t)
+    q = _pad_axis(q, 1, bq, 0)
+    q_pos = _pad_axis(q_pos, 1, bq, -1)
+    k = _pad_axis(k, 1, BLOCK_K, 0)
+    v = _pad_axis(v, 1, BLOCK_K, 0)
+    k_pos = _pad_axis(k_pos, 1, BLOCK_K, -1)
+    n_kblocks = k.shape[1] // BLOCK_K
+    n_qblocks = q.shape[1] // bq
+
+    def query_block(i):
+        qb = jax.lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1)
+        qpb = jax.lax.dynamic_slice_in_dim(q_pos, i * bq, bq, axis=1)
+        if linear_keys:
+            valid = qpb >= 0
+            top = jnp.max(jnp.where(valid, qpb, -1))
+            hi = jnp.clip(top // BLOCK_K + 1, 0, n_kblocks)
+            lo = jnp.int32(0)
+            if spec.window is not None:
+                bottom = jnp.min(jnp.where(valid, qpb, jnp.iinfo(jnp.int32).max))
+                lo = jnp.clip((bottom - spec.window + 1) // BLOCK_K, 0, n_kblocks)
+        else:
+            lo, hi = jnp.int32(0), jnp.int32(n_kblocks)
+
+        def key_block(j, carry):
+            m, l, acc = carry
+            kb = jax.lax.dynamic_slice_in_dim(k, j * BLOCK_K, BLOCK_K, axis=1)
+            vb = jax.lax.dynamic_slice_in_dim(v, j * BLOCK_K, BLOCK_K, axis=1)
+            kpb = jax.lax.dynamic_slice_in_dim(k_pos, j * BLOCK_K, BLOCK_K, axis=1)
+            mask = visible(qpb, kpb, spec.window)[:, None, None]
+            s = jnp.where(mask, _scores(qb, kb, spec), MASK_VALUE)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+            correction = jnp.exp(m - m_new)
+            l = l * correction + jnp.sum(p, axis=-1)
+            pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(qb.dtype), vb.astype(qb.dtype),
+                            preferred_element_type=jnp.float32)
+            return m_new, l, acc * correction[..., None] + pv
+
+        init = (jnp.full((b, hkv, g, bq), MASK_VALUE, jnp.float32), jnp.zeros((b, hkv, g, bq), jnp.float32),
+                jnp.zeros((b, hkv, g, bq, hd), jnp.float32))
+        m, l, acc = jax.lax.fori_loop(lo, hi, key_block, init)
+        out = (acc / jnp.maximum(l, 1e-30)[..., None]).astype(q.dtype)  # [B, Hkv, G, bq, hd]
+        lse = jnp.where(l > 0, m + jnp.log(jnp.maximum(l, 1e-30)), MASK_VALUE)
+        return out.transpose(0, 3, 1, 2, 4), lse
+
+    outs, lses = jax.lax.map(query_block, jnp.arange(n_qblocks))  # [nq, B, bq, Hkv, G, hd], [nq, B, Hkv, G, bq]
+    out = outs.transpose(1, 0, 2, 3, 4, 5).reshape(b, n_qblocks * bq, hkv, g, hd)[:, :t]
+    lse = lses.transpose(1, 2, 3, 0, 4).reshape(b, hkv, g, n_qblocks * bq)[..., :t]
+    return out, lse
+
+
+def uses_blocked(batch: int, heads: int, queries: int, keys: int) -> bool:
+    """Whether the portable path runs blocked for these (static) sizes."""
+    return queries > DENSE_MAX_QUERIES and batch * heads * queries * keys > DENSE_MAX_ELEMENTS
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, spec: AttentionSpec,
+           *, linear_keys: bool = False) -> jax.Array:
+    """q [B, T, Hq, hd], k/v [B, S, Hkv, hd], q_pos [B, T], k_pos [B, S] -> [B, T, Hq * hd].
+
+    `linear_keys` (static) promises k_pos[b, s] == s for every valid slot (a position-indexed
+    cache), which lets the blocked path skip key blocks no query of a block can see.
+    A query with position -1 (padding) yields zeros.
+    """
+    b, t, hq, hd = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(b, t, hkv, hq // hkv, hd)
+    if spec.impl != "dense" and uses_blocked(b, hq, t, k.shape[1]):
+        out, _ = _blocked(qg, k, v, q_pos, k_pos, spec, linear_keys)
+    else:
+        out, _ = _dense(qg, k, v, q_pos, k_pos, spec)
+    return out.reshape(b, t, hq * hd)
+
+
+# ---------------------------------------------------------------------------- fused kernels
+def cudnn_supported(dtype, head_dim: int, softcap: Optional[float]) -> Optional[str]:
+    """None when the cuDNN kernel can run this model's attention, else the reason it cannot."""
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"cuDNN attention needs float16/bfloat16, the model computes in {jnp.dtype(dtype).name}"
+    if head_dim > 128 or head_dim % 8:
+        return f"cuDNN attention needs a head dim <= 128 and a multiple of 8, got {head_dim}"
+    if softcap:
+        return "cuDNN attention has no logit soft-capping"
+    return None
+
+
+def fused_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, spec: AttentionSpec,
+                         implementation: str = "cudnn") -> jax.Array:
+    """Causal self-attention of a chunk with no earlier context, through `jax.nn.dot_product_attention`.
+
+    q [B, T, Hq, hd], k/v [B, T, Hkv, hd]; row b's first lengths[b] tokens are real (positions
+    0..lengths[b]-1), the rest padding. Returns [B, T, Hq * hd]. `implementation="xla"` runs the
+    same call through XLA (used to check this path on machines without a GPU).
+    """
+    b, t, hq, hd = q.shape
+    window = None if spec.window is None else (spec.window - 1, 0)
+    lengths = jnp.maximum(lengths, 1).astype(jnp.int32)  # an empty row would give NaN; its output is unused
+    out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=spec.scale, is_causal=True,
+                                       query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                                       local_window_size=window, implementation=implementation)
+    return out.reshape(b, t, hq * hd)
+
+
+def resolve_attention(requested: str, platform: str, config, dtype) -> str:
+    """"auto" -> the implementation that runs on this platform for this model; explicit choices
+    are checked (ValueError naming why a fused kernel cannot run)."""
+    if requested not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}, got {requested!r}")
+    reason = cudnn_supported(dtype, config.head_dim, config.attn_logit_softcapping)
+    if requested == "auto":
+        return "cudnn" if platform == "cuda" and reason is None else "flash"
+    if requested == "cudnn":
+        if platform != "cuda":
+            raise ValueError(f"attention='cudnn' needs an NVIDIA GPU (device is {platform})")
+        if reason is not None:
+            raise ValueError(f"attention='cudnn' cannot run this model: {reason}")
+    return requested
+
+
+def describe_attention(config, platform: str, dtype=None, requested: str = "auto") -> str:
+    """One line for `jaxgen info`: which attention runs, and why not the fused kernel."""
+    dtype = dtype if dtype is not None else jnp.dtype(config.weight_dtype if config.weight_dtype != "int8"
+                                                      else "float32")
+    impl = resolve_attention(requested, platform, config, dtype)
+    if impl == "cudnn":
+        return ("cudnn (fused kernel for chunks without earlier context; portable blocked attention for "
+                "chunks after a prefix and for decode)")
+    text = f"{impl} (portable: one einsum for small inputs and decode, blocked online softmax for long inputs)"
+    if platform == "cuda":
+        text += f"; cuDNN not used: {cudnn_supported(dtype, config.head_dim, config.attn_logit_softcapping)}"
+    return text
