@@ -64,6 +64,24 @@ def _gather_rows(tree, rows: jax.Array, axis: int):
     return jax.tree_util.tree_map(lambda a: jnp.take(a, rows, axis=axis), tree)
 
 
+def reorder_beams(cache: KVCache, parents: jax.Array, first: jax.Array, width: int) -> KVCache:
+    """Row r of the new cache := row parents[r] of `cache`, copying only what can differ.
+
+    Beams of an example share everything before position first[r] (the prompt, fed once before
+    the beams split), so only the slots of positions [first, first + width) are copied (mod the
+    ring size for sliding layers): O(rows x width) per step instead of the whole cache.
+    parents, first: [rows] int32; width (static): the number of decoding steps.
+    """
+    rows = jnp.arange(parents.shape[0])[:, None]
+
+    def copy(a: jax.Array) -> jax.Array:
+        slots = a.shape[1]
+        idx = jnp.mod(first[:, None] + jnp.arange(min(width, slots))[None, :], slots)  # [rows, n]
+        return a.at[rows, idx].set(a[parents[:, None], idx])
+
+    return KVCache(tuple(copy(a) for a in cache.k), tuple(copy(a) for a in cache.v), cache.length)
+
+
 def _beam_step(params: dict, s: BeamState, c: BeamConsts, spec: BeamSpec) -> BeamState:
     config, k = spec.config, spec.beam_size
     b = s.cum.shape[0]
@@ -127,7 +145,7 @@ def _beam_step(params: dict, s: BeamState, c: BeamConsts, spec: BeamSpec) -> Bea
     rows = (jnp.arange(b)[:, None] * k + sel_beam).reshape(-1)
     seqs = jnp.take_along_axis(s.seqs, sel_beam[:, :, None], axis=1).at[:, :, s.step].set(sel_tok)
     history = append_history(_gather_rows(s.history, rows, 0), sel_tok.reshape(-1), jnp.ones((b * k,), bool))
-    cache = cache.map_rows(lambda a: jnp.take(a, rows, axis=0))
+    cache = reorder_beams(cache, rows, s.position - s.step, s.seqs.shape[2])
     lp_zero = c.length_penalty == 0
     done_now = last_step | jnp.where(lp_zero, top_finished & (fin_count >= spec.num_keep),
                                      fin_count >= c.finish_target)
