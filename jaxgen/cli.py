@@ -85,10 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     # ------------------------------------------------------------------ info
     p = sub.add_parser("info", help="describe a model directory",
                        description="Print a model's architecture, parameter count, size on disk, weight "
-                                   "type, vocabulary size and special tokens.")
+                                   "type, vocabulary size, special tokens, KV-cache size and attention "
+                                   "implementation.")
     p.add_argument("model_path", metavar="MODEL", nargs="?", default=None,
                    help="a jaxgen model directory (default: the default model)")
     p.add_argument("--model", dest="model_option", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--device", default="auto",
+                   help="the device whose compute type and attention are shown: cpu, cuda, tpu or auto (default)")
+    p.add_argument("--compute-type", default="default",
+                   help="the compute type whose KV-cache size is shown (default: the model's weight type)")
     p.set_defaults(func=cmd_info)
     return parser
 
@@ -378,11 +383,54 @@ def cmd_info(args) -> int:
         ("adds BOS", "yes" if config.add_bos_token else "no"),
         ("tokenizer", tokenizer_file or "none"),
         ("chat template", "yes" if find_chat_template(model_dir) else "no (base model?)"),
+        *_memory_rows(config, args.device, args.compute_type),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key + ':':<{width + 1}} {value}")
     return 0
+
+
+def _memory_rows(config, device: str, compute_type: str) -> List[tuple]:
+    """Compute type, KV-cache sizes (weight dtype and compute type) and attention, for `info`."""
+    from jaxgen import memory
+    from jaxgen.devices import resolve_devices
+    from jaxgen.model.loading import resolve_compute_type
+
+    platform, _ = resolve_devices(device, 0)
+    ctype = resolve_compute_type(compute_type, config.weight_dtype, platform)
+    dtypes = {ctype.activations: "compute type"}
+    if config.weight_dtype != "int8":  # an int8 model's cache is in its float compute type
+        dtypes[config.weight_dtype] = ("weight dtype and compute type" if config.weight_dtype in dtypes
+                                       else "weight dtype")
+
+    def sizes(per, unit: str) -> str:  # "128 B per token in float32 (compute type), 64 B in bfloat16 (...)"
+        return ", ".join(f"{memory.format_bytes(per(config, d))}{unit if i == 0 else ''} in {d} ({label})"
+                         for i, (d, label) in enumerate(dtypes.items()))
+
+    full = sum(t != "sliding" for t in config.layer_types)
+    sliding = len(config.layer_types) - full
+    rows = [("compute type", f"{ctype.name} on {platform}"),
+            ("KV cache", f"{sizes(memory.kv_cache_bytes_per_token, ' per token')}; "
+                         f"{full} full-attention layer{'s' * (full != 1)}")]
+    if sliding:
+        rows.append(("sliding cache", f"{sizes(memory.sliding_cache_bytes_per_sequence, ' per sequence')}; "
+                                      f"{sliding} sliding layer{'s' * (sliding != 1)}, ring of "
+                                      f"{config.sliding_window:,} slots"))
+    try:
+        from jaxgen.model import attention
+    except ImportError:  # jaxgen versions without jaxgen.model.attention
+        attention = None
+    describe = getattr(attention, "describe_attention", None)
+    if describe is not None:
+        import inspect
+
+        import jax.numpy as jnp
+
+        takes_dtype = "dtype" in inspect.signature(describe).parameters
+        rows.append(("attention", describe(config, platform, **({"dtype": jnp.dtype(ctype.dtype)} if takes_dtype
+                                                                 else {}))))
+    return rows
 
 
 def _human(value: float, base: int, units: List[str]) -> str:
@@ -394,25 +442,14 @@ def _human(value: float, base: int, units: List[str]) -> str:
 
 
 # ============================================================================ entry point
-def _use_compilation_cache() -> None:
-    """Keeps compiled programs in `<jaxgen cache>/xla` so that a later command skips compilation
-    (unless the user set JAX's own cache directory, or JAXGEN_COMPILATION_CACHE=0)."""
-    import jax
-
-    from jaxgen.default_model import cache_dir
-
-    if os.environ.get("JAXGEN_COMPILATION_CACHE", "1") == "0" or jax.config.jax_compilation_cache_dir:
-        return
-    jax.config.update("jax_compilation_cache_dir", os.path.join(cache_dir(), "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the `jaxgen` command; returns (and, as a console script, exits with) its status."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
     args = parser.parse_args(argv)
-    _use_compilation_cache()
+    from jaxgen.compilation_cache import enable_compilation_cache
+
+    enable_compilation_cache()  # <cache dir>/xla unless JAXGEN_COMPILATION_CACHE=0 or JAX has its own
     try:
         status = args.func(args)
     except KeyboardInterrupt:

@@ -18,10 +18,12 @@ import numpy as np
 
 from jaxgen.alternatives import generate_alternatives
 from jaxgen.batching import BATCH_TYPES, bucket, split_batches
+from jaxgen.compilation_cache import enable_compilation_cache
 from jaxgen.decoding.scoring import SCORE_CHUNK, forward_logits, target_log_probs
 from jaxgen.decoding.search import start_cache
 from jaxgen.devices import resolve_devices
 from jaxgen.generation import assemble_results, plan_rows, prefill_sequences, run_beam, run_rows
+from jaxgen.memory import check_jobs_fit
 from jaxgen.model.decoder import init_cache
 from jaxgen.model.loading import load_params
 from jaxgen.options import GenerationOptions, validate_options
@@ -36,12 +38,19 @@ class Generator:
 
     Args mirror `ctranslate2.Generator`: `model_path` is a directory made by a jaxgen converter;
     `device` is "cpu", "cuda"/"gpu", "tpu" or "auto"; `device_index` an int or list of ints.
+
+    `memory_limit` (an extension): bytes per device that one call may use for its KV cache and
+    activations; None uses what the device reports as free. A call whose estimated need exceeds
+    it raises ValueError before any work starts (see `jaxgen.memory`).
+    Compiled programs are kept in JAX's persistent cache, `<jaxgen cache dir>/xla`
+    (`JAXGEN_COMPILATION_CACHE=0` turns that off; see `jaxgen.compilation_cache`).
     """
 
     def __init__(self, model_path: str, device: str = "cpu", *, device_index: Union[int, Sequence[int]] = 0,
                  compute_type: str = "default", inter_threads: int = 1, intra_threads: int = 0,
                  max_queued_batches: int = 0, tensor_parallel: bool = False,
-                 static_prompt_cache_size: int = 16):
+                 static_prompt_cache_size: int = 16, memory_limit: Optional[int] = None):
+        enable_compilation_cache()
         for name, value in (("inter_threads", inter_threads), ("intra_threads", intra_threads),
                             ("max_queued_batches", max_queued_batches),
                             ("static_prompt_cache_size", static_prompt_cache_size)):
@@ -49,6 +58,12 @@ class Generator:
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if inter_threads < 1:
             raise ValueError(f"inter_threads must be >= 1, got {inter_threads}")
+        if memory_limit is not None and (not isinstance(memory_limit, int) or isinstance(memory_limit, bool)):
+            raise TypeError(f"memory_limit must be an int (bytes) or None, got {type(memory_limit).__name__}")
+        if memory_limit is not None and memory_limit < 0:
+            raise ValueError(f"memory_limit must be >= 0, got {memory_limit}")
+        self._memory_limit = memory_limit
+        self._inter_threads = inter_threads
         self._platform, self._devices = resolve_devices(device, device_index)
         self._device_index = [device_index] if isinstance(device_index, int) else list(device_index)
         config, params, tokens, ctype = load_params(model_path, compute_type, self._platform)
@@ -200,6 +215,18 @@ class Generator:
             for i in group:
                 min_len[i] = min(len(prompts[j]) for j in group)
         groups = self._spread(groups)
+        opts, static_len = resolved.options, len(resolved.static_prompt_ids)
+        per_prompt = opts.beam_size if opts.beam_size > 1 else opts.num_hypotheses
+        jobs = []
+        for group in groups:
+            longest, rows = max(len(prompts[i]) for i in group), len(group) * per_prompt
+            jobs.append(dict(batch=rows, cache_length=static_len + longest + opts.max_length,
+                             chunk_tokens=longest, decode=True, vocab_rows=rows,
+                             stored_logits_rows=rows * opts.max_length if opts.return_logits_vocab else 0))
+        self._check_memory("generate_batch", jobs, len(groups), "lower the batch size (max_batch_size), "
+                           + ("beam_size, " if opts.beam_size > 1 else "")
+                           + ("num_hypotheses, " if per_prompt > 1 and opts.beam_size == 1 else "")
+                           + "max_length, or the prompt length")
 
         def job(replica, group_index: int, group: List[int]):
             key = jax.random.fold_in(jax.random.PRNGKey(seed), group_index)
@@ -342,6 +369,9 @@ class Generator:
         self._check_loaded()
         ids, lens = self._forward_inputs(tokens, lengths)
         batch, max_len = len(ids), int(max(lens))
+        self._check_memory("forward_batch", [dict(batch=batch, cache_length=max_len, chunk_tokens=max_len,
+                                                  decode=False, vocab_rows=batch * max_len)], 1,
+                           "pass fewer or shorter sequences at a time")
         padded, lengths_arr = self._pad(ids, lens, bucket(max_len), bucket(batch, minimum=1))
         out = forward_logits(self._pool.replicas[0].params, padded, lengths_arr, config=self.config, dtype=self._ctype.dtype,
                              log_probs=bool(return_log_probs))
@@ -390,6 +420,14 @@ class Generator:
         eos = self._eos_ids()
         prepared = [_truncate_for_scoring(seq, max_input_length, eos) for seq in ids]
         groups = split_batches([max(len(seq) - 1, 0) for seq in prepared], max_batch_size, batch_type)
+        groups = self._spread(groups)
+        jobs = []
+        for group in groups:
+            longest = max(len(prepared[i]) for i in group)
+            jobs.append(dict(batch=len(group), cache_length=longest, chunk_tokens=longest, decode=False,
+                             vocab_rows=len(group) * SCORE_CHUNK))
+        self._check_memory("score_batch", jobs, len(groups),
+                           "lower the batch size (max_batch_size) or the sequence length (max_input_length)")
 
         def job(replica, _: int, group: List[int]) -> List[ScoringResult]:
             todo = [i for i in group if len(prepared[i]) >= 2]
@@ -403,7 +441,7 @@ class Generator:
                     out.append(ScoringResult(self._vocab.to_tokens(targets[offset:]), scored[i][offset:]))
             return out
 
-        return self._run_jobs(self._spread(groups), job, len(prepared), asynchronous)
+        return self._run_jobs(groups, job, len(prepared), asynchronous)
 
     def _score_rows(self, replica, seqs: List[List[int]]) -> List[List[float]]:
         inputs = [s[:-1] for s in seqs]
@@ -419,6 +457,22 @@ class Generator:
         return [out[i, :n].astype(np.float32).tolist() for i, n in enumerate(lens)]
 
     # ------------------------------------------------------------------ helpers
+    def _check_memory(self, what: str, jobs: List[dict], n_jobs: int, advice: str) -> None:
+        """Raises ValueError, before anything runs, when the jobs of one call would not fit in
+        device memory (estimates from `jaxgen.memory`; `memory_limit` replaces the free bytes
+        the devices report). The jobs on one replica run `inter_threads` at a time, and process
+        at most one prefill chunk of tokens at once."""
+        chunk = getattr(getattr(self, "_plan", None), "chunk", None) or 512
+        jobs = [dict(job, chunk_tokens=min(job["chunk_tokens"], chunk)) for job in jobs]
+        replicas = len(self._pool.replicas)
+        if self._platform == "cpu":  # CPU devices share the host's memory
+            concurrent = min(self._inter_threads * replicas, n_jobs)
+        else:
+            concurrent = min(self._inter_threads, -(-n_jobs // replicas))
+        check_jobs_fit(self.config, self._ctype.dtype, self._devices, jobs, what=what, advice=advice,
+                       memory_limit=self._memory_limit, concurrent=concurrent,
+                       shards=len(self._devices) if self._tensor_parallel else 1)
+
     def _pad(self, seqs: List[List[int]], lens: List[int], t: int, b: int):
         arr = np.zeros((b, t), np.int32)
         for i, s in enumerate(seqs):

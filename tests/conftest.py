@@ -9,6 +9,12 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+# Generators and the CLI keep JAX's compilation cache in <JAXGEN_HOME>/xla (jaxgen.compilation_cache):
+# unless JAXGEN_HOME is set, the test session (and its subprocesses) use the repository's git-ignored
+# .jaxgen_home/ (as `default_model_home` below does), never the user's ~/.cache/jaxgen.
+os.environ.setdefault("JAXGEN_HOME", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                  ".jaxgen_home"))
+
 
 # ============================================================================ tiny HF checkpoints
 # (used by test_transformers_parity.py; see tests/hf_models.py)

@@ -148,6 +148,17 @@ def test_info_prints_architecture(cli_tiny_model):
     assert "vocabulary size: 100" in proc.stdout
     assert "parameters:" in proc.stdout and "size on disk:" in proc.stdout
     assert "bos='<bos>'" in proc.stdout and "chat template:   yes" in proc.stdout
+    # 1 full layer x K and V x 1 kv head x head_dim 16 x 4 bytes; 1 sliding layer with a ring of 8 slots
+    assert "KV cache:        128 B per token in float32 (weight dtype and compute type); 1 full-attention layer" \
+        in proc.stdout
+    assert "sliding cache:   1.0 KiB per sequence in float32" in proc.stdout and "ring of 8 slots" in proc.stdout
+
+
+def test_info_compute_type(cli_tiny_model):
+    proc = run_cli("info", cli_tiny_model, "--compute-type", "bfloat16", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert "compute type:    bfloat16 on cpu" in proc.stdout
+    assert "64 B per token in bfloat16 (compute type), 128 B in float32 (weight dtype)" in proc.stdout
 
 
 @pytest.mark.parametrize("args", [

@@ -1,0 +1,221 @@
+"""Memory needed by a job, estimated from shapes, and checked before the job starts.
+
+A request that cannot fit (say 64 prompts x 8 beams x 4,096 tokens on a small GPU) would
+otherwise fail deep inside XLA with an allocation error after minutes of work, or get the
+process killed on a CPU host. `Generator` calls `check_jobs_fit` before it submits anything,
+so such a request fails at once with a ValueError that names the sizes and what to lower, and
+the Generator stays usable.
+
+The numbers are estimates from array shapes, not measurements: they count the KV cache (exact
+for the cache layout), the activations of the tokens processed at once, the float32 logits rows,
+and the decode loop's per-row state, with generous factors for XLA's temporaries. Weights
+are not counted: they are already on the device, and the free memory it reports excludes them.
+
+KV cache layout (what the estimate assumes): layers with full attention keep keys and values
+for every position of the sequence; sliding-window layers keep a ring of `sliding_window` slots
+per sequence, whatever its length (or fewer slots when the sequence is shorter).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, List, Optional, Sequence
+
+_UNITS = (" B", " KiB", " MiB", " GiB", " TiB", " PiB")
+ATTENTION_KEY_BLOCK = 1024  # bound on the keys whose scores exist at once per query chunk
+FLOAT_BYTES = 4  # activations, scores and logits are counted as float32 whatever the compute type
+
+
+# ============================================================================ cache sizes
+def _itemsize(dtype) -> int:
+    import jax.numpy as jnp
+
+    return int(jnp.dtype(dtype).itemsize)
+
+
+def _layer_counts(config) -> tuple:
+    """(full-attention layers, sliding-window layers); an empty layer_types means all full."""
+    types = tuple(config.layer_types) or ("full",) * config.num_layers
+    return sum(t != "sliding" for t in types), sum(t == "sliding" for t in types)
+
+
+def _slot_bytes(config, dtype) -> int:
+    """Keys and values of one position in one layer."""
+    return 2 * config.num_kv_heads * config.head_dim * _itemsize(dtype)
+
+
+def kv_cache_bytes_per_token(config, dtype) -> int:
+    """Bytes the KV cache grows by per token of one sequence: keys and values of the layers with
+    full attention (all layers when `config.layer_types` is empty), 2 * num_kv_heads * head_dim
+    * itemsize(dtype) per full layer."""
+    full, _ = _layer_counts(config)
+    return full * _slot_bytes(config, dtype)
+
+
+def sliding_cache_bytes_per_sequence(config, dtype) -> int:
+    """Bytes of the sliding-window layers' rings for one sequence of at least `sliding_window`
+    tokens: 2 * sliding_window * num_kv_heads * head_dim * itemsize(dtype) per sliding layer
+    (0 without sliding layers)."""
+    _, sliding = _layer_counts(config)
+    if not sliding:
+        return 0
+    return sliding * int(config.sliding_window) * _slot_bytes(config, dtype)
+
+
+def kv_cache_bytes(config, dtype, batch: int, length: int) -> int:
+    """KV cache of `batch` sequences of `length` slots: full layers hold `length` positions,
+    sliding layers min(sliding_window, length)."""
+    _, sliding = _layer_counts(config)
+    ring = min(int(config.sliding_window), length) if sliding else 0
+    per_sequence = length * kv_cache_bytes_per_token(config, dtype) + sliding * ring * _slot_bytes(config, dtype)
+    return batch * per_sequence
+
+
+# ============================================================================ job estimate
+@dataclasses.dataclass(frozen=True)
+class JobEstimate:
+    """Bytes of one job by kind (see `estimate_job`)."""
+
+    batch: int
+    cache_length: int
+    cache: int
+    activations: int
+    logits: int
+    state: int
+
+    @property
+    def total(self) -> int:
+        return self.cache + self.activations + self.logits + self.state
+
+    def describe(self) -> str:
+        """E.g. "KV cache 10.0 GiB for 8 rows x 17,408 slots, activations 2.3 GiB, logits 24.0 MiB"."""
+        parts = [f"KV cache {format_bytes(self.cache)} for {self.batch:,} rows x {self.cache_length:,} slots",
+                 f"activations {format_bytes(self.activations + self.state)}"]
+        if self.logits:
+            parts.append(f"logits {format_bytes(self.logits)}")
+        return ", ".join(parts)
+
+
+def estimate_job(config, dtype, *, batch: int, cache_length: int, chunk_tokens: int, decode: bool = True,
+                 vocab_rows: int, stored_logits_rows: int = 0) -> JobEstimate:
+    """Estimated device memory of one job, from shapes (see `estimate_job_bytes`)."""
+    batch, cache_length = max(int(batch), 0), max(int(cache_length), 0)
+    chunk = max(min(int(chunk_tokens), max(cache_length, 1)), 1)
+    cache = kv_cache_bytes(config, dtype, batch, cache_length)
+    hidden = batch * chunk * (config.hidden_size * 4 + config.intermediate_size * 3) * FLOAT_BYTES
+    scores = batch * config.num_heads * chunk * min(cache_length, ATTENTION_KEY_BLOCK) * FLOAT_BYTES
+    logits = (max(int(vocab_rows), 0) * 3 + max(int(stored_logits_rows), 0)) * config.vocab_size * FLOAT_BYTES
+    state = batch * cache_length * 4 * 2 if decode else 0  # int32 token history and slot positions
+    return JobEstimate(batch, cache_length, cache, hidden + scores, logits, state)
+
+
+def estimate_job_bytes(config, dtype, *, batch: int, cache_length: int, chunk_tokens: int, decode: bool = True,
+                       vocab_rows: int, stored_logits_rows: int = 0) -> int:
+    """A conservative estimate, from shapes only, of the device bytes one job needs beyond the weights.
+
+    - KV cache: `kv_cache_bytes(config, dtype, batch, cache_length)` (counted once).
+    - Activations of `chunk_tokens` new tokens per row processed at once (a prompt chunk):
+      batch * chunk * (hidden_size * 4 + intermediate_size * 3) * 4 bytes, plus attention scores
+      bounded by batch * num_heads * chunk * min(cache_length, 1024) * 4 bytes.
+    - float32 logits of `vocab_rows` rows: vocab_rows * vocab_size * 4 * 3 (logits, processed
+      logits, log-probs), plus `stored_logits_rows` * vocab_size * 4 for logits kept for the
+      result (`return_logits_vocab`).
+    - decode=True (generation): the loop's int32 token history and slot positions,
+      batch * cache_length * 8 bytes.
+
+    batch counts rows (prompts x beams or hypotheses). It is an estimate: XLA's real peak can
+    differ, which is why the factors above are generous.
+    """
+    return estimate_job(config, dtype, batch=batch, cache_length=cache_length, chunk_tokens=chunk_tokens,
+                        decode=decode, vocab_rows=vocab_rows, stored_logits_rows=stored_logits_rows).total
+
+
+# ============================================================================ available memory
+def available_device_bytes(device) -> Optional[int]:
+    """Bytes free on `device` for new arrays, or None when unknown.
+
+    GPU/TPU: `device.memory_stats()`'s bytes_limit - bytes_in_use (the allocator's view, so
+    the weights already placed are excluded). CPU: the host's MemAvailable (/proc/meminfo).
+    """
+    if getattr(device, "platform", None) == "cpu":
+        return host_available_bytes()
+    try:
+        stats = device.memory_stats()
+    except Exception:  # backends without allocator statistics
+        return None
+    if not stats or stats.get("bytes_limit") is None:
+        return None
+    return max(int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)), 0)
+
+
+def host_available_bytes(meminfo: str = "/proc/meminfo") -> Optional[int]:
+    """MemAvailable of the host in bytes, or None when it cannot be read (not Linux)."""
+    try:
+        with open(meminfo, encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    fields = line.split()
+                    scale = 1024 if len(fields) > 2 and fields[2].lower() == "kb" else 1
+                    return int(fields[1]) * scale
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+# ============================================================================ checks
+def format_bytes(n: float) -> str:
+    """1536 -> "1.5 KiB"; 12 -> "12 B"."""
+    value = float(n)
+    for unit in _UNITS[:-1]:
+        if abs(value) < 1024:
+            return f"{value:.0f}{unit}" if unit == " B" else f"{value:.1f}{unit}"
+        value /= 1024
+    return f"{value:.1f}{_UNITS[-1]}"
+
+
+def check_fits(required: int, available: Optional[int], what: str, advice: str, *,
+               detail: Optional[str] = None, where: Optional[str] = None) -> None:
+    """Raises ValueError when `required` bytes exceed `available` (no check when it is None):
+
+    "{what} needs about 12.3 GiB ({detail}) but {where} has 4.0 GiB available; {advice}".
+    """
+    if available is None or required <= available:
+        return
+    inner = f" ({detail})" if detail else ""
+    raise ValueError(f"{what} needs about {format_bytes(required)}{inner} but {where or 'the device'} has "
+                     f"{format_bytes(available)} available; {advice}")
+
+
+def check_jobs_fit(config, dtype, devices: Sequence, jobs: Iterable[dict], *, what: str, advice: str,
+                   memory_limit: Optional[int] = None, concurrent: int = 1, shards: int = 1) -> None:
+    """Checks, before anything runs, that the jobs of one call fit on the device with the least
+    free memory (`memory_limit` bytes per device instead of what the devices report, when given).
+
+    jobs: keyword arguments of `estimate_job`, one dict per job. The `concurrent` largest jobs
+    may run at once on one device; `shards` > 1 divides a job over that many devices (tensor
+    parallelism). Raises ValueError (see `check_fits`).
+    """
+    estimates: List[JobEstimate] = sorted((estimate_job(config, dtype, **job) for job in jobs),
+                                          key=lambda e: e.total, reverse=True)
+    if not estimates:
+        return
+    if memory_limit is not None:
+        available, where = memory_limit, f"{_device_name(devices[0])} (memory_limit)" if devices else "memory_limit"
+    else:
+        known = [(b, d) for d in devices for b in [available_device_bytes(d)] if b is not None]
+        if not known:
+            return
+        available, device = min(known, key=lambda item: item[0])
+        where = _device_name(device)
+    running = estimates[:max(int(concurrent), 1)]
+    required = -(-sum(e.total for e in running) // max(int(shards), 1))
+    detail = running[0].describe()
+    if len(running) > 1:
+        detail += f"; {len(running)} sub-batches at once"
+    if shards > 1:
+        detail += f"; split over {shards} devices"
+    check_fits(required, available, what, advice, detail=detail, where=where)
+
+
+def _device_name(device) -> str:
+    return f"{getattr(device, 'platform', 'device')}:{getattr(device, 'id', 0)}"
