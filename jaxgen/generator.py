@@ -19,12 +19,13 @@ import numpy as np
 from jaxgen.alternatives import generate_alternatives
 from jaxgen.batching import BATCH_TYPES, bucket, split_batches
 from jaxgen.compilation_cache import enable_compilation_cache
-from jaxgen.decoding.scoring import SCORE_CHUNK, forward_logits, target_log_probs
+from jaxgen.decoding.scoring import SCORE_CHUNK, forward_logits, pass_width, target_log_probs
 from jaxgen.decoding.search import start_cache
 from jaxgen.devices import resolve_devices
 from jaxgen.generation import assemble_results, plan_rows, prefill_sequences, run_beam, run_rows
 from jaxgen.memory import check_jobs_fit
-from jaxgen.model.decoder import init_cache
+from jaxgen.model.attention import resolve_attention
+from jaxgen.model.decoder import DEFAULT_CHUNKS, PassPlan, init_cache
 from jaxgen.model.loading import load_params
 from jaxgen.options import GenerationOptions, validate_options
 from jaxgen.replicas import ReplicaPool, replicate, shard_tensor_parallel
@@ -39,6 +40,12 @@ class Generator:
     Args mirror `ctranslate2.Generator`: `model_path` is a directory made by a jaxgen converter;
     `device` is "cpu", "cuda"/"gpu", "tpu" or "auto"; `device_index` an int or list of ints.
 
+    `attention` (an extension): "auto" (the fused cuDNN kernel on NVIDIA GPUs where the model
+    allows it, else "flash"), "flash" (portable blocked attention), "cudnn", or "dense" (the
+    reference that materialises the scores). `prefill_chunk`: positions per prefill / full-pass
+    chunk (default by platform: 512 on CPU, 8192 on GPUs, 4096 on TPUs); long prompts run in
+    chunks of this size, which bounds memory.
+
     `memory_limit` (an extension): bytes per device that one call may use for its KV cache and
     activations; None uses what the device reports as free. A call whose estimated need exceeds
     it raises ValueError before any work starts (see `jaxgen.memory`).
@@ -49,7 +56,8 @@ class Generator:
     def __init__(self, model_path: str, device: str = "cpu", *, device_index: Union[int, Sequence[int]] = 0,
                  compute_type: str = "default", inter_threads: int = 1, intra_threads: int = 0,
                  max_queued_batches: int = 0, tensor_parallel: bool = False,
-                 static_prompt_cache_size: int = 16, memory_limit: Optional[int] = None):
+                 static_prompt_cache_size: int = 16, memory_limit: Optional[int] = None,
+                 attention: str = "auto", prefill_chunk: Optional[int] = None):
         enable_compilation_cache()
         for name, value in (("inter_threads", inter_threads), ("intra_threads", intra_threads),
                             ("max_queued_batches", max_queued_batches),
@@ -71,6 +79,14 @@ class Generator:
         self._ctype = ctype
         self._compute_type_requested = compute_type
         self._vocab = Vocabulary(tokens, config.unk_token)
+        if not isinstance(attention, str):
+            raise TypeError(f"attention must be a str, got {type(attention).__name__}")
+        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool)):
+            raise TypeError(f"prefill_chunk must be an int, got {type(prefill_chunk).__name__}")
+        if prefill_chunk is not None and (prefill_chunk < SCORE_CHUNK or prefill_chunk % SCORE_CHUNK):
+            raise ValueError(f"prefill_chunk must be a positive multiple of {SCORE_CHUNK}, got {prefill_chunk}")
+        self._plan = PassPlan(impl=resolve_attention(attention, self._platform, config, ctype.dtype),
+                              chunk=prefill_chunk or DEFAULT_CHUNKS.get(self._platform, 512))
         self._tensor_parallel = bool(tensor_parallel)
         replicas = self._place(params)
         del params
@@ -159,6 +175,11 @@ class Generator:
     @property
     def compute_type(self) -> str:
         return self._ctype.name
+
+    @property
+    def attention(self) -> str:
+        """The attention implementation that runs ("flash", "cudnn" or "dense")."""
+        return self._plan.impl
 
     @property
     def tensor_parallel(self) -> bool:
@@ -289,9 +310,9 @@ class Generator:
         def run(rows, res):
             run_key = jax.random.fold_in(key, next(runs))  # a fresh buffer: the loop state donates it
             if res.options.beam_size > 1:
-                return run_beam(replica.params, self.config, rows, res, prefix, prefix_len, run_key)
+                return run_beam(replica.params, self.config, rows, res, prefix, prefix_len, run_key, self._plan)
             decoded = run_rows(replica.params, self.config, rows, res, prefix, prefix_len, run_key, self._vocab,
-                               res.options.callback)
+                               res.options.callback, self._plan)
             return [[d] for d in decoded]
 
         if resolved.options.return_alternatives:
@@ -310,10 +331,10 @@ class Generator:
                 if key in self._static_cache:
                     self._static_cache.move_to_end(key)
                     return self._static_cache[key], len(ids)
-        length = bucket(len(ids), minimum=16)
+        length = pass_width(bucket(len(ids), minimum=16), self._plan.chunk)
         cache = start_cache(init_cache(self.config, 1, 0, self._ctype.dtype), config=self.config, batch=1,
                             length=length)
-        cache = prefill_sequences(replica.params, self.config, cache, [ids], 0, length)
+        cache = prefill_sequences(replica.params, self.config, cache, [ids], 0, length, self._plan)
         if use_cache and self._static_cache_size > 0:
             with self._static_lock:
                 self._static_cache[key] = cache
@@ -372,9 +393,11 @@ class Generator:
         self._check_memory("forward_batch", [dict(batch=batch, cache_length=max_len, chunk_tokens=max_len,
                                                   decode=False, vocab_rows=batch * max_len)], 1,
                            "pass fewer or shorter sequences at a time")
-        padded, lengths_arr = self._pad(ids, lens, bucket(max_len), bucket(batch, minimum=1))
-        out = forward_logits(self._pool.replicas[0].params, padded, lengths_arr, config=self.config, dtype=self._ctype.dtype,
-                             log_probs=bool(return_log_probs))
+        width = pass_width(bucket(max_len), self._plan.chunk)
+        padded, lengths_arr = self._pad(ids, lens, width, bucket(batch, minimum=1))
+        out = forward_logits(self._pool.replicas[0].params, padded, lengths_arr, config=self.config,
+                             dtype=self._ctype.dtype, log_probs=bool(return_log_probs), chunk=self._plan.chunk,
+                             impl=self._plan.impl)
         return out[:batch, :max_len]
 
     def _forward_inputs(self, tokens, lengths):
@@ -448,12 +471,12 @@ class Generator:
         targets = [s[1:] for s in seqs]
         lens = [len(s) for s in inputs]
         t = max(bucket(max(lens)), SCORE_CHUNK)
-        t = -(-t // SCORE_CHUNK) * SCORE_CHUNK
+        t = pass_width(-(-t // SCORE_CHUNK) * SCORE_CHUNK, self._plan.chunk)
         b = bucket(len(seqs), minimum=1)
         inp, lengths = self._pad(inputs, lens, t, b)
         tgt, _ = self._pad(targets, lens, t, b)
         out = np.asarray(target_log_probs(replica.params, inp, tgt, lengths, config=self.config,
-                                          dtype=self._ctype.dtype))
+                                          dtype=self._ctype.dtype, chunk=self._plan.chunk, impl=self._plan.impl))
         return [out[i, :n].astype(np.float32).tolist() for i, n in enumerate(lens)]
 
     # ------------------------------------------------------------------ helpers
