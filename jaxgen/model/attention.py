@@ -18,8 +18,13 @@ Implementations (`ATTENTION_IMPLEMENTATIONS`):
 - "cudnn": NVIDIA's fused kernel through `jax.nn.dot_product_attention(implementation="cudnn")`
   where its constraints hold (see `cudnn_supported`): causal self-attention of a chunk that has
   no earlier context, 16-bit dtypes, no soft-capping. Every other call takes the portable path.
+- "pallas": JAX's Pallas TPU "splash attention" kernel
+  (`jax.experimental.pallas.ops.tpu.splash_attention`) for the same calls as "cudnn": causal
+  self-attention of a chunk with no earlier context, sliding windows (a local mask) and logit
+  soft-capping included, GQA without key/value copies (see `pallas_supported`,
+  `pallas_self_attention`). Every other call takes the portable path.
 - "dense": the reference: one masked softmax over all keys, [T, S] materialised (tests, debugging).
-- "auto": "cudnn" on NVIDIA GPUs when the model allows it, else "flash".
+- "auto": "cudnn" on NVIDIA GPUs and "pallas" on TPUs when the model allows it, else "flash".
 
 Shapes: B batch, T new tokens (queries), S key slots, Hq query heads, Hkv key/value heads,
 G = Hq / Hkv, hd head dim.
@@ -32,7 +37,7 @@ from typing import NamedTuple, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "flash", "cudnn", "dense")
+ATTENTION_IMPLEMENTATIONS = ("auto", "flash", "cudnn", "pallas", "dense")
 MASK_VALUE = -1e30  # finite: a query that sees no key (padding) gets zeros, never NaN
 BLOCK_Q = 512  # query rows per block of the blocked path
 BLOCK_K = 512  # key slots per block of the blocked path
@@ -46,7 +51,7 @@ class AttentionSpec(NamedTuple):
     scale: float
     softcap: Optional[float]  # attention logit soft-capping (Gemma 2)
     window: Optional[int]  # sliding window, None for full attention
-    impl: str = "flash"  # "flash" | "cudnn" | "dense" (already resolved from "auto")
+    impl: str = "flash"  # "flash" | "cudnn" | "pallas" | "dense" (already resolved from "auto")
 
 
 def visible(q_pos: jax.Array, k_pos: jax.Array, window: Optional[int]) -> jax.Array:
@@ -202,19 +207,110 @@ def fused_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.
     return out.reshape(b, t, hq * hd)
 
 
+# Pallas TPU kernel (splash attention). Its tile sizes: sequence blocks of 128, 256 or 512 rows
+# (multiples of the TPU's 128 lanes), so the chunk is padded to a multiple of 128 and the largest
+# of these blocks that divides it is used; the head dim is zero-padded to a multiple of 128 (JAX's
+# own tests of the kernel use head dims 128 and 256; zero columns change neither q.k nor the output
+# columns that are kept). Inference only: no backward blocks are set.
+PALLAS_LANES = 128
+PALLAS_BLOCKS = (512, 256, 128)
+PALLAS_MAX_HEAD_DIM = 256
+# Test-only switch, read at trace time: run the Pallas kernel in interpret mode (plain XLA, any
+# platform) and let resolve_attention accept attention="pallas" off a TPU. Never set in production.
+_PALLAS_INTERPRET = False
+
+
+def _splash_module():
+    from jax.experimental.pallas.ops.tpu import splash_attention  # imported on use: TPU-only kernel
+
+    return splash_attention
+
+
+def pallas_supported(dtype, head_dim: int, softcap: Optional[float] = None) -> Optional[str]:
+    """None when the Pallas TPU kernel can run this model's attention, else the reason it cannot.
+
+    Soft-capping and sliding windows are supported by the kernel (softcap is accepted for a
+    signature like `cudnn_supported`'s)."""
+    del softcap  # supported: attn_logits_soft_cap
+    try:
+        _splash_module()
+    except ImportError as exc:  # pragma: no cover - depends on the installed jax
+        return f"this jax has no Pallas splash-attention kernel ({exc})"
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
+        return (f"Pallas TPU attention is used with bfloat16/float32 only (the kernel's tested dtypes), the model "
+                f"computes in {jnp.dtype(dtype).name}")
+    if head_dim > PALLAS_MAX_HEAD_DIM:
+        return f"Pallas TPU attention is used for head dims <= {PALLAS_MAX_HEAD_DIM}, got {head_dim}"
+    return None
+
+
+def pallas_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, spec: AttentionSpec,
+                          interpret: Optional[bool] = None) -> jax.Array:
+    """Causal self-attention of a chunk with no earlier context, through JAX's Pallas TPU
+    splash-attention kernel. Same contract as `fused_self_attention`: q [B, T, Hq, hd],
+    k/v [B, T, Hkv, hd]; row b's first lengths[b] tokens are real (positions 0..lengths[b]-1), the
+    rest padding. Returns [B, T, Hq * hd], zeros at padding rows (like `attend`).
+
+    Masks: causal, or a local window (q - k < spec.window) for sliding layers; padding is a
+    separate segment (id 0, real tokens 1), so it never mixes with real tokens and every padding
+    row still sees itself (no empty softmax). The kernel does not scale q.k: q is pre-scaled, which
+    also makes its soft-capping tanh(q.k / cap) * cap match `_scores`. GQA: the kernel maps each
+    query head to its key/value head itself (Hq % Hkv == 0), no copies. Batch rows are vmapped.
+    `interpret` (None: the module's test-only `_PALLAS_INTERPRET`) runs the kernel in Pallas's
+    interpret mode, on any platform.
+    """
+    sa = _splash_module()
+    interpret = _PALLAS_INTERPRET if interpret is None else bool(interpret)
+    b, t, hq, hd = q.shape
+    dtype = q.dtype
+    tp = t + (-t % PALLAS_LANES)
+    block = next(n for n in PALLAS_BLOCKS if tp % n == 0)
+    hdp = hd + (-hd % PALLAS_LANES)
+
+    def heads_first(x):  # [B, T, H, hd] -> [B, H, Tp, hdp]
+        x = jnp.pad(x.astype(dtype), ((0, 0), (0, tp - t), (0, 0), (0, hdp - hd)))
+        return x.transpose(0, 2, 1, 3)
+
+    qs = heads_first((q.astype(jnp.float32) * spec.scale).astype(dtype))
+    ks, vs = heads_first(k), heads_first(v)
+    real = jnp.arange(tp, dtype=jnp.int32)[None, :] < lengths.astype(jnp.int32)[:, None]  # [B, Tp]
+    segments = real.astype(jnp.int32)
+    if spec.window is None:
+        mask = sa.CausalMask((tp, tp))
+    else:
+        mask = sa.LocalMask((tp, tp), (spec.window - 1, 0), 0)  # k in [q - window + 1, q]
+    kernel = sa.make_splash_mha_single_device(
+        sa.MultiHeadMask([mask] * hq), block_sizes=sa.BlockSizes(block_q=block, block_kv=block),
+        attn_logits_soft_cap=spec.softcap, interpret=interpret)
+    out = jax.vmap(lambda qb, kb, vb, sb: kernel(qb, kb, vb, sa.SegmentIds(q=sb, kv=sb)))(qs, ks, vs, segments)
+    out = out[:, :, :t, :hd].transpose(0, 2, 1, 3)  # [B, T, Hq, hd]
+    out = jnp.where(real[:, :t, None, None], out, jnp.zeros((), out.dtype))
+    return out.reshape(b, t, hq * hd)
+
+
 def resolve_attention(requested: str, platform: str, config, dtype) -> str:
     """"auto" -> the implementation that runs on this platform for this model; explicit choices
     are checked (ValueError naming why a fused kernel cannot run)."""
     if requested not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}, got {requested!r}")
     reason = cudnn_supported(dtype, config.head_dim, config.attn_logit_softcapping)
+    pallas_reason = pallas_supported(dtype, config.head_dim, config.attn_logit_softcapping)
     if requested == "auto":
-        return "cudnn" if platform == "cuda" and reason is None else "flash"
+        if platform == "cuda" and reason is None:
+            return "cudnn"
+        if platform == "tpu" and pallas_reason is None:
+            return "pallas"
+        return "flash"
     if requested == "cudnn":
         if platform != "cuda":
             raise ValueError(f"attention='cudnn' needs an NVIDIA GPU (device is {platform})")
         if reason is not None:
             raise ValueError(f"attention='cudnn' cannot run this model: {reason}")
+    if requested == "pallas":
+        if platform != "tpu" and not _PALLAS_INTERPRET:
+            raise ValueError(f"attention='pallas' needs a TPU (device is {platform})")
+        if pallas_reason is not None:
+            raise ValueError(f"attention='pallas' cannot run this model: {pallas_reason}")
     return requested
 
 
@@ -226,7 +322,13 @@ def describe_attention(config, platform: str, dtype=None, requested: str = "auto
     if impl == "cudnn":
         return ("cudnn (fused kernel for chunks without earlier context; portable blocked attention for "
                 "chunks after a prefix and for decode)")
+    if impl == "pallas":
+        return ("pallas (Pallas TPU splash-attention kernel for chunks without earlier context; portable "
+                "blocked attention for chunks after a prefix and for decode)")
     text = f"{impl} (portable: one einsum for small inputs and decode, blocked online softmax for long inputs)"
     if platform == "cuda":
         text += f"; cuDNN not used: {cudnn_supported(dtype, config.head_dim, config.attn_logit_softcapping)}"
+    if platform == "tpu":
+        reason = pallas_supported(dtype, config.head_dim, config.attn_logit_softcapping)
+        text += f"; Pallas kernel not used: {reason or f'attention={requested!r} requested'}"
     return text

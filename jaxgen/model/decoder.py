@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.model.attention import AttentionSpec, attend, fused_self_attention
+from jaxgen.model.attention import AttentionSpec, attend, fused_self_attention, pallas_self_attention
 from jaxgen.model.config import ModelConfig
 
 
@@ -234,7 +234,8 @@ def _attention(config: ModelConfig, q, k, v, k_cache, v_cache, positions, write_
     """Writes the new keys/values into this layer's cache and attends. Returns (out [B, T, Hq*hd],
     k_cache, v_cache). See `forward` for write_index / attend_len / fresh."""
     spec = AttentionSpec(config.scale, config.attn_logit_softcapping,
-                         config.sliding_window if is_sliding else None, "flash" if impl == "cudnn" else impl)
+                         config.sliding_window if is_sliding else None,
+                         "flash" if impl in ("cudnn", "pallas") else impl)  # fused kernels: `fresh` only
     b, t = positions.shape
     slots = k_cache.shape[1]
     ring = is_sliding  # a ring of min(window, length) slots; when that is `length`, slot == position still
@@ -242,6 +243,8 @@ def _attention(config: ModelConfig, q, k, v, k_cache, v_cache, positions, write_
         # No earlier context: attend over the new tokens only (a fused kernel can run this).
         if impl == "cudnn":
             out = fused_self_attention(q, k, v, jnp.sum(positions >= 0, axis=1), spec)
+        elif impl == "pallas":  # sliding layers too: the splash kernel takes a local (window) mask
+            out = pallas_self_attention(q, k, v, jnp.sum(positions >= 0, axis=1), spec)
         else:
             out = attend(q, k, v, positions, positions, spec, linear_keys=False)
         if ring:
