@@ -40,9 +40,9 @@ class Generator:
     Args mirror `ctranslate2.Generator`: `model_path` is a directory made by a jaxgen converter;
     `device` is "cpu", "cuda"/"gpu", "tpu" or "auto"; `device_index` an int or list of ints.
 
-    `attention` (an extension): "auto" (the fused cuDNN kernel on NVIDIA GPUs where the model
-    allows it, else "flash"), "flash" (portable blocked attention), "cudnn", or "dense" (the
-    reference that materialises the scores). `prefill_chunk`: positions per prefill / full-pass
+    `attention` (an extension): "auto" (the fused cuDNN kernel on NVIDIA GPUs, JAX's Pallas
+    splash kernel on TPUs, where the model allows it; else "flash"), "flash" (portable blocked
+    attention), "cudnn", "pallas", or "dense" (the reference that materialises the scores). `prefill_chunk`: positions per prefill / full-pass
     chunk (default by platform: 512 on CPU, 8192 on GPUs, 4096 on TPUs); long prompts run in
     chunks of this size, which bounds memory.
 
@@ -178,7 +178,7 @@ class Generator:
 
     @property
     def attention(self) -> str:
-        """The attention implementation that runs ("flash", "cudnn" or "dense")."""
+        """The attention implementation that runs ("flash", "cudnn", "pallas" or "dense")."""
         return self._plan.impl
 
     @property
