@@ -43,7 +43,7 @@ class Generator:
     `attention` (an extension): "auto" (the fused cuDNN kernel on NVIDIA GPUs, JAX's Pallas
     splash kernel on TPUs, where the model allows it; else "flash"), "flash" (portable blocked
     attention), "cudnn", "pallas", or "dense" (the reference that materialises the scores). `prefill_chunk`: positions per prefill / full-pass
-    chunk (default by platform: 512 on CPU, 8192 on GPUs, 4096 on TPUs); long prompts run in
+    chunk (default by platform: 512 on CPU, 16384 on GPUs, 8192 on TPUs); long prompts run in
     chunks of this size, which bounds memory.
 
     `memory_limit` (an extension): bytes per device that one call may use for its KV cache and
