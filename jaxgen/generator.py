@@ -19,7 +19,7 @@ import numpy as np
 from jaxgen.alternatives import generate_alternatives
 from jaxgen.batching import BATCH_TYPES, bucket, split_batches
 from jaxgen.compilation_cache import enable_compilation_cache
-from jaxgen.decoding.scoring import SCORE_CHUNK, forward_logits, pass_width, target_log_probs
+from jaxgen.decoding.scoring import LOGIT_ROWS, SCORE_CHUNK, forward_logits, pass_width, target_log_probs
 from jaxgen.decoding.search import start_cache
 from jaxgen.devices import resolve_devices
 from jaxgen.generation import assemble_results, plan_rows, prefill_sequences, run_beam, run_rows
@@ -448,7 +448,7 @@ class Generator:
         for group in groups:
             longest = max(len(prepared[i]) for i in group)
             jobs.append(dict(batch=len(group), cache_length=longest, chunk_tokens=longest, decode=False,
-                             vocab_rows=len(group) * SCORE_CHUNK))
+                             vocab_rows=max(len(group) * SCORE_CHUNK, LOGIT_ROWS)))
         self._check_memory("score_batch", jobs, len(groups),
                            "lower the batch size (max_batch_size) or the sequence length (max_input_length)")
 

@@ -15,7 +15,18 @@ import jax.numpy as jnp
 from jaxgen.model.config import ModelConfig
 from jaxgen.model.decoder import chunked_pass, compute_logits
 
-SCORE_CHUNK = 32  # time steps whose [B, chunk, V] logits exist at once while scoring
+SCORE_CHUNK = 32  # positions are scored in pieces of a multiple of this many
+LOGIT_ROWS = 256  # rows (batch x positions) of one piece's [rows, V] logits, when the shape allows
+
+
+def score_piece(batch: int, width: int) -> int:
+    """Positions per scoring piece: about LOGIT_ROWS rows of logits (a small batch scores more
+    positions per piece, so the head's weights are read fewer times), a multiple of SCORE_CHUNK
+    that divides `width` (itself a multiple of SCORE_CHUNK)."""
+    piece = SCORE_CHUNK
+    while piece * 2 * batch <= LOGIT_ROWS and width % (piece * 2) == 0:
+        piece *= 2
+    return piece
 
 
 def pass_width(length: int, chunk: int) -> int:
@@ -42,17 +53,19 @@ def target_log_probs(params: dict, inputs: jax.Array, targets: jax.Array, length
     """log p(targets[b, t] | inputs[b, :t+1]) as float32 [B, T].
 
     T must divide by SCORE_CHUNK and be <= chunk or a multiple of it (chunk a multiple of
-    SCORE_CHUNK). Logits are computed SCORE_CHUNK positions at a time so that [B, T, V] never
+    SCORE_CHUNK). Logits are computed `score_piece` positions at a time so that [B, T, V] never
     exists.
     """
     b, t = inputs.shape
     width = min(chunk, t)
 
+    piece = score_piece(b, width)
+
     def per_chunk(hidden, i):  # hidden [B, width, D]
         d = hidden.shape[-1]
         tgt = jax.lax.dynamic_slice_in_dim(targets, i * width, width, axis=1)
-        pieces = hidden.reshape(b, width // SCORE_CHUNK, SCORE_CHUNK, d).swapaxes(0, 1)
-        target_pieces = tgt.reshape(b, width // SCORE_CHUNK, SCORE_CHUNK).swapaxes(0, 1)
+        pieces = hidden.reshape(b, width // piece, piece, d).swapaxes(0, 1)
+        target_pieces = tgt.reshape(b, width // piece, piece).swapaxes(0, 1)
 
         def one_piece(_, xs):
             h, tg = xs
