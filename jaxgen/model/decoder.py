@@ -231,53 +231,58 @@ def _write_ring(buf: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Arr
     return buf.at[rows, slots].set(new.astype(buf.dtype), mode="drop")
 
 
+def _store(buf: jax.Array, new: jax.Array, positions: jax.Array, write_index, ring: bool) -> jax.Array:
+    """Writes new keys or values [B, T, Hkv, hd] into one layer's buffer: a ring (by position mod
+    its size), a chunk at slots [write_index, write_index + T), or each token at its position."""
+    if ring:
+        return _write_ring(buf, new, positions)
+    if write_index is not None:
+        return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, write_index, 0, 0))
+    b, t = positions.shape
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+    index = jnp.where(positions >= 0, positions, buf.shape[1])  # padding: out of bounds, dropped
+    return buf.at[rows, index].set(new.astype(buf.dtype), mode="drop")
+
+
 def _attention(config: ModelConfig, q, k, v, k_cache, v_cache, positions, write_index, is_sliding: bool,
                attend_len: Optional[int], impl: str, fresh: bool):
     """Writes the new keys/values into this layer's cache and attends. Returns (out [B, T, Hq*hd],
-    k_cache, v_cache). See `forward` for write_index / attend_len / fresh."""
+    k_cache, v_cache). See `forward` for write_index / attend_len / fresh.
+
+    Sliding layers keep a ring of min(window, length) slots (when that is `length`, slot ==
+    position still); full layers one slot per position."""
     spec = AttentionSpec(config.scale, config.attn_logit_softcapping,
                          config.sliding_window if is_sliding else None,
                          "flash" if impl in ("cudnn", "pallas") else impl)  # fused kernels: `fresh` only
     b, t = positions.shape
     slots = k_cache.shape[1]
-    ring = is_sliding  # a ring of min(window, length) slots; when that is `length`, slot == position still
+
+    def store(k_cache, v_cache):
+        return (_store(k_cache, k, positions, write_index, is_sliding),
+                _store(v_cache, v, positions, write_index, is_sliding))
+
     if fresh and t > 1:
         # No earlier context: attend over the new tokens only (a fused kernel can run this).
+        lengths = jnp.sum(positions >= 0, axis=1)
         if impl == "cudnn":
-            out = fused_self_attention(q, k, v, jnp.sum(positions >= 0, axis=1), spec)
+            out = fused_self_attention(q, k, v, lengths, spec)
         elif impl == "pallas":  # sliding layers too: the splash kernel takes a local (window) mask
-            out = pallas_self_attention(q, k, v, jnp.sum(positions >= 0, axis=1), spec)
+            out = pallas_self_attention(q, k, v, lengths, spec)
         else:
-            out = attend(q, k, v, positions, positions, spec, linear_keys=False)
-        if ring:
-            k_cache, v_cache = _write_ring(k_cache, k, positions), _write_ring(v_cache, v, positions)
-        else:
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, write_index, 0, 0))
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, write_index, 0, 0))
-        return out, k_cache, v_cache
-    if ring:
-        if t == 1:
-            # The slot written holds a position `slots` back, outside the window: write, then read.
-            k_cache, v_cache = _write_ring(k_cache, k, positions), _write_ring(v_cache, v, positions)
-            out = attend(q, k_cache, v_cache, positions, ring_positions(positions[:, 0], slots), spec)
-        else:
-            # Later tokens of the chunk would overwrite keys its earlier tokens still see: read the
-            # ring as it was, together with the new keys, then write.
-            start = positions[:, 0] if write_index is None else jnp.broadcast_to(write_index, (b,))
-            k_all = jnp.concatenate([k_cache.astype(k.dtype), k], axis=1)
-            v_all = jnp.concatenate([v_cache.astype(v.dtype), v], axis=1)
-            k_pos = jnp.concatenate([ring_positions(start - 1, slots), positions], axis=1)
-            out = attend(q, k_all, v_all, positions, k_pos, spec)
-            k_cache, v_cache = _write_ring(k_cache, k, positions), _write_ring(v_cache, v, positions)
-        return out, k_cache, v_cache
-    if write_index is None:
-        rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
-        index = jnp.where(positions >= 0, positions, slots)
-        k_cache = k_cache.at[rows, index].set(k.astype(k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[rows, index].set(v.astype(v_cache.dtype), mode="drop")
-    else:
-        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, write_index, 0, 0))
-        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, write_index, 0, 0))
+            out = attend(q, k, v, positions, positions, spec)
+        return (out,) + store(k_cache, v_cache)
+    if is_sliding and t > 1:
+        # Later tokens of the chunk would overwrite ring slots its earlier tokens still see: read
+        # the ring as it was, together with the new keys, then write.
+        start = positions[:, 0] if write_index is None else jnp.broadcast_to(write_index, (b,))
+        k_all = jnp.concatenate([k_cache.astype(k.dtype), k], axis=1)
+        v_all = jnp.concatenate([v_cache.astype(v.dtype), v], axis=1)
+        k_pos = jnp.concatenate([ring_positions(start - 1, slots), positions], axis=1)
+        return (attend(q, k_all, v_all, positions, k_pos, spec),) + store(k_cache, v_cache)
+    k_cache, v_cache = store(k_cache, v_cache)
+    if is_sliding:
+        # One token: the slot it overwrote held a position `slots` back, outside the window.
+        return attend(q, k_cache, v_cache, positions, ring_positions(positions[:, 0], slots), spec), k_cache, v_cache
     n = slots if attend_len is None else min(attend_len, slots)
     k_pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, :], (b, n))
     out = attend(q, k_cache[:, :n], v_cache[:, :n], positions, k_pos, spec, linear_keys=True)
