@@ -10,6 +10,7 @@ per row so that they count exactly what CTranslate2 counts (spec §5.1-§5.3).
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Callable, List, Optional, Sequence
 
 import jax
@@ -46,6 +47,11 @@ class Row:
     max_new: int
     min_new: int
     length_offset: int  # tokens counted in the score's length L before the generated ones
+
+
+@partial(jax.jit, static_argnums=(0,))
+def _device_zeros(shape) -> jax.Array:
+    return jnp.zeros(shape, jnp.float32)
 
 
 def _pad2(rows: Sequence[Sequence[int]], width: int, fill: int, height: Optional[int] = None) -> np.ndarray:
@@ -191,9 +197,12 @@ def run_rows(params: dict, config, rows: List[Row], resolved: ResolvedOptions, p
     state = DecodeState(
         step=jnp.int32(0), last_token=jnp.asarray(p.last), position=jnp.asarray(p.position),
         done=jnp.asarray(max_new <= 0),
-        out_tokens=jnp.zeros((bp, n_out), jnp.int32), out_log_probs=jnp.zeros((bp, n_out), jnp.float32),
-        gen_len=jnp.zeros((bp,), jnp.int32), history=p.history, cache=p.cache, key=key,
-        logits=jnp.zeros((bp, n_out if opts.return_logits_vocab else 0, config.vocab_size), jnp.float32),
+        # Host zeros (a transfer, not one small compiled program per shape); the [B, N, V] logits
+        # buffer is made on the device.
+        out_tokens=jnp.asarray(np.zeros((bp, n_out), np.int32)),
+        out_log_probs=jnp.asarray(np.zeros((bp, n_out), np.float32)),
+        gen_len=jnp.asarray(np.zeros((bp,), np.int32)), history=p.history, cache=p.cache, key=key,
+        logits=_device_zeros((bp, n_out if opts.return_logits_vocab else 0, config.vocab_size)),
     )
     total = int(max_new.max())
     first_position = int(p.position[:b].max())
@@ -265,10 +274,12 @@ def run_beam(params: dict, config, rows: List[Row], resolved: ResolvedOptions, p
     state = BeamState(
         step=jnp.int32(0), last_token=jnp.asarray(np.repeat(p.last, k)),
         position=jnp.asarray(np.repeat(p.position, k)), cum=jnp.asarray(cum),
-        seqs=jnp.zeros((p.bp, k, p.n_out), jnp.int32), history=history, cache=cache,
-        done=jnp.asarray(p.max_new <= 0), top_finished=jnp.zeros((p.bp,), bool),
-        fin_tokens=jnp.zeros((p.bp, f, p.n_out), jnp.int32), fin_len=jnp.zeros((p.bp, f), jnp.int32),
-        fin_score=jnp.full((p.bp, f), -jnp.inf, jnp.float32), fin_count=jnp.zeros((p.bp,), jnp.int32), key=key)
+        seqs=jnp.asarray(np.zeros((p.bp, k, p.n_out), np.int32)), history=history, cache=cache,
+        done=jnp.asarray(p.max_new <= 0), top_finished=jnp.asarray(np.zeros((p.bp,), bool)),
+        fin_tokens=jnp.asarray(np.zeros((p.bp, f, p.n_out), np.int32)),
+        fin_len=jnp.asarray(np.zeros((p.bp, f), np.int32)),
+        fin_score=jnp.asarray(np.full((p.bp, f), -np.inf, np.float32)),
+        fin_count=jnp.asarray(np.zeros((p.bp,), np.int32)), key=key)
     state = run_in_segments(lambda s, attend_len: beam_decode(params, s, consts,
                                                               spec=spec._replace(attend_len=attend_len)),
                             state, p.n_out, int(p.position[:b].max()), p.cache_len)

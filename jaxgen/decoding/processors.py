@@ -7,6 +7,7 @@ Every option is a traced array, so a new value never recompiles:
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -39,6 +40,7 @@ class History(NamedTuple):
     presence: jax.Array  # [B, V] bool: token occurred in the history
 
 
+@partial(jax.jit, static_argnames=("vocab_size",))
 def init_history(tokens: jax.Array, length: jax.Array, vocab_size: int) -> History:
     """tokens [B, H] (valid up to length [B]) -> History with its presence mask."""
     b, h = tokens.shape
