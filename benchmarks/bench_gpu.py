@@ -667,21 +667,6 @@ def _marker_ok(marker: str, key: str) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _lock(path: str):
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(path, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
 def child_env(args, role: str) -> Dict[str, str]:
     env = dict(os.environ)
     env.update({"TOKENIZERS_PARALLELISM": "false", "TF_CPP_MIN_LOG_LEVEL": "2", "TRANSFORMERS_VERBOSITY": "error",
@@ -795,7 +780,7 @@ def run_model(args, name: str, log) -> dict:
     job = {"model": spec, "key": key, "dtype": args.dtype, "device": args.device, "hf_dir": hf_dir,
            "jaxgen_dir": jaxgen_dir, "reps": args.reps, "workloads": args.workloads, "attention": args.attention}
     log(f"{spec['name']}: {counts['total'] / 1e6:,.1f} M parameters ({args.dtype}); cache {root}")
-    with _lock(os.path.join(args.work_dir, ".lock")):
+    with bc.file_lock(os.path.join(args.work_dir, ".lock")):
         if not _marker_ok(os.path.join(hf_dir, ".bench-complete"), key):
             log(f"{spec['name']}: building the random-weight checkpoint (once) ...")
             res = run_child(args, "build", job, os.path.join(log_dir, f"{spec['name']}-build.log"), log)
