@@ -417,19 +417,9 @@ def _memory_rows(config, device: str, compute_type: str) -> List[tuple]:
         rows.append(("sliding cache", f"{sizes(memory.sliding_cache_bytes_per_sequence, ' per sequence')}; "
                                       f"{sliding} sliding layer{'s' * (sliding != 1)}, ring of "
                                       f"{config.sliding_window:,} slots"))
-    try:
-        from jaxgen.model import attention
-    except ImportError:  # jaxgen versions without jaxgen.model.attention
-        attention = None
-    describe = getattr(attention, "describe_attention", None)
-    if describe is not None:
-        import inspect
+    from jaxgen.model.attention import describe_attention
 
-        import jax.numpy as jnp
-
-        takes_dtype = "dtype" in inspect.signature(describe).parameters
-        rows.append(("attention", describe(config, platform, **({"dtype": jnp.dtype(ctype.dtype)} if takes_dtype
-                                                                 else {}))))
+    rows.append(("attention", describe_attention(config, platform, dtype=ctype.dtype)))
     return rows
 
 
