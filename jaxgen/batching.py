@@ -1,4 +1,5 @@
-"""Splitting a batch into sub-batches (max_batch_size / batch_type) and padding to shape buckets."""
+"""Splitting a batch into sub-batches (max_batch_size / batch_type) and padding to shape buckets
+(and to whole chunks for chunked passes)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ def bucket(n: int, minimum: int = 16) -> int:
     if size >= n:
         return size
     return -(-n // 256) * 256
+
+
+def pass_width(length: int, chunk: int) -> int:
+    """Padded length of a full pass over `length` tokens: a chunk's multiple past one chunk."""
+    return length if length <= chunk else -(-length // chunk) * chunk
 
 
 def split_batches(lengths: List[int], max_batch_size: int, batch_type: str) -> List[List[int]]:

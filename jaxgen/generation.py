@@ -17,11 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.batching import bucket
+from jaxgen.batching import bucket, pass_width
 from jaxgen.decoding.beam import BeamConsts, BeamSpec, BeamState, beam_decode, expand_beams
 from jaxgen.decoding.processors import ProcessorOptions, init_history
 from jaxgen.decoding.sampling import SamplingOptions, candidate_count
-from jaxgen.decoding.scoring import pass_width
 from jaxgen.decoding.search import (DecodeConsts, DecodeState, LoopSpec, decode, live_length, prefill, set_done,
                                     start_cache)
 from jaxgen.model.decoder import KVCache, PassPlan

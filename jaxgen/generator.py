@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgen.alternatives import generate_alternatives
-from jaxgen.batching import BATCH_TYPES, bucket, split_batches
+from jaxgen.batching import BATCH_TYPES, bucket, pass_width, split_batches
 from jaxgen.compilation_cache import enable_compilation_cache
-from jaxgen.decoding.scoring import LOGIT_ROWS, SCORE_CHUNK, forward_logits, pass_width, target_log_probs
+from jaxgen.decoding.scoring import LOGIT_ROWS, SCORE_CHUNK, forward_logits, target_log_probs
 from jaxgen.decoding.search import start_cache
 from jaxgen.devices import resolve_devices
 from jaxgen.generation import assemble_results, plan_rows, prefill_sequences, run_beam, run_rows

@@ -30,11 +30,6 @@ def score_piece(batch: int, width: int) -> int:
     return piece
 
 
-def pass_width(length: int, chunk: int) -> int:
-    """Padded length of a full pass over `length` tokens: a chunk's multiple past one chunk."""
-    return length if length <= chunk else -(-length // chunk) * chunk
-
-
 def target_log_prob(params: dict, config: ModelConfig, hidden: jax.Array, targets: jax.Array) -> jax.Array:
     """log softmax(logits(hidden))[targets]: hidden [..., D], targets [...] int -> float32 [...].
 
