@@ -28,7 +28,7 @@ from jaxgen.model.attention import resolve_attention
 from jaxgen.model.decoder import DEFAULT_CHUNKS, PassPlan, init_cache
 from jaxgen.model.loading import load_params
 from jaxgen.options import GenerationOptions, validate_options
-from jaxgen.replicas import ReplicaPool, replicate, shard_tensor_parallel
+from jaxgen.replicas import ReplicaPool, replicate, shard_tensor_parallel, tensor_parallel_layout
 from jaxgen.results import ScoringResult
 from jaxgen.streaming import TokenStream, bridge_async, iterate_in_chunks
 from jaxgen.vocabulary import Vocabulary, as_id_batch
@@ -105,6 +105,7 @@ class Generator:
     def _place(self, params: dict):
         """Host params -> replicas (one per device, or one sharded over all of them)."""
         if self._tensor_parallel:
+            self.config = tensor_parallel_layout(self.config, self._devices)  # with its mesh (replicas.py)
             return [shard_tensor_parallel(params, self.config, self._devices)]
         return replicate(params, self._devices)
 

@@ -40,8 +40,9 @@ def _layer_counts(config) -> tuple:
 
 
 def _slot_bytes(config, dtype) -> int:
-    """Keys and values of one position in one layer."""
-    return 2 * config.num_kv_heads * config.head_dim * _itemsize(dtype)
+    """Keys and values of one position in one layer (as stored: tensor parallelism may hold copies
+    of each KV head, `config.stored_kv_heads`)."""
+    return 2 * config.stored_kv_heads * config.head_dim * _itemsize(dtype)
 
 
 def kv_cache_bytes_per_token(config, dtype) -> int:
@@ -74,7 +75,9 @@ def kv_cache_bytes(config, dtype, batch: int, length: int) -> int:
 # ============================================================================ job estimate
 @dataclasses.dataclass(frozen=True)
 class JobEstimate:
-    """Bytes of one job by kind (see `estimate_job`)."""
+    """Bytes of one job by kind (see `estimate_job`). `activations` are hidden-size activations
+    (whole on every device under tensor parallelism), `head_activations` the MLP intermediates and
+    attention scores (split with the heads and MLP columns)."""
 
     batch: int
     cache_length: int
@@ -82,15 +85,24 @@ class JobEstimate:
     activations: int
     logits: int
     state: int
+    head_activations: int = 0
 
     @property
     def total(self) -> int:
-        return self.cache + self.activations + self.logits + self.state
+        return self.cache + self.activations + self.head_activations + self.logits + self.state
+
+    def per_device(self, shards: int = 1) -> int:
+        """Bytes on each device when tensor parallelism splits the job over `shards` devices: the
+        KV cache (as stored, KV-head copies included), MLP intermediates and attention scores are
+        divided; hidden states, logits and the loop state are held whole by every device."""
+        shards = max(int(shards), 1)
+        split = -(-(self.cache + self.head_activations) // shards)
+        return split + self.activations + self.logits + self.state
 
     def describe(self) -> str:
         """E.g. "KV cache 10.0 GiB for 8 rows x 17,408 slots, activations 2.3 GiB, logits 24.0 MiB"."""
         parts = [f"KV cache {format_bytes(self.cache)} for {self.batch:,} rows x {self.cache_length:,} slots",
-                 f"activations {format_bytes(self.activations + self.state)}"]
+                 f"activations {format_bytes(self.activations + self.head_activations + self.state)}"]
         if self.logits:
             parts.append(f"logits {format_bytes(self.logits)}")
         return ", ".join(parts)
@@ -102,11 +114,12 @@ def estimate_job(config, dtype, *, batch: int, cache_length: int, chunk_tokens: 
     batch, cache_length = max(int(batch), 0), max(int(cache_length), 0)
     chunk = max(min(int(chunk_tokens), max(cache_length, 1)), 1)
     cache = kv_cache_bytes(config, dtype, batch, cache_length)
-    hidden = batch * chunk * (config.hidden_size * 4 + config.intermediate_size * 3) * FLOAT_BYTES
+    hidden = batch * chunk * config.hidden_size * 4 * FLOAT_BYTES
+    mlp = batch * chunk * config.intermediate_size * 3 * FLOAT_BYTES
     scores = batch * config.num_heads * chunk * min(cache_length, ATTENTION_KEY_BLOCK) * FLOAT_BYTES
     logits = (max(int(vocab_rows), 0) * 3 + max(int(stored_logits_rows), 0)) * config.vocab_size * FLOAT_BYTES
     state = batch * cache_length * 4 * 2 if decode else 0  # int32 token history and slot positions
-    return JobEstimate(batch, cache_length, cache, hidden + scores, logits, state)
+    return JobEstimate(batch, cache_length, cache, hidden, logits, state, mlp + scores)
 
 
 def estimate_job_bytes(config, dtype, *, batch: int, cache_length: int, chunk_tokens: int, decode: bool = True,
@@ -192,8 +205,8 @@ def check_jobs_fit(config, dtype, devices: Sequence, jobs: Iterable[dict], *, wh
     free memory (`memory_limit` bytes per device instead of what the devices report, when given).
 
     jobs: keyword arguments of `estimate_job`, one dict per job. The `concurrent` largest jobs
-    may run at once on one device; `shards` > 1 divides a job over that many devices (tensor
-    parallelism). Raises ValueError (see `check_fits`).
+    may run at once on one device; `shards` > 1 splits a job over that many devices (tensor
+    parallelism; see `JobEstimate.per_device`). Raises ValueError (see `check_fits`).
     """
     estimates: List[JobEstimate] = sorted((estimate_job(config, dtype, **job) for job in jobs),
                                           key=lambda e: e.total, reverse=True)
@@ -208,7 +221,7 @@ def check_jobs_fit(config, dtype, devices: Sequence, jobs: Iterable[dict], *, wh
         available, device = min(known, key=lambda item: item[0])
         where = _device_name(device)
     running = estimates[:max(int(concurrent), 1)]
-    required = -(-sum(e.total for e in running) // max(int(shards), 1))
+    required = sum(e.per_device(shards) for e in running)
     detail = running[0].describe()
     if len(running) > 1:
         detail += f"; {len(running)} sub-batches at once"

@@ -77,6 +77,9 @@ class ModelConfig:
     # storage
     weight_dtype: str = "float32"
     format_version: int = FORMAT_VERSION
+    # layout, not architecture (never saved): the jax.sharding.Mesh (one "model" axis) that
+    # tensor parallelism shards the weights over, None on one device (see jaxgen.replicas)
+    mesh: Optional[Any] = None
 
     def __post_init__(self) -> None:
         if not self.layer_types:
@@ -130,6 +133,25 @@ class ModelConfig:
         return self.rotary_dim if self.rotary_dim is not None else self.head_dim
 
     @property
+    def tensor_parallel_size(self) -> int:
+        """Devices the weights are sharded over (1 without tensor parallelism)."""
+        return 1 if self.mesh is None else int(self.mesh.devices.size)
+
+    @property
+    def kv_head_copies(self) -> int:
+        """Copies of each key/value head in the weights and the KV cache: n / gcd(num_kv_heads, n)
+        over n tensor-parallel devices, so that the stored heads, lcm(num_kv_heads, n), divide over
+        the devices and each device holds the KV heads its query heads read (1 without tensor
+        parallelism, or when num_kv_heads divides by n)."""
+        n = self.tensor_parallel_size
+        return n // math.gcd(self.num_kv_heads, n)
+
+    @property
+    def stored_kv_heads(self) -> int:
+        """Key/value heads as the weights and the KV cache hold them (num_kv_heads * kv_head_copies)."""
+        return self.num_kv_heads * self.kv_head_copies
+
+    @property
     def has_sliding_layers(self) -> bool:
         return "sliding" in self.layer_types
 
@@ -142,7 +164,8 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
+        # the mesh is a device layout, not part of the model
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "mesh"}
         out["layer_types"] = list(self.layer_types)
         out["rope_scaling"] = _thaw(self.rope_scaling) if self.rope_scaling else None
         return out

@@ -22,6 +22,7 @@ from typing import NamedTuple, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxgen.model.attention import AttentionSpec, attend, fused_self_attention, pallas_self_attention
 from jaxgen.model.config import ModelConfig
@@ -45,7 +46,8 @@ class PassPlan(NamedTuple):
 class KVCache:
     """Per-layer key/value buffers (separate arrays, so each is updated in place).
 
-    k[i], v[i]: [B, S_i, Hkv, hd] with S_i = `length` for full layers and the ring size
+    k[i], v[i]: [B, S_i, Hkv, hd] (Hkv = config.stored_kv_heads: tensor parallelism may store
+    copies of each head) with S_i = `length` for full layers and the ring size
     min(sliding_window, length) for sliding layers. `length` (static) is the number of positions
     the cache can hold.
     """
@@ -83,12 +85,22 @@ def layer_slots(config: ModelConfig, layer: int, length: int) -> int:
 
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype) -> KVCache:
-    shapes = [(batch, layer_slots(config, i, length), config.num_kv_heads, config.head_dim)
+    shapes = [(batch, layer_slots(config, i, length), config.stored_kv_heads, config.head_dim)
               for i in range(config.num_layers)]
     return KVCache(tuple(jnp.zeros(s, dtype) for s in shapes), tuple(jnp.zeros(s, dtype) for s in shapes), length)
 
 
 # ---------------------------------------------------------------------------- building blocks
+def pin(x: jax.Array, config: ModelConfig, *spec) -> jax.Array:
+    """Under tensor parallelism (`config.mesh`), constrains x to PartitionSpec(*spec) over the
+    mesh (no spec: replicated), so that XLA keeps the layout jaxgen.replicas intends instead of
+    one it propagates from a weight (the hidden-axis split of the embedding, say). A no-op on one
+    device."""
+    if config.mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(config.mesh, PartitionSpec(*spec)))
+
+
 def linear(x: jax.Array, p: dict) -> jax.Array:
     """x [..., in] @ weight [in, out] (+ bias); int8 weights carry a per-output `weight_scale`."""
     w = p["weight"]
@@ -301,7 +313,7 @@ def _layer(config: ModelConfig, x: jax.Array, lp: dict, k_cache: jax.Array, v_ca
            is_sliding: bool, positions: jax.Array, write_index, rope: dict, attend_len: Optional[int],
            impl: str, fresh: bool):
     b, t, _ = x.shape
-    hq, hkv, hd = config.num_heads, config.num_kv_heads, config.head_dim
+    hq, hkv, hd = config.num_heads, config.stored_kv_heads, config.head_dim
     h = norm(x, lp["attn_norm"], config)
     q = linear(h, lp["q"]).reshape(b, t, hq, hd)
     k = linear(h, lp["k"]).reshape(b, t, hkv, hd)
@@ -349,7 +361,7 @@ def forward(params: dict, config: ModelConfig, tokens: jax.Array, positions: jax
     Returns the final-normed hidden states [B, T, D] and the updated cache.
     """
     dtype = cache.dtype
-    x = embed(params, config, tokens, dtype)
+    x = pin(embed(params, config, tokens, dtype), config)
     clipped = jnp.maximum(positions, 0)
     if config.position_embedding == "learned":
         x = x + jnp.take(params["pos_embed"]["weight"], clipped, axis=0).astype(dtype)
@@ -361,6 +373,7 @@ def forward(params: dict, config: ModelConfig, tokens: jax.Array, positions: jax
     for i, lp in enumerate(params["layers"]):
         x, k_l, v_l = _layer(config, x, lp, cache.k[i], cache.v[i], config.layer_types[i] == "sliding",
                              positions, write_index, rope, attend_len, impl, fresh)
+        x = pin(x, config)
         k_new.append(k_l)
         v_new.append(v_l)
     hidden = norm(x, params["final_norm"], config)
