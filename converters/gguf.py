@@ -30,8 +30,11 @@ Tokenizer: a SentencePiece vocabulary (`tokenizer.ggml.model` = "llama") is rebu
 `tokenizer.model` that encodes like transformers' tokenizer for the same GGUF (see
 `sentencepiece_model.py`, which also says how control and user-defined tokens behave).
 `vocabulary.json` holds the same pieces (Gemma's whitespace-run tokens, stored with real spaces
-in the GGUF, are spelled with "\u2581" as transformers and CTranslate2 spell them). Other
-tokenizer types (e.g. "gpt2" byte-level BPE) get the vocabulary only. Special tokens: bos, eos,
+in the GGUF, are spelled with "\u2581" as transformers and CTranslate2 spell them). A byte-level
+BPE vocabulary (`tokenizer.ggml.model` = "gpt2": Llama 3, Qwen2, ...) is rebuilt into a
+`tokenizer.json` from its tokens, merges, token types and pre-tokenizer name (see
+`bpe_tokenizer.py`). Other tokenizer types get the vocabulary only. A `tokenizer.chat_template`
+is written to `tokenizer_config.json`. Special tokens: bos, eos,
 unk and pad from `tokenizer.ggml.*_token_id`, `add_bos_token` from `tokenizer.ggml.add_bos_token`.
 """
 
@@ -46,7 +49,8 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 import numpy as np
 
 from jaxgen.converters.base import ConvertedModel, Converter
-from jaxgen.converters.sentencepiece_model import build_sentencepiece_model, gemma_pieces
+from jaxgen.converters.bpe_tokenizer import build_bpe_tokenizer
+from jaxgen.converters.sentencepiece_model import build_sentencepiece_model, gemma_pieces, text_matched_types
 from jaxgen.model.config import ModelConfig
 
 GGUF_MAGIC = b"GGUF"
@@ -110,7 +114,8 @@ class GGUFConverter(Converter):
             raise ValueError(f"the GGUF vocabulary has {len(vocab)} tokens but the embedding only "
                              f"{config.vocab_size} rows")
         flat = _weights(tensors, config, arch, self._progress)
-        return ConvertedModel(config=config, flat=flat, vocabulary=vocab, tokenizer_files=tokenizer_files)
+        return ConvertedModel(config=config, flat=flat, vocabulary=vocab, tokenizer_files=tokenizer_files,
+                              extra_json=_tokenizer_config(meta, special))
 
 
 # ---------------------------------------------------------------------------- reading the file
@@ -272,6 +277,8 @@ def _tokenizer(meta: GGUFMetadata) -> Tuple[List[str], List[Tuple[str, bytes]], 
         if unk is None and "<unk>" in pieces:
             unk = pieces.index("<unk>")
         try:
+            if types is not None:
+                types = text_matched_types(types, (unk, ids["bos"], ids["eos"], ids["pad"]))
             data = build_sentencepiece_model(pieces, scores, types, model_type="bpe", add_dummy_prefix=add_prefix,
                                              unk_id=unk, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"])
         except ValueError as exc:  # the model still converts; only the text tokenizer is missing
@@ -279,12 +286,33 @@ def _tokenizer(meta: GGUFMetadata) -> Tuple[List[str], List[Tuple[str, bytes]], 
         else:
             files.append(("tokenizer.model", data))
         ids["unk"] = unk
+    elif kind == "gpt2":  # byte-level BPE
+        try:
+            data = build_bpe_tokenizer(tokens, meta.value("tokenizer.ggml.merges"), types,
+                                       meta.value("tokenizer.ggml.pre"), list(ids.values()))
+        except ValueError as exc:
+            warnings.warn(f"no tokenizer.json written: {exc}", stacklevel=3)
+        else:
+            files.append(("tokenizer.json", data))
     add_bos = meta.value("tokenizer.ggml.add_bos_token")
     if add_bos is None:  # llama.cpp's default: SentencePiece vocabularies add BOS
         add_bos = kind == "llama"
     special = {f"{k}_token": (pieces[v] if v is not None else None) for k, v in ids.items()}
     special["add_bos_token"] = bool(add_bos) and ids["bos"] is not None
     return pieces, files, special
+
+
+def _tokenizer_config(meta: GGUFMetadata, special: Dict[str, object]) -> Dict[str, dict]:
+    """{"tokenizer_config.json": {...}} with the GGUF's chat template and special tokens, or {}
+    when the file has no `tokenizer.chat_template` (ValueError when it is not a string)."""
+    template = meta.value("tokenizer.chat_template")
+    if template is None:
+        return {}
+    if not isinstance(template, str):
+        raise ValueError(f"tokenizer.chat_template is a {type(template).__name__}, not a string")
+    config = {k: v for k, v in special.items() if k.endswith("_token") and isinstance(v, str)}
+    config["chat_template"] = template
+    return {"tokenizer_config.json": config}
 
 
 def _filler(index: int, taken: set) -> str:

@@ -9,16 +9,24 @@ the tokenizer transformers builds from the same GGUF.
 Token types (GGUF and SentencePiece share the numbering): 1 normal, 2 unknown, 3 control,
 4 user-defined, 5 unused, 6 byte.
 
-How special tokens behave with the rebuilt model:
-  * control tokens (`<bos>`, `<eos>`, `<start_of_turn>`, `<unusedN>`, ...) are never produced
-    when encoding text: a literal "<start_of_turn>" in the text is tokenized as ordinary
-    characters. They exist only as ids / token strings passed to the API, and decode to "".
-    (transformers matches them in text unless `split_special_tokens=True`; the rebuilt model
-    behaves like transformers with `split_special_tokens=True`.)
+How special tokens behave with the rebuilt model (see `text_matched_types`):
+  * the bos, eos and pad tokens stay control tokens (and unk the unknown piece): they are never
+    produced when encoding text (a literal "<bos>" is tokenized as ordinary characters), exist
+    only as ids / token strings passed to the API, and decode to "". This is the role they have
+    in the original SentencePiece models (Gemma's, Llama 2's).
+  * every other token the GGUF marks as control (Gemma's `<start_of_turn>`, `<end_of_turn>`,
+    `<mask>`, `<unusedN>`) becomes user-defined, as it is in the original Gemma `tokenizer.model`
+    (llama.cpp writes `special: true` added tokens as control): it is matched whole in the text,
+    so a chat prompt encodes `<start_of_turn>` as the single token 105, as transformers'
+    tokenizer for the same GGUF does (it matches every control token in text unless
+    `split_special_tokens=True`), and it decodes back to its text.
   * user-defined tokens (Gemma's runs of newlines and tabs, `<start_of_image>`, `[multimodal]`,
     ...) are matched whole in the text (longest first), like transformers' non-special added
     tokens. Gemma's runs of spaces are the exception: transformers treats them as ordinary BPE
     tokens, and so do we (see `gemma_pieces`).
+  * so plain `encode` equals transformers' default encoding on any text that does not contain the
+    bos/eos/pad/unk strings themselves; on those, it equals transformers with
+    `split_special_tokens=True` on the bos/eos/pad/unk strings only.
   * a literal "\u2581" in the text is the space marker: it decodes back as a space (transformers
     does the same), the one input on which decode(encode(text)) != text.
 
@@ -60,6 +68,23 @@ def gemma_pieces(tokens: Sequence[str], scores: Optional[Sequence[float]],
         if old != new and types[i] == USER_DEFINED:
             types[i] = NORMAL
     return pieces, [-float(i) for i in range(n)], types
+
+
+def text_matched_types(token_types: Sequence[int], keep_control: Sequence[Optional[int]]) -> List[int]:
+    """Token types with every CONTROL token turned USER_DEFINED except the ids in `keep_control`
+    (the bos/eos/pad/unk ids), so that SentencePiece matches them in text as transformers does.
+
+    llama.cpp marks a SentencePiece vocabulary's `special: true` added tokens as control, which
+    in SentencePiece would mean "never produced from text"; in the original model (and for
+    transformers) they are matched in text. Raises ValueError on a type that is not an int.
+    """
+    keep = {int(i) for i in keep_control if i is not None}
+    out = []
+    for i, kind in enumerate(token_types):
+        if isinstance(kind, bool) or not isinstance(kind, int):
+            raise ValueError(f"GGUF token type of token {i} is {kind!r}, not an integer")
+        out.append(USER_DEFINED if kind == CONTROL and i not in keep else kind)
+    return out
 
 
 def build_sentencepiece_model(

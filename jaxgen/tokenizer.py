@@ -13,6 +13,14 @@ It is backed by the directory's SentencePiece `tokenizer.model` (preferred) or i
 Special tokens: `encode` adds none unless asked (`add_special_tokens=True`), and then only the
 BOS token, only when the model's tokenizer adds one (`ModelConfig.add_bos_token`). The Python
 API of `Generator` never adds any: pass them in the token lists yourself.
+
+Special tokens written in the text: the tokenizer's own bos/eos/pad/unk tokens (the control
+pieces of a SentencePiece model, the special added tokens of a tokenizer.json) are read as
+ordinary text unless `parse_special=True`; tokens the tokenizer matches in text by itself (a
+SentencePiece model's user-defined pieces, a tokenizer.json's non-special added tokens) are
+always matched. The converters give chat markers (Gemma's `<start_of_turn>`, Llama 3's
+`<|start_header_id|>`) the second role, so `encode` reads a chat prompt as the model's own
+tokenizer does, and `parse_special=True` encodes like transformers' tokenizer with its defaults.
 """
 
 from __future__ import annotations
@@ -60,7 +68,7 @@ class Tokenizer:
 
     @property
     def special_tokens(self) -> List[str]:
-        """Control tokens (never produced from ordinary text), e.g. '<bos>', '<end_of_turn>'."""
+        """Special tokens read from text only with `parse_special=True`, e.g. '<bos>', '<eos>'."""
         return list(self._backend.special_tokens)
 
     def __repr__(self) -> str:
@@ -72,8 +80,9 @@ class Tokenizer:
         """Text -> token strings of the model's vocabulary.
 
         add_special_tokens: prepend the BOS token when the model's tokenizer does so.
-        parse_special: read special tokens written in the text (e.g. "<start_of_turn>" in a
-        rendered chat template) as those tokens; by default they are ordinary text.
+        parse_special: also read the special tokens (`special_tokens`, e.g. "<bos>" in a
+        rendered chat template) written in the text as those tokens; by default they are
+        ordinary text. Chat markers that the tokenizer matches by itself are always read.
         """
         return self.convert_ids_to_tokens(self.encode_ids(text, add_special_tokens, parse_special))
 
@@ -269,7 +278,8 @@ class _SentencePieceBackend(_Backend):
         self.size = sp.get_piece_size()
         self.bos_token = sp.id_to_piece(sp.bos_id()) if sp.bos_id() >= 0 else None
         self.eos_token = sp.id_to_piece(sp.eos_id()) if sp.eos_id() >= 0 else None
-        self.special_ids = {sp.id_to_piece(i): i for i in range(self.size) if sp.is_control(i)}
+        self.special_ids = {sp.id_to_piece(i): i for i in range(self.size)
+                            if sp.is_control(i) or sp.is_unknown(i)}
 
     def encode(self, text: str) -> List[int]:
         return self._sp.encode(text)

@@ -76,6 +76,25 @@ def test_replaces_an_invalid_directory_and_old_temporaries(fake_convert):
     assert len(fake_convert) == 1
 
 
+def test_older_conversion_revision_is_converted_again(fake_convert):
+    """A valid directory from an older converter (no stamp, or another revision) is replaced."""
+    import json
+
+    import conftest
+
+    target = default_model.default_model_dir()
+    conftest.build_cli_tiny_model(target)  # valid, but never stamped: an old jaxgen's conversion
+    assert default_model.is_valid_model_dir(target) and not default_model.is_current_model_dir(target)
+    assert default_model.default_model_path() == target
+    assert len(fake_convert) == 1
+    assert default_model.conversion_revision(target) == default_model.CONVERSION_REVISION
+    assert default_model.default_model_path() == target and len(fake_convert) == 1  # now reused
+    with open(os.path.join(target, "jaxgen_default_model.json"), "w") as f:
+        json.dump({"conversion_revision": default_model.CONVERSION_REVISION - 1}, f)
+    assert default_model.default_model_path() == target
+    assert len(fake_convert) == 2
+
+
 def test_lost_rename_race_uses_the_winner(fake_convert, monkeypatch):
     """Without the lock (as on a file system where it does not work), two converters race: the
     loser's rename fails and it uses the winner's complete model."""

@@ -43,8 +43,9 @@ CODE = (
 MULTILINGUAL = "Bonjour, comment ça va ? 日本語のテキストも少し。Привет, мир! مرحبا بالعالم"
 SHORT = "Paris is the capital of"
 
-# Encoding must match transformers on all of these (with split_special_tokens=True where they
-# contain control-token strings; see converters/sentencepiece_model.py), and decode back.
+# Encoding must match transformers on all of these, and decode back. Plain `sp.encode` matches the
+# chat markers as transformers does and reads the bos/eos/pad/unk strings as text (see
+# converters/sentencepiece_model.py); `jaxgen.tokenizer` with parse_special=True reads those too.
 TOKENIZER_CORPUS = [
     "", " ", "  ", "   ", "\t", "\n", "Hello world", "Hello, World!", "  leading spaces", "trailing spaces   ",
     "tabs\tand\t\tmore\t\t\ttabs", "a\nb\n\nc\n\n\n\nd", "\r\n windows line endings \r\n",
@@ -60,6 +61,15 @@ TOKENIZER_CORPUS = [
     "<start_of_turn>user\nHello<end_of_turn>\n<start_of_turn>model\n", "<bos><eos><pad><unk><mask>",
     "[multimodal]<start_of_image><end_of_image>", "<unused0> <unused99>", "<0x41> literal byte token",
 ]
+# Gemma chat prompts: <start_of_turn> (105) and <end_of_turn> (106) are single tokens in text.
+CHAT_CORPUS = [
+    "<start_of_turn>user\nhi<end_of_turn>",
+    "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\n4<end_of_turn>\n<start_of_turn>model\n",
+    "<bos><start_of_turn>user\nTranslate: «bonjour»<end_of_turn>\n<start_of_turn>model\n",
+    "x<start_of_turn>y<end_of_turn>z", "<start_of_turn><end_of_turn><start_of_turn>", "<<start_of_turn>>",
+    "<start_of_turn >user", "<start_of_turn\n", " <end_of_turn> \n\n<end_of_turn>\t", "<mask><unused6241>[multimodal]",
+]
+ROLE_TOKENS = ("<bos>", "<eos>", "<pad>", "<unk>")  # control pieces: text for a plain sp.encode
 
 
 def _real_ids(tokenizer, text, bos=True):
@@ -201,19 +211,36 @@ def _hf_ids(tokenizer, text, split_special=True):
 
 def test_tokenizer_matches_transformers_on_corpus(sp_model, gguf_hf_tokenizer):
     controls = [sp_model.id_to_piece(i) for i in range(sp_model.get_piece_size()) if sp_model.is_control(i)]
-    assert "<start_of_turn>" in controls and "<eos>" in controls
-    for text in TOKENIZER_CORPUS:
+    assert sorted(controls) == sorted(["<bos>", "<eos>", "<pad>"])
+    for text in TOKENIZER_CORPUS + CHAT_CORPUS:
         ids = sp_model.encode(text)
-        assert ids == _hf_ids(gguf_hf_tokenizer, text), repr(text)
-        if not any(c in text for c in controls):  # no control token in the text: same as the default
+        if not any(c in text for c in ROLE_TOKENS):
             assert ids == _hf_ids(gguf_hf_tokenizer, text, split_special=False), repr(text)
         assert sp_model.decode(ids) == text, repr(text)
         assert sp_model.encode(text, out_type=str) == gguf_hf_tokenizer.convert_ids_to_tokens(ids)
 
 
+def test_jaxgen_tokenizer_matches_transformers_on_chat_corpus(gguf_jaxgen_dir, sp_model, gguf_hf_tokenizer):
+    """`jaxgen.tokenizer`: plain encode is sp.encode; parse_special=True is transformers' default
+    encoding on every text, the bos/eos/pad/unk strings included."""
+    from jaxgen.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(gguf_jaxgen_dir)
+    assert tokenizer.backend == "sentencepiece"
+    assert sorted(tokenizer.special_tokens) == sorted(ROLE_TOKENS)
+    for text in TOKENIZER_CORPUS + CHAT_CORPUS:
+        assert tokenizer.encode_ids(text) == sp_model.encode(text), repr(text)
+        assert tokenizer.encode_ids(text, parse_special=True) == _hf_ids(gguf_hf_tokenizer, text, False), repr(text)
+    assert tokenizer.encode("<start_of_turn>user\nhi<end_of_turn>") == \
+        ["<start_of_turn>", "user", "\n", "hi", "<end_of_turn>"]
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert tokenizer.encode_ids(chat, parse_special=True) == _hf_ids(gguf_hf_tokenizer, chat, False)
+
+
 def test_tokenizer_matches_transformers_on_random_text(sp_model, gguf_hf_tokenizer):
     rng = random.Random(1234)
     vocab = [sp_model.id_to_piece(i).replace("\u2581", " ") for i in range(494, sp_model.get_piece_size(), 37)]
+    vocab += ["<start_of_turn>", "<end_of_turn>", "<start_of_turn>user\n", "<end_of_turn>\n", "<unused7>"]
     alphabet = list("aeiou   \n\t.,;:!?'\"()[]{}<>/\\-_=+*&^%$#@0123456789éüßç日本語한مר😀") + ["    ", "\n\n", "\t\t"]
     for _ in range(400):
         parts = []
@@ -224,16 +251,18 @@ def test_tokenizer_matches_transformers_on_random_text(sp_model, gguf_hf_tokeniz
                 parts.append("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 6))))
         text = "".join(parts)
         ids = sp_model.encode(text)
-        assert ids == _hf_ids(gguf_hf_tokenizer, text), repr(text)
+        assert ids == _hf_ids(gguf_hf_tokenizer, text, split_special=False), repr(text)
         assert sp_model.decode(ids) == text, repr(text)
 
 
 def test_tokenizer_special_token_behaviour(sp_model, gguf_hf_tokenizer):
-    # Control tokens are never produced from text; they are only passed as ids/token strings.
-    assert 105 not in sp_model.encode("<start_of_turn>")
+    # Chat markers are matched in text, as in the original Gemma tokenizer.model and transformers.
+    assert sp_model.encode("<start_of_turn>user\nhi<end_of_turn>") == [105, 2364, 107, 2202, 106]
     assert _hf_ids(gguf_hf_tokenizer, "<start_of_turn>", split_special=False) == [105]
-    assert sp_model.encode("<eos>") != [1]
-    assert sp_model.decode([2, 105, 2364, 106, 1]) == "user"  # control pieces decode to ""
+    assert not sp_model.is_control(105) and not sp_model.is_control(106)
+    # bos/eos/pad keep their control role: never produced from text, passed as ids/token strings.
+    assert sp_model.encode("<eos>") != [1] and sp_model.encode("<bos>") != [2]
+    assert sp_model.decode([2, 105, 2364, 106, 1]) == "<start_of_turn>user<end_of_turn>"  # controls decode to ""
     # User-defined tokens (newline/tab runs, image markers) are matched whole, like transformers.
     assert sp_model.encode("\n\n") == [108]
     assert sp_model.encode("<start_of_image>") == [255999] == _hf_ids(gguf_hf_tokenizer, "<start_of_image>")
