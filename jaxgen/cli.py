@@ -1,6 +1,7 @@
 """The `jaxgen` command line: generate, chat, score, convert, info.
 
     jaxgen generate "The three most important inventions in history are"
+    jaxgen generate --input prompts.jsonl --output results.jsonl
     jaxgen chat --model MODEL_DIR
     jaxgen score notes.txt
     jaxgen convert --from gguf model.gguf -o MODEL_DIR
@@ -14,10 +15,13 @@ with exit status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
-from typing import List, Optional, Sequence
+import time
+from collections import defaultdict, deque
+from typing import Callable, Dict, Hashable, Iterator, List, NamedTuple, Optional, Sequence, TextIO, Tuple
 
 EXIT_USAGE = 2
 _ERRORS = (ValueError, TypeError, OSError, RuntimeError, NotImplementedError, LookupError)
@@ -41,11 +45,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     # ------------------------------------------------------------------ generate
-    p = sub.add_parser("generate", help="continue a prompt, streaming the text as it is produced",
-                       description="Continue PROMPT and stream the generated text to stdout.")
-    p.add_argument("prompt", metavar="PROMPT", help="the text to continue ('-' reads it from stdin)")
+    p = sub.add_parser("generate", help="continue a prompt (streaming the text), or every prompt of a file",
+                       description="Continue PROMPT and stream the generated text to stdout; or, with --input "
+                                   "FILE, continue every prompt of FILE (one per line: .txt text, or .jsonl "
+                                   "objects {\"prompt\": ..., \"id\": ..., \"max_length\": ...}) in batches and "
+                                   "write one JSON line per prompt, in input order. Bad lines (not JSON, no prompt) "
+                                   "are reported as FILE:LINE: ... on stderr and skipped; the exit status is "
+                                   "then 1. Blank lines are skipped silently.")
+    p.add_argument("prompt", metavar="PROMPT", nargs="?", default=None,
+                   help="the text to continue ('-' reads it from stdin); not with --input")
+    p.add_argument("--input", metavar="FILE", default=None,
+                   help="continue every prompt of FILE ('-' reads stdin) instead of PROMPT")
+    p.add_argument("--input-format", choices=("txt", "jsonl"), default=None,
+                   help="txt: a prompt per line, as is; jsonl: a JSON object per line (default: jsonl for a "
+                        ".jsonl file, else txt)")
+    p.add_argument("--output", metavar="FILE", default=None,
+                   help="with --input: where the JSON lines go (default and '-': stdout)")
+    p.add_argument("--batch-size", type=_positive_int, default=32,
+                   help="with --input: prompts decoded together (default 32)")
+    _add_progress_option(p)
     _add_model_options(p)
     _add_decoding_options(p)
+    p.add_argument("--end-token", metavar="TOKEN", action="append", default=None,
+                   help="also stop at this token of the model's vocabulary (repeatable; besides the EOS token); "
+                        "\\n, \\t, \\r and \\\\ are read as escapes, so --end-token '\\n' stops at a newline")
     p.add_argument("--beam-size", type=_positive_int, default=1,
                    help="beam search with this many beams (printed at the end, not streamed); default 1")
     p.add_argument("--system", metavar="TEXT", default=None,
@@ -73,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=8, help="lines scored together (default 8)")
     p.add_argument("--max-input-length", type=_positive_int, default=1024,
                    help="truncate longer lines to this many tokens (default 1024)")
-    p.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
+    _add_progress_option(p)
     p.set_defaults(func=cmd_score)
 
     # ------------------------------------------------------------------ convert
@@ -105,6 +128,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compute-type", default="default",
                    help="default, auto, float32, float16, bfloat16, int8, int8_float32, int8_float16 or "
                         "int8_bfloat16 (default: the model's weight type)")
+
+
+def _add_progress_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show a progress bar on stderr (default: when stderr is a terminal)")
 
 
 def _add_decoding_options(p: argparse.ArgumentParser, max_length: int = 64) -> None:
@@ -198,23 +226,24 @@ def _stream(generator, tokenizer, prompt: List[str], kwargs: dict, end_ids: Sequ
 
 # ============================================================================ generate
 def cmd_generate(args) -> int:
+    """`jaxgen generate PROMPT` (streamed) or `jaxgen generate --input FILE` (every prompt of FILE)."""
+    if (args.prompt is None) == (args.input is None):
+        raise CLIError("give either PROMPT or --input FILE (exactly one of them)")
+    if args.output is not None and args.input is None:
+        raise CLIError("--output needs --input FILE")
+    if args.system is not None and not args.system.strip():
+        raise CLIError("the system prompt is empty")
+    if args.input is not None:
+        return _generate_file(args)
     text = _read_text_arg(args.prompt)
     if not text.strip():
         raise CLIError("the prompt is empty")
-    if args.system is not None and not args.system.strip():
-        raise CLIError("the system prompt is empty")
     generator, tokenizer = _load(args)
-    kwargs = _sampling_kwargs(args)
-    static = None
-    if args.system is not None:
-        system = args.system if args.system[-1:].isspace() else args.system + "\n"
-        static = tokenizer.encode(system, add_special_tokens=True)
-        prompt = tokenizer.encode(text, add_special_tokens=False)
-        kwargs["static_prompt"] = static
-    else:
-        prompt = tokenizer.encode(text, add_special_tokens=True)
+    kwargs = _generation_kwargs(args, generator, tokenizer)
+    prompt = _prompt_tokens(tokenizer, text, kwargs.get("static_prompt"))
     if not prompt:
         raise CLIError("the prompt has no tokens")
+    end_ids = _end_ids(generator, tokenizer, _end_token_args(args))
     out = sys.stdout
     if args.echo:
         out.write(text)
@@ -222,23 +251,255 @@ def cmd_generate(args) -> int:
     if args.beam_size > 1:
         results = generator.generate_batch([prompt], beam_size=args.beam_size, include_prompt_in_result=False,
                                            **kwargs)
-        ids = [i for i in results[0].sequences_ids[0] if i not in _end_ids(generator, tokenizer)]
-        context = tokenizer.convert_tokens_to_ids(prompt[-4:])
-        continuation = tokenizer.decode(context + ids)[len(tokenizer.decode(context)):]
-        out.write(continuation)
+        out.write(_continuation(tokenizer, prompt, results[0].sequences_ids[0], end_ids))
     else:
-        _stream(generator, tokenizer, prompt, kwargs, _end_ids(generator, tokenizer), out)
+        _stream(generator, tokenizer, prompt, kwargs, end_ids, out)
     out.write("\n")
     out.flush()
     return 0
 
 
+def _generation_kwargs(args, generator, tokenizer) -> dict:
+    """Decoding options of `generate` for the Generator: sampling, end tokens, static prompt."""
+    kwargs = _sampling_kwargs(args)
+    extra = _end_token_args(args)
+    if extra:
+        missing = [t for t in extra if t not in generator.vocabulary]
+        if missing:
+            raise CLIError(f"--end-token {missing[0]!r} is not a token of this model's vocabulary")
+        eos = [tokenizer.eos_token] if tokenizer.eos_token in generator.vocabulary else []
+        kwargs["end_token"] = eos + extra
+    if args.system is not None:
+        system = args.system if args.system[-1:].isspace() else args.system + "\n"
+        kwargs["static_prompt"] = tokenizer.encode(system, add_special_tokens=True)
+    return kwargs
+
+
+def _prompt_tokens(tokenizer, text: str, static_prompt: Optional[List[str]]) -> List[str]:
+    """The prompt's tokens; they start with BOS (when the model adds one) unless a static prompt does."""
+    return tokenizer.encode(text, add_special_tokens=static_prompt is None)
+
+
+def _end_token_args(args) -> List[str]:
+    r"""The `--end-token` values with the escapes \n, \t, \r and \\ read."""
+    escapes = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+    def unescape(text: str) -> str:
+        out, i = [], 0
+        while i < len(text):
+            if text[i] == "\\" and i + 1 < len(text) and text[i + 1] in escapes:
+                out.append(escapes[text[i + 1]])
+                i += 2
+            else:
+                out.append(text[i])
+                i += 1
+        return "".join(out)
+
+    return [unescape(t) for t in args.end_token or ()]
+
+
+def _continuation(tokenizer, prompt: List[str], ids: Sequence[int], end_ids: Sequence[int]) -> str:
+    """The text of generated `ids` (end tokens dropped), decoded after the prompt's last tokens so
+    that its first word's leading space comes out as when streamed."""
+    context = tokenizer.convert_tokens_to_ids(prompt[-4:])
+    ids = [i for i in ids if i not in end_ids]
+    return tokenizer.decode(context + ids)[len(tokenizer.decode(context)):]
+
+
 def _end_ids(generator, tokenizer, extra: Sequence[str] = ()) -> List[int]:
+    """Ids of the EOS token and of `extra` tokens that are in the model's vocabulary."""
     ids = []
     for token in [tokenizer.eos_token, *extra]:
         if token is not None and token in generator.vocabulary:
             ids.append(generator.vocabulary.id_of(token))
     return ids
+
+
+# ---------------------------------------------------------------------------- generate --input
+class _Prompt(NamedTuple):
+    """One good input line: the start of its output record, its tokens, its own max_length."""
+    record: dict  # {"line": N, "id": ... (when given), "prompt": text}
+    tokens: List[str]
+    max_length: Optional[int]
+
+
+class _BadLine(ValueError):
+    """An input line that is skipped (reported on stderr with its line number)."""
+
+
+def _generate_file(args) -> int:
+    """Generates from every prompt of `--input`, writing JSON lines in input order; status 1 when a
+    line was bad, 0 otherwise."""
+    fmt = args.input_format or ("jsonl" if args.input.lower().endswith(".jsonl") else "txt")
+    name = "<stdin>" if args.input == "-" else args.input
+    total = None if args.input == "-" else sum(1 for line in _lines(args.input) if line.strip())
+    if total == 0:
+        raise CLIError(f"{args.input} has no prompts")
+    generator, tokenizer = _load(args)
+    kwargs = _generation_kwargs(args, generator, tokenizer)
+    end_ids = _end_ids(generator, tokenizer, _end_token_args(args))
+    bad = 0
+    with _open_output(args.output) as out, _progress_bar(total, " prompts", "Generating", args.progress) as bar:
+        def report(line: int, message: str) -> None:
+            nonlocal bad
+            bad += 1
+            bar.write(f"{name}:{line}: {message}", file=sys.stderr)
+            if bar.total:
+                bar.total -= 1
+                bar.refresh()
+
+        prompts = _read_prompts(args.input, fmt, tokenizer, kwargs.get("static_prompt"), report)
+        start, generated, done = time.monotonic(), 0, 0
+        for prompt, result in _generate_in_order(generator, prompts, args, kwargs):
+            ids = result.sequences_ids[0]
+            record = dict(prompt.record, text=_continuation(tokenizer, prompt.tokens, ids, end_ids), tokens=len(ids))
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.flush()
+            done, generated = done + 1, generated + len(ids)
+            bar.set_postfix_str(f"{generated / max(time.monotonic() - start, 1e-6):.1f} tokens/s", refresh=False)
+            bar.update(1)
+    if done == 0 and bad == 0:
+        raise CLIError(f"{args.input} has no prompts")
+    return 1 if bad else 0
+
+
+def _generate_in_order(generator, prompts: Iterator[_Prompt], args, kwargs: dict) -> Iterator[Tuple[_Prompt, object]]:
+    """(prompt, GenerationResult) in input order, through `generate_iterable`: one stream per
+    max_length (lines with their own "max_length" are batched with the lines that share it)."""
+    split = _SplitByKey((p.max_length or args.max_length, p) for p in prompts)
+    streams: Dict[int, Iterator] = {}
+    while split.pending or split.read():
+        max_length, prompt = split.pending.popleft()
+        if max_length not in streams:
+            options = dict(kwargs, max_length=max_length)
+            streams[max_length] = generator.generate_iterable(
+                (p.tokens for p in split.items(max_length)), max_batch_size=args.batch_size,
+                beam_size=args.beam_size, include_prompt_in_result=False, **options)
+        yield prompt, next(streams[max_length])
+
+
+class _SplitByKey:
+    """Splits one lazily read stream of (key, item) pairs into one iterator per key. The source is
+    read only when an iterator needs its next item; items of other keys wait in their buffers, and
+    `pending` holds every pair read so far, in source order, until the caller takes it."""
+
+    def __init__(self, source: Iterator[Tuple[Hashable, object]]):
+        self._source = iter(source)
+        self._buffers: Dict[Hashable, deque] = defaultdict(deque)
+        self.pending: deque = deque()
+        self._exhausted = False
+
+    def read(self) -> bool:
+        """Reads one pair from the source; False when it has none left."""
+        if not self._exhausted:
+            for key, item in self._source:
+                self._buffers[key].append(item)
+                self.pending.append((key, item))
+                return True
+            self._exhausted = True
+        return False
+
+    def items(self, key: Hashable) -> Iterator:
+        """The items of `key`, in source order."""
+        buffer = self._buffers[key]
+        while buffer or self.read():
+            if buffer:
+                yield buffer.popleft()
+
+
+def _read_prompts(path: str, fmt: str, tokenizer, static_prompt: Optional[List[str]],
+                  report: Callable[[int, str], None]) -> Iterator[_Prompt]:
+    """The good lines of a prompt file, lazily; blank lines are skipped, bad ones go to `report`."""
+    for n, line in enumerate(_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            fields = _parse_jsonl_line(line) if fmt == "jsonl" else {"prompt": line}
+            tokens = _prompt_tokens(tokenizer, fields["prompt"], static_prompt)
+            if not tokens:
+                raise _BadLine("the prompt has no tokens")
+        except _BadLine as exc:
+            report(n, str(exc))
+            continue
+        max_length = fields.pop("max_length", None)
+        yield _Prompt({"line": n, **fields}, tokens, max_length)
+
+
+def _parse_jsonl_line(line: str) -> dict:
+    """{"id": ... (when given), "prompt": str, "max_length": int (when given)} from a JSON line."""
+    try:
+        obj = json.loads(line)
+    except ValueError as exc:
+        raise _BadLine(f"not valid JSON ({getattr(exc, 'msg', exc)})") from None
+    if not isinstance(obj, dict):
+        raise _BadLine(f"expected a JSON object, got {type(obj).__name__}")
+    prompt = obj.get("prompt")
+    if not isinstance(prompt, str):
+        raise _BadLine('no "prompt" string' if prompt is None else '"prompt" is not a string')
+    if not prompt.strip():
+        raise _BadLine('"prompt" is empty')
+    fields = {"id": obj["id"]} if "id" in obj else {}
+    fields["prompt"] = prompt
+    if "max_length" in obj:
+        max_length = obj["max_length"]
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+            raise _BadLine(f'"max_length" must be a positive integer, got {json.dumps(max_length)}')
+        fields["max_length"] = max_length
+    return fields
+
+
+def _lines(path: str) -> Iterator[str]:
+    """The lines of a UTF-8 text file ('-': stdin), without their line ends; unreadable input is a CLIError."""
+    try:
+        f = sys.stdin if path == "-" else open(path, encoding="utf-8")
+    except OSError as exc:
+        raise CLIError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        for line in f:
+            yield line[:-1] if line.endswith("\n") else line
+    except UnicodeDecodeError:
+        raise CLIError(f"{path} is not a UTF-8 text file") from None
+    except OSError as exc:
+        raise CLIError(f"cannot read {path}: {exc.strerror or exc}") from None
+    finally:
+        if f is not sys.stdin:
+            f.close()
+
+
+class _open_output:
+    """`with _open_output(path) as out`: the file at `path` (UTF-8), or stdout for None and '-'."""
+
+    def __init__(self, path: Optional[str]):
+        self._path = None if path in (None, "-") else path
+        self._file: Optional[TextIO] = None
+
+    def __enter__(self) -> TextIO:
+        if self._path is None:
+            return sys.stdout
+        try:
+            self._file = open(self._path, "w", encoding="utf-8")
+        except OSError as exc:
+            raise CLIError(f"cannot write {self._path}: {exc.strerror or exc}") from None
+        return self._file
+
+    def __exit__(self, *exc_info) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def _progress_bar(total: Optional[int], unit: str, desc: str, show: Optional[bool]):
+    """A tqdm bar on stderr, shown when `show` is True, or when it is None and stderr is a terminal:
+    'done/total [elapsed<ETA, N units/s, postfix]', or 'done [elapsed, N units/s, postfix]' when
+    the total is unknown. Rates are averages since the start."""
+    from tqdm import tqdm
+
+    rate = "{rate_noinv_fmt}{postfix}]"
+    if total is None:
+        bar_format = "{desc}: {n_fmt} [{elapsed}, " + rate
+    else:
+        bar_format = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, " + rate
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, bar_format=bar_format, smoothing=0,
+                disable=not (sys.stderr.isatty() if show is None else show))
 
 
 # ============================================================================ chat
@@ -299,19 +560,7 @@ def _static_chat_prefix(tokenizer, base: List[dict]) -> List[str]:
 
 # ============================================================================ score
 def cmd_score(args) -> int:
-    from tqdm import tqdm
-
-    try:
-        if args.file == "-":
-            content = sys.stdin.read()
-        else:
-            with open(args.file, encoding="utf-8") as f:
-                content = f.read()
-    except UnicodeDecodeError:
-        raise CLIError(f"{args.file} is not a UTF-8 text file") from None
-    except OSError as exc:
-        raise CLIError(f"cannot read {args.file}: {exc.strerror or exc}") from None
-    lines = [(n, line) for n, line in enumerate(content.splitlines(), 1) if line.strip()]
+    lines = [(n, line) for n, line in enumerate(_lines(args.file), 1) if line.strip()]
     if not lines:
         raise CLIError(f"{args.file} has no text to score")
     generator, tokenizer = _load(args)
@@ -320,7 +569,7 @@ def cmd_score(args) -> int:
     out.write("line\ttokens\tlog_likelihood\tperplexity\n")
     total_lp, total_n = 0.0, 0
     results = {}
-    with tqdm(total=len(encoded), desc="Scoring", unit="line", file=sys.stderr, disable=args.no_progress) as bar:
+    with _progress_bar(len(encoded), " lines", "Scoring", args.progress) as bar:
         for start in range(0, len(encoded), args.batch_size):
             chunk = encoded[start:start + args.batch_size]
             scores = generator.score_batch([tokens for _, _, tokens in chunk], max_input_length=args.max_input_length)

@@ -95,6 +95,138 @@ def test_generate_prompt_from_stdin(cli_tiny_model):
     assert proc.stdout.startswith("jax runs")
 
 
+PROMPTS = ["the quick brown fox", "hello world", "jax runs on cpu"]
+
+
+def _single_prompt_texts(model: str, prompts, max_length: int = 6):
+    """What `jaxgen generate --no-echo PROMPT` prints for each prompt (greedy), without the newline."""
+    texts = []
+    for prompt in prompts:
+        proc = run_cli("generate", "--model", model, "--max-length", str(max_length), "--no-echo", prompt)
+        assert proc.returncode == 0, proc.stderr
+        texts.append(proc.stdout[:-1])
+    return texts
+
+
+def _json_lines(text: str):
+    import json
+
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_generate_input_txt_and_jsonl_match_single_prompts(cli_tiny_model, tmp_path):
+    import json
+
+    expected = _single_prompt_texts(cli_tiny_model, PROMPTS)
+    txt = tmp_path / "prompts.txt"
+    txt.write_text(f"{PROMPTS[0]}\n\n{PROMPTS[1]}\n{PROMPTS[2]}\n", encoding="utf-8")  # the blank line is skipped
+    proc = run_cli("generate", "--model", cli_tiny_model, "--max-length", "6", "--batch-size", "2",
+                   "--input", str(txt))
+    assert proc.returncode == 0, proc.stderr
+    assert "prompts/s" not in proc.stderr  # no progress bar when stderr is not a terminal
+    records = _json_lines(proc.stdout)
+    assert [r["line"] for r in records] == [1, 3, 4]
+    assert [r["prompt"] for r in records] == PROMPTS
+    assert [r["text"] for r in records] == expected
+    assert all(0 < r["tokens"] <= 6 and "id" not in r for r in records)
+
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text("".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(PROMPTS)),
+                     encoding="utf-8")
+    proc = run_cli("generate", "--model", cli_tiny_model, "--max-length", "6", "--input", "-",
+                   "--input-format", "jsonl", "--output", "-", stdin=jsonl.read_text(encoding="utf-8"))
+    assert proc.returncode == 0, proc.stderr
+    records = _json_lines(proc.stdout)
+    assert [(r["line"], r["id"], r["prompt"], r["text"]) for r in records] == \
+        [(i + 1, f"p{i}", p, t) for i, (p, t) in enumerate(zip(PROMPTS, expected))]
+
+
+def test_generate_input_bad_jsonl_lines(cli_tiny_model, tmp_path):
+    """Bad lines are reported with their line numbers, the others complete (per-line max_length
+    kept, input order kept); exit status 1; results go to --output; --progress forces the bar."""
+    jsonl = tmp_path / "prompts.jsonl"
+    jsonl.write_text('{"prompt": "the quick brown fox", "id": 7}\n'
+                     '{not json\n'
+                     '{"prompt": "hello world", "max_length": 2}\n'
+                     '{"id": "no prompt"}\n'
+                     '{"prompt": "   "}\n'
+                     '["a list"]\n'
+                     '{"prompt": "jax runs on cpu", "max_length": 0}\n'
+                     '{"prompt": "jax runs on cpu"}\n', encoding="utf-8")
+    out = tmp_path / "results.jsonl"
+    proc = run_cli("generate", "--model", cli_tiny_model, "--max-length", "5", "--input", str(jsonl),
+                   "--output", str(out), "--progress")
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+    for line in (2, 4, 5, 6, 7):
+        assert f"{jsonl}:{line}: " in proc.stderr
+    assert "not valid JSON" in proc.stderr and 'no "prompt" string' in proc.stderr
+    assert '"prompt" is empty' in proc.stderr and '"max_length" must be a positive integer' in proc.stderr
+    assert "prompts/s" in proc.stderr and "tokens/s" in proc.stderr
+    records = _json_lines(out.read_text(encoding="utf-8"))
+    assert [r["line"] for r in records] == [1, 3, 8]
+    assert records[0]["id"] == 7
+    assert records[1]["tokens"] <= 2 and records[2]["tokens"] <= 5
+
+
+@pytest.mark.parametrize("args", [
+    ("generate", "--model", "{model}"),                                       # neither PROMPT nor --input
+    ("generate", "--model", "{model}", "--input", "{file}", "hello"),         # both
+    ("generate", "--model", "{model}", "--output", "{out}", "hello"),         # --output without --input
+    ("generate", "--model", "{model}", "--input", "{missing}"),
+    ("generate", "--model", "{model}", "--input", "{empty}"),
+    ("generate", "--model", "{model}", "--end-token", "<no such token>", "hello"),
+])
+def test_generate_input_usage_errors(cli_tiny_model, tmp_path, args):
+    (tmp_path / "p.txt").write_text("hello\n")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    values = dict(model=cli_tiny_model, file=str(tmp_path / "p.txt"), out=str(tmp_path / "o.jsonl"),
+                  missing=str(tmp_path / "missing.txt"), empty=str(tmp_path / "empty.txt"))
+    assert_one_line_error(run_cli(*[a.format(**values) for a in args]))
+
+
+def test_end_token_escapes():
+    import argparse
+
+    from jaxgen.cli import _end_token_args
+
+    args = argparse.Namespace(end_token=["\\n", ".", "\\t\\\\", "a\\x"])
+    assert _end_token_args(args) == ["\n", ".", "\t\\", "a\\x"]
+    assert _end_token_args(argparse.Namespace(end_token=None)) == []
+
+
+def test_split_by_key_reads_lazily_in_order():
+    from jaxgen.cli import _SplitByKey
+
+    read = []
+    source = ((k, f"{k}{i}") for i, k in enumerate("abab") if not read.append(i))
+    split = _SplitByKey(source)
+    b = split.items("b")
+    assert next(b) == "b1" and read == [0, 1]  # "a0" was read and waits in its buffer
+    assert list(split.items("a")) == ["a0", "a2"]
+    assert list(b) == ["b3"]
+    assert [item for _, item in split.pending] == ["a0", "b1", "a2", "b3"]
+
+
+def test_generate_end_token(cli_tiny_model):
+    """--end-token stops the single-prompt path and --input alike (here at the first generated token)."""
+    from jaxgen import Generator
+    from jaxgen.tokenizer import load_tokenizer
+
+    prompt = load_tokenizer(cli_tiny_model).encode("hello world", add_special_tokens=True)
+    result = Generator(cli_tiny_model).generate_batch([prompt], max_length=4, include_prompt_in_result=False)[0]
+    token = result.sequences[0][0]
+    proc = run_cli("generate", "--model", cli_tiny_model, "--max-length", "4", "--no-echo", "--end-token", token,
+                   "hello world")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "\n"
+    batch = run_cli("generate", "--model", cli_tiny_model, "--max-length", "4", "--end-token", token,
+                    "--input", "-", stdin="hello world\n")
+    assert batch.returncode == 0, batch.stderr
+    assert _json_lines(batch.stdout) == [{"line": 1, "prompt": "hello world", "text": "", "tokens": 0}]
+
+
 def test_chat_reads_until_exit(cli_tiny_model):
     proc = run_cli("chat", "--model", cli_tiny_model, "--max-length", "5", "--system", "be brief",
                    stdin="hello\n\nhow are you\n/exit\nnot read\n")
