@@ -1,12 +1,16 @@
 #!/usr/bin/env python
-"""jaxgen throughput with 1, 2 and 4 (simulated) devices: one replica per device, data parallel.
+"""jaxgen throughput with 1, 2 and 4 (simulated) devices: one replica per device (data parallel),
+and the weights sharded over the devices (tensor parallel).
 
     python benchmarks/bench_devices.py                 # CPU: XLA_FLAGS=--xla_force_host_platform_device_count=4
     python benchmarks/bench_devices.py --quick
     python benchmarks/bench_devices.py --device cuda --devices 1,2   # real GPUs, if there are several
 
 `jaxgen.Generator(model, device_index=[0..n-1])` holds one replica per device; `max_batch_size=ceil(B/n)`
-splits each call into n sub-batches that run on the replicas at the same time. Two workloads:
+splits each call into n sub-batches that run on the replicas at the same time.
+`jaxgen.Generator(model, device_index=[0..n-1], tensor_parallel=True)` holds one copy of the weights
+split over the n devices (query heads, MLP columns, the hidden axis of the embedding; Gemma 3 270M's
+one KV head copied to every device) and runs each call whole. Two workloads:
 score_batch (B sequences x L tokens) and greedy generate_batch (B prompts, N new tokens forced with
 min_length). All generators live in this one process and the repetitions alternate between them, so
 drift hits every device count alike; cells are medians.
@@ -33,6 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="1 repetition, 32 new tokens, 8x64 scoring")
     p.add_argument("--devices", default="1,2,4", help="device counts to compare (default 1,2,4)")
+    p.add_argument("--no-tensor-parallel", action="store_true", help="replicas only (no tensor-parallel rows)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--compute-type", default="float32", help="jaxgen compute_type (default float32)")
     p.add_argument("--batch", type=int, default=16, help="generate_batch batch size (default 16)")
@@ -65,7 +70,7 @@ def main(argv=None) -> int:
     threads = bc.cpu_count()
     for k, v in bc.thread_env(threads).items():
         os.environ.setdefault(k, v)
-    header = bc.header_lines("jaxgen data parallelism over 1, 2, 4 devices", threads, args.device)
+    header = bc.header_lines("jaxgen data and tensor parallelism over 1, 2, 4 devices", threads, args.device)
     print("\n".join(header), flush=True)
     paths = bc.prepare_artefacts(args.work_dir, ["jaxgen"], {
         "prefill_tokens": 16, "score_batch": args.score_batch, "score_length": args.score_length})
@@ -78,12 +83,16 @@ def main(argv=None) -> int:
     available = len(jax.devices("gpu" if args.device == "cuda" else "cpu"))
     counts = [n for n in args.devices if n <= available]
     skipped = [n for n in args.devices if n > available]
+    # setups: (n, layout) with layout "replicas" (data parallel) or "tensor parallel"
+    setups = [(n, "replicas") for n in counts]
+    if not args.no_tensor_parallel:
+        setups += [(n, "tensor parallel") for n in counts if n > 1]
     gens = {}
-    for n in counts:
+    for n, layout in setups:
         t = time.perf_counter()
-        gens[n] = jaxgen.Generator(paths["jaxgen"], device=args.device, device_index=list(range(n)),
-                                   compute_type=args.compute_type)
-        log(f"loaded {n} replica(s) in {time.perf_counter() - t:.1f} s (RSS {bc.rss_now_mib():.0f} MiB)")
+        gens[(n, layout)] = jaxgen.Generator(paths["jaxgen"], device=args.device, device_index=list(range(n)),
+                                             compute_type=args.compute_type, tensor_parallel=layout != "replicas")
+        log(f"loaded {n} device(s), {layout}, in {time.perf_counter() - t:.1f} s (RSS {bc.rss_now_mib():.0f} MiB)")
 
     B, L = len(prompts["score"]), len(prompts["score"][0])
     workloads = {
@@ -93,35 +102,39 @@ def main(argv=None) -> int:
                                                      include_prompt_in_result=False), args.batch * args.new_tokens),
     }
 
-    def run(name: str, n: int) -> float:
+    def batch_sizes(setup) -> tuple:
+        """(score, generate) max_batch_size: n sub-batches for replicas, the whole batch sharded."""
+        n, layout = setup
+        return (-(-B // n), -(-args.batch // n)) if layout == "replicas" else (B, args.batch)
+
+    def run(name: str, setup) -> float:
         fn, _ = workloads[name]
-        batch = B if name == "score" else args.batch
-        mbs = -(-batch // n)  # n sub-batches, one per replica
+        mbs = batch_sizes(setup)[0 if name == "score" else 1]
         time.sleep(args.pause)
         t = time.perf_counter()
-        fn(gens[n], mbs)
+        fn(gens[setup], mbs)
         return time.perf_counter() - t
 
-    samples = {(w, n): [] for w in workloads for n in counts}
+    samples = {(w, setup): [] for w in workloads for setup in setups}
     log("warm-up (compiles; not timed)")
     for w in workloads:
-        for n in counts:
-            log(f"  warm-up {w} n={n}: {run(w, n):.2f} s")
+        for setup in setups:
+            log(f"  warm-up {w} n={setup[0]} {setup[1]}: {run(w, setup):.2f} s")
     for rep in range(args.reps):
         for w in workloads:
-            order = counts[rep % len(counts):] + counts[:rep % len(counts)]
-            for n in order:
-                s = run(w, n)
-                samples[(w, n)].append(s)
-                log(f"  rep {rep + 1} {w} n={n}: {s:.2f} s")
+            order = setups[rep % len(setups):] + setups[:rep % len(setups)]
+            for setup in order:
+                s = run(w, setup)
+                samples[(w, setup)].append(s)
+                log(f"  rep {rep + 1} {w} n={setup[0]} {setup[1]}: {s:.2f} s")
 
     rows = []
     base = {}
-    for n in counts:
-        cells = [str(n), str(-(-B // n)), str(-(-args.batch // n))]
+    for setup in setups:
+        cells = [str(setup[0]), setup[1], *(str(b) for b in batch_sizes(setup))]
         for w in workloads:
             tokens = workloads[w][1]
-            rate = bc.median([tokens / s for s in samples[(w, n)]])
+            rate = bc.median([tokens / s for s in samples[(w, setup)]])
             base.setdefault(w, rate)
             cells += [bc.fmt(rate), f"{rate / base[w]:.2f}x"]
         rows.append(cells)
@@ -131,7 +144,7 @@ def main(argv=None) -> int:
         f"B={args.batch}, {args.new_tokens} new tokens (greedy, min_length), a {len(prompts['short'])}-token "
         f"prompt; medians of {args.reps} alternating repetitions after a warm-up.",
         "",
-        *bc.markdown_table(["devices (replicas)", "score max_batch_size", "generate max_batch_size",
+        *bc.markdown_table(["devices", "layout", "score max_batch_size", "generate max_batch_size",
                             "score_batch tok/s", "vs 1 device", "generate tok/s", "vs 1 device"], rows),
         "",
         "Notes:",
@@ -140,14 +153,15 @@ def main(argv=None) -> int:
     if args.device == "cpu":
         lines.append(f"- CPU devices simulated with XLA_FLAGS=--xla_force_host_platform_device_count={n_max}: "
                      f"all of them share the same {bc.cpu_count()} cores and memory bandwidth, so this measures "
-                     "the data-parallel machinery, not a real multi-device speed-up.")
+                     "the data-parallel and tensor-parallel machinery (tensor parallelism adds two all-reduces "
+                     "per layer, here through host memory), not a real multi-device speed-up.")
     if skipped:
         lines.append(f"- skipped device counts {skipped}: only {available} device(s) available.")
-    lines.append(f"- every replica holds its own copy of the weights: peak RSS of this process "
-                 f"(all generators) {bc.peak_rss_mib():.0f} MiB.")
+    lines.append(f"- every replica holds its own copy of the weights, a tensor-parallel generator one copy split "
+                 f"over its devices: peak RSS of this process (all generators) {bc.peak_rss_mib():.0f} MiB.")
     lines.append(f"- total wall time: {(time.perf_counter() - t_start) / 60:.1f} min.")
-    for (w, n), ss in samples.items():
-        lines.append(f"- raw seconds {w} n={n}: {' '.join(f'{s:.3f}' for s in ss)}")
+    for (w, (n, layout)), ss in samples.items():
+        lines.append(f"- raw seconds {w} n={n} {layout}: {' '.join(f'{s:.3f}' for s in ss)}")
     bc.emit_report(lines, len(header), args.output, log)
     return 0
 
