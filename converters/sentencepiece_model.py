@@ -77,6 +77,8 @@ def text_matched_types(token_types: Sequence[int], keep_control: Sequence[Option
     llama.cpp marks a SentencePiece vocabulary's `special: true` added tokens as control, which
     in SentencePiece would mean "never produced from text"; in the original model (and for
     transformers) they are matched in text. Raises ValueError on a type that is not an int.
+    (A file whose eos id names a chat marker, as some instruction-tuned GGUFs set eos to
+    `<end_of_turn>`, keeps that marker a control token: the rebuilt model then reads it as text.)
     """
     keep = {int(i) for i in keep_control if i is not None}
     out = []

@@ -270,3 +270,16 @@ def test_bad_bpe_inputs_are_value_errors():
         build_bpe_tokenizer(tokens, ["a b"], None, None, [9])
     with pytest.raises(ValueError, match="empty vocabulary"):
         build_bpe_tokenizer([], ["a b"], None, None)
+
+
+def test_sentencepiece_rule_is_the_same():
+    """The SentencePiece counterpart (converters/sentencepiece_model.py): control tokens other than
+    the bos/eos/pad/unk ids become user-defined, i.e. matched in text."""
+    from jaxgen.converters.sentencepiece_model import CONTROL, NORMAL, USER_DEFINED, text_matched_types
+
+    types = [CONTROL, CONTROL, CONTROL, 2, CONTROL, USER_DEFINED, NORMAL]
+    assert text_matched_types(types, (3, 2, 1, 0)) == [CONTROL] * 3 + [2, USER_DEFINED, USER_DEFINED, NORMAL]
+    assert text_matched_types(types, (None, 2, None, None)) == [USER_DEFINED, USER_DEFINED, CONTROL, 2,
+                                                                USER_DEFINED, USER_DEFINED, NORMAL]
+    with pytest.raises(ValueError, match="token type of token 1 is 'x'"):
+        text_matched_types([1, "x"], ())
