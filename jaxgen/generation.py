@@ -20,7 +20,7 @@ import numpy as np
 from jaxgen.batching import bucket, pass_width
 from jaxgen.decoding.beam import BeamConsts, BeamSpec, BeamState, beam_decode, expand_beams
 from jaxgen.decoding.processors import ProcessorOptions, init_history
-from jaxgen.decoding.sampling import SamplingOptions, candidate_count
+from jaxgen.decoding.sampling import SamplingOptions, candidate_count, row_keys
 from jaxgen.decoding.search import (DecodeConsts, DecodeState, LoopSpec, decode, live_length, prefill, set_done,
                                     start_cache)
 from jaxgen.model.decoder import KVCache, PassPlan
@@ -103,6 +103,67 @@ def plan_rows(prompts: List[List[int]], batch_ids: List[int], resolved: Resolved
     return rows
 
 
+def prompt_width(rows: List[Row], plan: PassPlan) -> int:
+    """Padded width of the prefill of the rows' prompts (all but their last token; 0: nothing)."""
+    longest = max(len(r.prompt) - 1 for r in rows)
+    return pass_width(bucket(longest, minimum=16), plan.chunk) if longest > 0 else 0
+
+
+def prefill_rows(params: dict, config, rows: List[Row], prefix: KVCache, prefix_len: int, plan: PassPlan,
+                 batch: int, cache_len: int) -> KVCache:
+    """A cache of `batch` rows x `cache_len` positions holding the static prompt and each row's
+    prompt but its last token (rows past len(rows) are padding). cache_len must be at least
+    prefix_len + prompt_width(rows, plan)."""
+    width = prompt_width(rows, plan)
+    cache = start_cache(prefix, config=config, batch=batch, length=cache_len)
+    if width:
+        cache = prefill_sequences(params, config, cache, [r.prompt[:-1] for r in rows], prefix_len, width, plan)
+    return cache
+
+
+def row_history(rows: List[Row], batch: int, hist_len: int, vocab_size: int):
+    """The loop history of the rows (penalties, n-grams, suppress_sequences), padded to
+    [batch, hist_len]."""
+    return init_history(jnp.asarray(_pad2([r.history for r in rows], hist_len, 0, batch)),
+                        jnp.asarray(np.array([len(r.history) for r in rows] + [0] * (batch - len(rows)), np.int32)),
+                        vocab_size)
+
+
+def processor_options(resolved: ResolvedOptions) -> ProcessorOptions:
+    """The call's logits-processor options as traced arrays (sizes bucketed)."""
+    opts = resolved.options
+    end_ids = _pad2([resolved.end_ids], bucket(max(len(resolved.end_ids), 1), minimum=4), -1)[0]
+    sup = resolved.suppress_ids
+    sup_arr = _pad2(sup, bucket(max([len(x) for x in sup] + [1]), minimum=4), -1,
+                    bucket(max(len(sup), 1), minimum=4))
+    sup_lens = np.zeros((sup_arr.shape[0],), np.int32)
+    sup_lens[:len(sup)] = [len(x) for x in sup]
+    return ProcessorOptions(jnp.asarray(end_ids), jnp.float32(opts.repetition_penalty),
+                            jnp.int32(opts.no_repeat_ngram_size), jnp.int32(resolved.unk_id),
+                            jnp.asarray(sup_arr), jnp.asarray(sup_lens))
+
+
+def sampling_options(opts) -> SamplingOptions:
+    return SamplingOptions(jnp.int32(opts.sampling_topk), jnp.float32(opts.sampling_topp),
+                           jnp.float32(opts.sampling_temperature if opts.is_sampling else 1.0))
+
+
+def loop_spec(config, opts) -> LoopSpec:
+    """The static choices of the greedy/sampling loop for these options."""
+    return LoopSpec(config=config, sampling=opts.is_sampling,
+                    k_static=candidate_count(opts.sampling_topk, config.vocab_size) if opts.is_sampling else 0,
+                    return_logits=bool(opts.return_logits_vocab))
+
+
+def keys_of(rows: List[Row], seeds: Sequence[int], batch: int) -> jax.Array:
+    """Each row's sampling key [batch, 2] from its call's seed (`seeds`, one per row) and its
+    indices (padding rows get keys too): see sampling.row_keys."""
+    pad = [0] * (batch - len(rows))
+    return row_keys(jnp.asarray(np.array([s % 2**32 for s in seeds] + pad, np.uint32)),
+                    jnp.asarray(np.array([r.batch_id for r in rows] + pad, np.int32)),
+                    jnp.asarray(np.array([r.hypothesis_id for r in rows] + pad, np.int32)))
+
+
 @dataclasses.dataclass
 class Prepared:
     """Loop inputs shared by greedy/sampling and beam search (rows padded to `bp`)."""
@@ -131,32 +192,13 @@ def prepare(params: dict, config, rows: List[Row], resolved: ResolvedOptions, pr
     b = len(rows)
     bp = bucket(b, minimum=1)
     n_out = bucket(max(max(r.max_new for r in rows), 1), minimum=16 if opts.return_logits_vocab else 64)
-    t_prompt = max(len(r.prompt) - 1 for r in rows)
-    tp = pass_width(bucket(t_prompt, minimum=16), plan.chunk) if t_prompt > 0 else 0
-    cache_len = bucket(prefix_len + tp + n_out, minimum=64)
-
-    cache = start_cache(prefix, config=config, batch=bp, length=cache_len)
-    if tp:
-        cache = prefill_sequences(params, config, cache, [r.prompt[:-1] for r in rows], prefix_len, tp, plan)
-
+    cache_len = bucket(prefix_len + prompt_width(rows, plan) + n_out, minimum=64)
+    cache = prefill_rows(params, config, rows, prefix, prefix_len, plan, bp, cache_len)
     hist_len = bucket(max(len(r.history) for r in rows) + n_out, minimum=64)
-    history = init_history(jnp.asarray(_pad2([r.history for r in rows], hist_len, 0, bp)),
-                           jnp.asarray(np.array([len(r.history) for r in rows] + [0] * (bp - b), np.int32)),
-                           config.vocab_size)
-    end_ids = _pad2([resolved.end_ids], bucket(max(len(resolved.end_ids), 1), minimum=4), -1)[0]
-    sup = resolved.suppress_ids
-    sup_arr = _pad2(sup, bucket(max([len(x) for x in sup] + [1]), minimum=4), -1,
-                    bucket(max(len(sup), 1), minimum=4))
-    sup_lens = np.zeros((sup_arr.shape[0],), np.int32)
-    sup_lens[:len(sup)] = [len(x) for x in sup]
     pad = [0] * (bp - b)
     return Prepared(
-        bp=bp, n_out=n_out, cache=cache, history=history,
-        proc=ProcessorOptions(jnp.asarray(end_ids), jnp.float32(opts.repetition_penalty),
-                              jnp.int32(opts.no_repeat_ngram_size), jnp.int32(resolved.unk_id),
-                              jnp.asarray(sup_arr), jnp.asarray(sup_lens)),
-        samp=SamplingOptions(jnp.int32(opts.sampling_topk), jnp.float32(opts.sampling_topp),
-                             jnp.float32(opts.sampling_temperature if opts.is_sampling else 1.0)),
+        bp=bp, n_out=n_out, cache=cache, history=row_history(rows, bp, hist_len, config.vocab_size),
+        proc=processor_options(resolved), samp=sampling_options(opts),
         max_new=np.array([r.max_new for r in rows] + pad, np.int32),
         min_new=np.array([r.min_new for r in rows] + pad, np.int32),
         last=np.array([r.prompt[-1] for r in rows] + pad, np.int32),
@@ -183,16 +225,15 @@ def run_in_segments(loop, state, until: int, first_position: int, cache_len: int
 
 
 def run_rows(params: dict, config, rows: List[Row], resolved: ResolvedOptions, prefix: KVCache,
-             prefix_len: int, key: jax.Array, vocabulary, callback: Optional[Callable], plan: PassPlan) -> List[dict]:
-    """Greedy/sampling. Returns per row {"ids", "log_probs", "logits"} of its generated steps."""
+             prefix_len: int, seed: int, vocabulary, callback: Optional[Callable], plan: PassPlan) -> List[dict]:
+    """Greedy/sampling. Returns per row {"ids", "log_probs", "logits"} of its generated steps.
+    seed: the call's random seed (each row's key derives from it and the row's indices)."""
     opts = resolved.options
     b = len(rows)
     p = prepare(params, config, rows, resolved, prefix, prefix_len, plan)
     bp, n_out, max_new = p.bp, p.n_out, p.max_new
     consts = DecodeConsts(proc=p.proc, samp=p.samp, max_new=jnp.asarray(max_new), min_new=jnp.asarray(p.min_new))
-    spec = LoopSpec(config=config, sampling=opts.is_sampling,
-                    k_static=candidate_count(opts.sampling_topk, config.vocab_size) if opts.is_sampling else 0,
-                    return_logits=bool(opts.return_logits_vocab))
+    spec = loop_spec(config, opts)
     state = DecodeState(
         step=jnp.int32(0), last_token=jnp.asarray(p.last), position=jnp.asarray(p.position),
         done=jnp.asarray(max_new <= 0),
@@ -200,14 +241,15 @@ def run_rows(params: dict, config, rows: List[Row], resolved: ResolvedOptions, p
         # buffer is made on the device.
         out_tokens=jnp.asarray(np.zeros((bp, n_out), np.int32)),
         out_log_probs=jnp.asarray(np.zeros((bp, n_out), np.float32)),
-        gen_len=jnp.asarray(np.zeros((bp,), np.int32)), history=p.history, cache=p.cache, key=key,
+        gen_len=jnp.asarray(np.zeros((bp,), np.int32)), history=p.history, cache=p.cache,
+        key=keys_of(rows, [seed] * b, bp),
         logits=_device_zeros((bp, n_out if opts.return_logits_vocab else 0, config.vocab_size)),
     )
     total = int(max_new.max())
     first_position = int(p.position[:b].max())
 
     def run_until(state, until: int):
-        return run_in_segments(lambda s, attend_len: decode(params, s, consts, jnp.int32(until),
+        return run_in_segments(lambda s, attend_len: decode(params, s, consts, jnp.int32(until), jnp.int32(bp + 1),
                                                             spec=spec._replace(attend_len=attend_len)),
                                state, until, first_position, p.cache_len)
 

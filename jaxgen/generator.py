@@ -30,8 +30,9 @@ from jaxgen.model.loading import load_params
 from jaxgen.options import GenerationOptions, validate_options
 from jaxgen.replicas import ReplicaPool, replicate, shard_tensor_parallel, tensor_parallel_layout
 from jaxgen.results import ScoringResult
+from jaxgen.scheduler import DEFAULT_WIDTHS, Call, SlotScheduler, schedulable
 from jaxgen.streaming import TokenStream, bridge_async, iterate_in_chunks
-from jaxgen.vocabulary import Vocabulary, as_id_batch
+from jaxgen.vocabulary import Vocabulary, as_id_batch, as_ids
 
 
 class Generator:
@@ -46,6 +47,10 @@ class Generator:
     chunk (default by platform: 512 on CPU, 16384 on GPUs, 8192 on TPUs); long prompts run in
     chunks of this size, which bounds memory.
 
+    `continuous_batching` (an extension): run the calls that allow it on the slot scheduler
+    (`jaxgen.scheduler`: a finished row's slot takes the next waiting prompt, and concurrent calls
+    share the slots); False runs every call on static sub-batches, as CTranslate2 does.
+
     `memory_limit` (an extension): bytes per device that one call may use for its KV cache and
     activations; None uses what the device reports as free. A call whose estimated need exceeds
     it raises ValueError before any work starts (see `jaxgen.memory`).
@@ -57,7 +62,7 @@ class Generator:
                  compute_type: str = "default", inter_threads: int = 1, intra_threads: int = 0,
                  max_queued_batches: int = 0, tensor_parallel: bool = False,
                  static_prompt_cache_size: int = 16, memory_limit: Optional[int] = None,
-                 attention: str = "auto", prefill_chunk: Optional[int] = None):
+                 attention: str = "auto", prefill_chunk: Optional[int] = None, continuous_batching: bool = True):
         enable_compilation_cache()
         for name, value in (("inter_threads", inter_threads), ("intra_threads", intra_threads),
                             ("max_queued_batches", max_queued_batches),
@@ -70,6 +75,9 @@ class Generator:
             raise TypeError(f"memory_limit must be an int (bytes) or None, got {type(memory_limit).__name__}")
         if memory_limit is not None and memory_limit < 0:
             raise ValueError(f"memory_limit must be >= 0, got {memory_limit}")
+        if not isinstance(continuous_batching, bool):
+            raise TypeError(f"continuous_batching must be a bool, got {type(continuous_batching).__name__}")
+        self._continuous = continuous_batching
         self._memory_limit = memory_limit
         self._inter_threads = inter_threads
         self._platform, self._devices = resolve_devices(device, device_index)
@@ -101,6 +109,10 @@ class Generator:
         self._seed_rng = np.random.default_rng()
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=inter_threads * len(replicas), thread_name_prefix="jaxgen")
+        self._scheduler = SlotScheduler(
+            config, self._plan, self._vocab, self._bos_id(), self._pool.replicas,
+            lambda replica, resolved: self._static_prefix(replica, resolved.static_prompt_ids,
+                                                          resolved.options.cache_static_prompt))
 
     def _place(self, params: dict):
         """Host params -> replicas (one per device, or one sharded over all of them)."""
@@ -171,7 +183,7 @@ class Generator:
 
     @property
     def num_active_batches(self) -> int:
-        return self._pool.queued + self._pool.running
+        return self._pool.queued + self._pool.running + self._scheduler.active
 
     @property
     def compute_type(self) -> str:
@@ -181,6 +193,13 @@ class Generator:
     def attention(self) -> str:
         """The attention implementation that runs ("flash", "cudnn", "pallas" or "dense")."""
         return self._plan.impl
+
+    @property
+    def scheduler_stats(self) -> dict:
+        """Counters of the slot scheduler since the Generator was made: sessions, prompts admitted,
+        refills (prefills into free slots), decode steps and generated tokens (see
+        `jaxgen.scheduler.SlotScheduler.stats`)."""
+        return self._scheduler.stats
 
     @property
     def tensor_parallel(self) -> bool:
@@ -213,7 +232,7 @@ class Generator:
         self._check_loaded()
         if not isinstance(asynchronous, (bool, int, float)) and asynchronous is not None:
             raise TypeError(f"asynchronous must be a bool, got {type(asynchronous).__name__}")
-        opts = GenerationOptions(
+        resolved = self._resolve_options(
             beam_size=beam_size, patience=patience, num_hypotheses=num_hypotheses, length_penalty=length_penalty,
             repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
             disable_unk=disable_unk, suppress_sequences=suppress_sequences, end_token=end_token,
@@ -224,11 +243,20 @@ class Generator:
             min_alternative_expansion_prob=min_alternative_expansion_prob, sampling_topk=sampling_topk,
             sampling_topp=sampling_topp, sampling_temperature=sampling_temperature, callback=callback,
             random_seed=random_seed)
-        resolved = validate_options(opts, self._vocab, self._eos_ids())
         prompts = as_id_batch(start_tokens, self._vocab, "start_tokens", allow_ids=False)
         if any(len(p) == 0 for p in prompts):
             raise ValueError("One input has no decoder start token")
         seed = random_seed if random_seed is not None else self._next_seed()
+        if self._continuous and schedulable(resolved, batch_type):
+            call = Call(resolved, seed, self._slot_width(max_batch_size, resolved))
+            self._check_scheduled_memory(prompts, call)
+            futures = self._scheduler.submit(call, prompts, list(range(len(prompts))))
+            if asynchronous:
+                return futures
+            try:
+                return [f.result() for f in futures]
+            finally:
+                call.cancel()  # after an error (or an interrupt), the other prompts stop too
         groups = split_batches([len(p) for p in prompts], max_batch_size, batch_type)
         # The shortest prompt of each sub-batch sets CTranslate2's penalty history (spec §5.3);
         # it is kept when a sub-batch is split over replicas so that results do not change.
@@ -251,8 +279,7 @@ class Generator:
                            + "max_length, or the prompt length")
 
         def job(replica, group_index: int, group: List[int]):
-            key = jax.random.fold_in(jax.random.PRNGKey(seed), group_index)
-            return self._generate_group(replica, [prompts[i] for i in group], group, resolved, key,
+            return self._generate_group(replica, [prompts[i] for i in group], group, resolved, seed, group_index,
                                         min(min_len[i] for i in group))
 
         return self._run_jobs(groups, job, len(prompts), asynchronous)
@@ -289,10 +316,62 @@ class Generator:
 
     def generate_iterable(self, start_tokens: Iterable, max_batch_size: int = 32, batch_type: str = "examples",
                           **kwargs):
-        """Generates from an iterable of prompts, reading it in chunks; results in input order."""
-        return iterate_in_chunks(start_tokens, lambda chunk: self.generate_batch(
-            chunk, max_batch_size=max_batch_size, batch_type=batch_type, asynchronous=True, **kwargs),
-            max_batch_size, batch_type)
+        """Generates from an iterable of prompts; yields results in input order, each as soon as it
+        and the ones before it are done. Takes the options of `generate_batch`.
+
+        Calls that `jaxgen.scheduler.schedulable` accepts run on the slot scheduler with
+        `max_batch_size` slots (continuous batching: a finished row's slot takes the next prompt);
+        the others read the iterable in chunks of sub-batches, as CTranslate2 does. A prompt that
+        is not a valid token list raises, naming its index, after the results before it.
+        Closing the generator stops the decoding of the prompts it had read ahead.
+        """
+        _check_batch_options(max_batch_size, batch_type)
+        if "asynchronous" in kwargs:
+            raise TypeError("generate_iterable() got an unexpected keyword argument 'asynchronous'")
+        self._check_loaded()
+        resolved = self._resolve_options(**kwargs)
+        if max_batch_size < 1 or not self._continuous or not schedulable(resolved, batch_type):
+            return iterate_in_chunks(start_tokens, lambda chunk: self.generate_batch(
+                chunk, max_batch_size=max_batch_size, batch_type=batch_type, asynchronous=True, **kwargs),
+                max_batch_size, batch_type)
+        seed = resolved.options.random_seed
+        call = Call(resolved, seed if seed is not None else self._next_seed(),
+                    self._slot_width(max_batch_size, resolved))
+        return self._iterate_scheduled(iter(start_tokens), call, read_ahead=16 * max_batch_size)
+
+    def _iterate_scheduled(self, items, call: Call, read_ahead: int):
+        """The generator behind a scheduled generate_iterable: keeps up to `read_ahead` prompts
+        submitted (topped up in blocks, so that slots start full) and yields results in order."""
+        pending: collections.deque = collections.deque()
+        index = 0
+        error: Optional[Exception] = None
+        exhausted = False
+        try:
+            while True:
+                if not exhausted and error is None and len(pending) <= read_ahead // 2:
+                    block: List[List[int]] = []
+                    first = index
+                    for tokens in items:
+                        try:
+                            block.append(self._prompt_ids(tokens, f"start_tokens[{index}]"))
+                        except (TypeError, ValueError) as exc:
+                            error = exc
+                            break
+                        index += 1
+                        if len(pending) + len(block) >= read_ahead:
+                            break
+                    else:
+                        exhausted = True
+                    if block:
+                        self._check_scheduled_memory(block, call)
+                        pending.extend(self._scheduler.submit(call, block, list(range(first, first + len(block)))))
+                if not pending:
+                    break
+                yield pending.popleft().result()
+            if error is not None:
+                raise error
+        finally:
+            call.cancel()
 
     def score_iterable(self, tokens: Iterable, max_batch_size: int = 64, batch_type: str = "examples", **kwargs):
         """Scores an iterable of token lists, reading it in chunks; results in input order."""
@@ -300,19 +379,20 @@ class Generator:
             chunk, max_batch_size=max_batch_size, batch_type=batch_type, asynchronous=True, **kwargs),
             max_batch_size, batch_type)
 
-    def _generate_group(self, replica, prompts: List[List[int]], batch_ids: List[int], resolved, key,
-                        min_prompt_len: int):
+    def _generate_group(self, replica, prompts: List[List[int]], batch_ids: List[int], resolved, seed: int,
+                        group_index: int, min_prompt_len: int):
         prefix, prefix_len = self._static_prefix(replica, resolved.static_prompt_ids,
                                                  resolved.options.cache_static_prompt)
-        bos = self._vocab.id_of(self.config.bos_token) if self.config.bos_token in self._vocab else None
+        bos = self._bos_id()
 
         runs = iter(range(1 << 30))
 
         def run(rows, res):
-            run_key = jax.random.fold_in(key, next(runs))  # a fresh buffer: the loop state donates it
             if res.options.beam_size > 1:
+                # One key per sub-batch and run (a fresh buffer: the loop state donates it).
+                run_key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), group_index), next(runs))
                 return run_beam(replica.params, self.config, rows, res, prefix, prefix_len, run_key, self._plan)
-            decoded = run_rows(replica.params, self.config, rows, res, prefix, prefix_len, run_key, self._vocab,
+            decoded = run_rows(replica.params, self.config, rows, res, prefix, prefix_len, seed, self._vocab,
                                res.options.callback, self._plan)
             return [[d] for d in decoded]
 
@@ -481,6 +561,33 @@ class Generator:
         return [out[i, :n].astype(np.float32).tolist() for i, n in enumerate(lens)]
 
     # ------------------------------------------------------------------ helpers
+    def _resolve_options(self, **options):
+        """generate_batch's decoding options, validated, with tokens resolved to ids."""
+        return validate_options(GenerationOptions(**options), self._vocab, self._eos_ids())
+
+    def _prompt_ids(self, tokens, what: str) -> List[int]:
+        ids = as_ids(tokens, self._vocab, what, allow_ids=False)
+        if not ids:
+            raise ValueError(f"{what} has no decoder start token")
+        return ids
+
+    def _slot_width(self, max_batch_size: int, resolved) -> int:
+        """Decode slots per replica for a scheduled call: max_batch_size prompts' rows, or the
+        platform's default when it is 0."""
+        if max_batch_size == 0:
+            return DEFAULT_WIDTHS.get(self._platform, 64)
+        return max_batch_size * resolved.options.num_hypotheses
+
+    def _check_scheduled_memory(self, prompts: List[List[int]], call: Call) -> None:
+        opts = call.resolved.options
+        rows = min(call.width, len(prompts) * opts.num_hypotheses)
+        longest = max(len(p) for p in prompts)
+        job = dict(batch=rows, cache_length=len(call.resolved.static_prompt_ids) + longest + opts.max_length,
+                   chunk_tokens=longest, decode=True, vocab_rows=rows, stored_logits_rows=0)
+        replicas = min(len(self._pool.replicas), -(-len(prompts) * opts.num_hypotheses // rows))
+        self._check_memory("generate_batch", [job] * replicas, replicas,
+                           "lower the batch size (max_batch_size), max_length, or the prompt length")
+
     def _check_memory(self, what: str, jobs: List[dict], n_jobs: int, advice: str) -> None:
         """Raises ValueError, before anything runs, when the jobs of one call would not fit in
         device memory (estimates from `jaxgen.memory`; `memory_limit` replaces the free bytes
@@ -505,6 +612,9 @@ class Generator:
         lengths[:len(lens)] = lens
         lengths[len(lens):] = 1  # padding rows: one dummy token
         return jnp.asarray(arr), jnp.asarray(lengths)
+
+    def _bos_id(self) -> Optional[int]:
+        return self._vocab.id_of(self.config.bos_token) if self.config.bos_token in self._vocab else None
 
     def _eos_ids(self) -> List[int]:
         eos = self.config.eos_token

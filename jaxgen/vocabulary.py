@@ -51,22 +51,23 @@ def as_id_batch(batch, vocabulary: Vocabulary, what: str, allow_ids: bool) -> Li
     """
     if isinstance(batch, (str, bytes)) or not isinstance(batch, (list, tuple)):
         raise TypeError(f"{what} must be a list of token lists, got {type(batch).__name__}")
-    out: List[List[int]] = []
-    for index, seq in enumerate(batch):
-        if isinstance(seq, np.ndarray):
-            seq = seq.tolist()
-        if isinstance(seq, (str, bytes)) or not isinstance(seq, (list, tuple)):
-            raise TypeError(f"{what}[{index}] must be a list of tokens, got {type(seq).__name__}")
-        if all(isinstance(t, str) for t in seq):
-            out.append(vocabulary.lenient_ids(seq))
-        elif allow_ids and all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in seq):
-            ids = [int(t) for t in seq]
-            bad = [i for i in ids if not 0 <= i < len(vocabulary)]
-            if bad:
-                raise ValueError(f"{what}[{index}] has token id {bad[0]} out of range [0, {len(vocabulary)})")
-            out.append(ids)
-        else:
-            kinds = sorted({type(t).__name__ for t in seq})
-            expected = "all str or all int" if allow_ids else "all str"
-            raise TypeError(f"{what}[{index}] must contain tokens that are {expected}, got {kinds}")
-    return out
+    return [as_ids(seq, vocabulary, f"{what}[{index}]", allow_ids) for index, seq in enumerate(batch)]
+
+
+def as_ids(seq, vocabulary: Vocabulary, what: str, allow_ids: bool) -> List[int]:
+    """One token sequence (list of str, or of int when `allow_ids`) -> ids; errors name `what`."""
+    if isinstance(seq, np.ndarray):
+        seq = seq.tolist()
+    if isinstance(seq, (str, bytes)) or not isinstance(seq, (list, tuple)):
+        raise TypeError(f"{what} must be a list of tokens, got {type(seq).__name__}")
+    if all(isinstance(t, str) for t in seq):
+        return vocabulary.lenient_ids(seq)
+    if allow_ids and all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in seq):
+        ids = [int(t) for t in seq]
+        bad = [i for i in ids if not 0 <= i < len(vocabulary)]
+        if bad:
+            raise ValueError(f"{what} has token id {bad[0]} out of range [0, {len(vocabulary)})")
+        return ids
+    kinds = sorted({type(t).__name__ for t in seq})
+    expected = "all str or all int" if allow_ids else "all str"
+    raise TypeError(f"{what} must contain tokens that are {expected}, got {kinds}")

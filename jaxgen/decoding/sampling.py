@@ -41,11 +41,32 @@ def filtered_candidates(scores: jax.Array, opts: SamplingOptions, k_static: int)
     return values, ids
 
 
-def sample(key: jax.Array, scores: jax.Array, opts: SamplingOptions, k_static: int) -> jax.Array:
-    """One draw per row: scores [B, V] -> ids [B] int32."""
+def sample(keys: jax.Array, scores: jax.Array, opts: SamplingOptions, k_static: int) -> jax.Array:
+    """One draw per row, each with its own key: keys [B, 2] uint32, scores [B, V] -> ids [B] int32.
+
+    Per-row keys make a row's draws independent of the other rows of the batch."""
     values, ids = filtered_candidates(scores, opts, k_static)
-    choice = jax.random.categorical(key, values, axis=-1)
+    choice = jax.vmap(jax.random.categorical)(keys, values)
     return jnp.take_along_axis(ids, choice[:, None], axis=1)[:, 0].astype(jnp.int32)
+
+
+@jax.jit
+def row_keys(seeds: jax.Array, batch_ids: jax.Array, hypothesis_ids: jax.Array) -> jax.Array:
+    """The sampling key of each row: PRNGKey(seed) folded with the row's prompt index, then with
+    its hypothesis index. seeds, batch_ids, hypothesis_ids [B] -> keys [B, 2] uint32.
+
+    A prompt's samples therefore depend on the seed and its index in the caller's input only,
+    not on the rows it shares a batch with."""
+    def one(seed, b, h):
+        return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), b), h)
+
+    return jax.vmap(one)(seeds, batch_ids, hypothesis_ids)
+
+
+def split_rows(keys: jax.Array):
+    """keys [B, 2] -> (next keys [B, 2], keys to draw with now [B, 2])."""
+    split = jax.vmap(jax.random.split)(keys)
+    return split[:, 0], split[:, 1]
 
 
 def greedy(scores: jax.Array) -> jax.Array:

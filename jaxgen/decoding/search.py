@@ -1,8 +1,10 @@
 """Greedy search and random sampling as a `lax.while_loop` over one-token decoder steps.
 
-The loop state lives on device; the host only sets options (traced arrays) and, for streaming or
-callbacks, runs the loop a bounded number of steps at a time (`until`), reading tokens between
-chunks. Shapes: B rows, N output slots, V vocabulary.
+The loop state lives on device; the host only sets options (traced arrays) and, for streaming,
+callbacks or the slot scheduler, runs the loop a bounded number of steps at a time (`until`,
+`stop_done`), reading tokens between chunks. Every row keeps its own step count (`gen_len`), its
+own position and its own sampling key, so a row may start in a slot at any loop step (the
+scheduler refills finished slots, see `insert_rows`). Shapes: B rows, N output slots, V vocabulary.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen.decoding.processors import History, ProcessorOptions, append_history, process_logits
-from jaxgen.decoding.sampling import SamplingOptions, greedy, sample
+from jaxgen.decoding.sampling import SamplingOptions, greedy, sample, split_rows
 from jaxgen.model.config import ModelConfig
 from jaxgen.model.decoder import KVCache, compute_logits, forward, init_cache
 
@@ -32,21 +34,21 @@ class LoopSpec(NamedTuple):
 class DecodeConsts(NamedTuple):
     proc: ProcessorOptions
     samp: SamplingOptions
-    max_new: jax.Array  # [B] int32: steps a row may run (its last step is max_new - 1)
-    min_new: jax.Array  # [B] int32: end ids are forbidden while step < min_new
+    max_new: jax.Array  # [B] int32: tokens a row may generate
+    min_new: jax.Array  # [B] int32: end ids are forbidden while the row has generated fewer
 
 
 class DecodeState(NamedTuple):
-    step: jax.Array  # [] int32
-    last_token: jax.Array  # [B] token fed at this step
-    position: jax.Array  # [B] its absolute position
+    step: jax.Array  # [] int32 loop iterations run
+    last_token: jax.Array  # [B] token fed at the next step
+    position: jax.Array  # [B] its absolute position (frozen once the row is done)
     done: jax.Array  # [B] bool
-    out_tokens: jax.Array  # [B, N] int32
+    out_tokens: jax.Array  # [B, N] int32: row i's t-th generated token at [i, t]
     out_log_probs: jax.Array  # [B, N] float32 (log p of each chosen token, temperature 1)
     gen_len: jax.Array  # [B] int32 tokens produced (end token included)
     history: History
     cache: KVCache
-    key: jax.Array
+    key: jax.Array  # [B, 2] uint32: each row's sampling key (see sampling.row_keys)
     logits: jax.Array  # [B, N, V] float32 when spec.return_logits, else [B, 0, V]
 
 
@@ -63,6 +65,8 @@ def start_cache(prefix: KVCache, *, config: ModelConfig, batch: int, length: int
         return cache
 
     def place(dst: jax.Array, src: jax.Array) -> jax.Array:
+        # A prefix cache padded past `length` holds only padding there (its positions are < length).
+        src = src[:, :dst.shape[1]]
         return dst.at[:, :src.shape[1]].set(jnp.broadcast_to(src, (batch,) + src.shape[1:]))
 
     return KVCache(tuple(place(d, s) for d, s in zip(cache.k, prefix.k)),
@@ -92,30 +96,31 @@ def _step(params: dict, state: DecodeState, consts: DecodeConsts, spec: LoopSpec
     hidden, cache = forward(params, config, state.last_token[:, None], state.position[:, None], state.cache,
                             attend_len=spec.attend_len)
     logits = compute_logits(params, config, hidden[:, 0])
-    processed = process_logits(logits, state.history, consts.proc, ban_end=state.step < consts.min_new)
+    processed = process_logits(logits, state.history, consts.proc, ban_end=state.gen_len < consts.min_new)
     log_probs = jax.nn.log_softmax(processed, axis=-1)
-    key, subkey = jax.random.split(state.key)
+    key, draw_keys = split_rows(state.key)
     if spec.sampling:
-        token = sample(subkey, log_probs, consts.samp, spec.k_static)
+        token = sample(draw_keys, log_probs, consts.samp, spec.k_static)
     else:
         token = greedy(processed)
     active = ~state.done
     token = jnp.where(active, token, 0)
     chosen_log_prob = jnp.take_along_axis(log_probs, token[:, None], axis=1)[:, 0]
-    step = state.step
-    out_tokens = state.out_tokens.at[:, step].set(token)
-    out_log_probs = state.out_log_probs.at[:, step].set(chosen_log_prob)
-    out_logits = state.logits.at[:, step].set(processed) if spec.return_logits else state.logits
+    rows = jnp.arange(token.shape[0])
+    column = jnp.where(active, state.gen_len, state.out_tokens.shape[1])  # done rows: out of bounds, dropped
+    out_tokens = state.out_tokens.at[rows, column].set(token, mode="drop")
+    out_log_probs = state.out_log_probs.at[rows, column].set(chosen_log_prob, mode="drop")
+    out_logits = state.logits.at[rows, column].set(processed, mode="drop") if spec.return_logits else state.logits
     is_end = jnp.any(token[:, None] == consts.proc.end_ids[None, :], axis=-1)
-    finished = active & (is_end | (step + 1 >= consts.max_new))
+    finished = active & (is_end | (state.gen_len + 1 >= consts.max_new))
     return DecodeState(
-        step=step + 1,
+        step=state.step + 1,
         last_token=token,
-        position=state.position + 1,
+        position=state.position + active.astype(jnp.int32),
         done=state.done | finished,
         out_tokens=out_tokens,
         out_log_probs=out_log_probs,
-        gen_len=jnp.where(active, step + 1, state.gen_len),
+        gen_len=state.gen_len + active.astype(jnp.int32),
         history=append_history(state.history, token, active),
         cache=cache,
         key=key,
@@ -124,14 +129,14 @@ def _step(params: dict, state: DecodeState, consts: DecodeConsts, spec: LoopSpec
 
 
 @partial(jax.jit, static_argnames=("spec",), donate_argnums=(1,))
-def decode(params: dict, state: DecodeState, consts: DecodeConsts, until: jax.Array, *, spec: LoopSpec
-           ) -> DecodeState:
-    """Runs decoder steps while step < until, some row is not done and every running row's
-    position is below spec.attend_len (the host then continues with a larger bound)."""
-    limit = jnp.minimum(until, state.out_tokens.shape[1])
-
+def decode(params: dict, state: DecodeState, consts: DecodeConsts, until: jax.Array, stop_done: jax.Array, *,
+           spec: LoopSpec) -> DecodeState:
+    """Runs decoder steps while step < until, some row is not done, fewer than `stop_done` rows
+    are done (the scheduler refills them) and every running row's position is below
+    spec.attend_len (the host then continues with a larger bound)."""
     def cond(s: DecodeState):
-        go = (s.step < limit) & ~jnp.all(s.done)
+        done = jnp.sum(s.done.astype(jnp.int32))
+        go = (s.step < until) & (done < jnp.minimum(stop_done, s.done.shape[0]))
         if spec.attend_len is not None:
             go = go & (jnp.max(jnp.where(s.done, 0, s.position)) < spec.attend_len)
         return go
