@@ -75,10 +75,11 @@ ENGINE_FUNCTIONS = (
     ("jaxgen.generation", "start_cache"), ("jaxgen.generation", "prefill"), ("jaxgen.generation", "decode"),
     ("jaxgen.generation", "beam_decode"), ("jaxgen.generation", "expand_beams"),
     ("jaxgen.generator", "start_cache"), ("jaxgen.generator", "target_log_probs"),
-    ("jaxgen.generator", "forward_logits"),
+    ("jaxgen.generator", "forward_logits"), ("jaxgen.scheduler", "decode"), ("jaxgen.scheduler", "insert_rows"),
+    ("jaxgen.scheduler", "grow_state"),
 )
 ENGINE_ORDER = ("prefill", "decode", "beam_decode", "start_cache", "expand_beams", "target_log_probs",
-                "forward_logits")
+                "forward_logits", "insert_rows", "grow_state")
 STATIC_PROMPTS = (
     "You are a careful assistant. Answer with one short sentence.\n",
     "The following is a transcript of a long interview with a historian of science about clocks, "
@@ -317,6 +318,15 @@ def _named_dims(name: str, a: dict) -> dict:
         return dict(rows=_shape(a["inputs"])[0], width=_shape(a["inputs"])[1])
     if name == "forward_logits":
         return dict(rows=_shape(a["tokens"])[0], width=_shape(a["tokens"])[1], log_probs=bool(a["log_probs"]))
+    if name == "insert_rows":
+        s = a["state"]
+        return dict(rows=_shape(s.out_tokens)[0], new_rows=_shape(a["slots"])[0], n_out=_shape(s.out_tokens)[1],
+                    cache_len=s.cache.length, hist_len=_shape(s.history.tokens)[1])
+    if name == "grow_state":
+        s = a["state"]
+        return dict(rows=_shape(s.out_tokens)[0], to_rows=a["batch"], n_out=_shape(s.out_tokens)[1],
+                    to_n_out=a["n_out"], cache_len=s.cache.length, to_cache_len=a["length"],
+                    hist_len=_shape(s.history.tokens)[1], to_hist_len=a["hist_len"])
     return {}
 
 

@@ -110,7 +110,7 @@ class Generator:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=inter_threads * len(replicas), thread_name_prefix="jaxgen")
         self._scheduler = SlotScheduler(
-            config, self._plan, self._vocab, self._bos_id(), self._pool.replicas,
+            self.config, self._plan, self._vocab, self._bos_id(), self._pool.replicas,
             lambda replica, resolved: self._static_prefix(replica, resolved.static_prompt_ids,
                                                           resolved.options.cache_static_prompt))
 

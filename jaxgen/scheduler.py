@@ -148,7 +148,9 @@ class SlotScheduler:
             self._queue.extend(requests)
             for replica in self.replicas:
                 if replica.name not in self._workers:
-                    worker = threading.Thread(target=self._work, args=(replica,), daemon=True,
+                    # Not a daemon: the interpreter waits for a running chunk instead of killing
+                    # the thread inside XLA (a worker leaves as soon as the queue is empty).
+                    worker = threading.Thread(target=self._work, args=(replica,), daemon=False,
                                               name=f"jaxgen-slots-{replica.name}")
                     self._workers[replica.name] = worker
                     worker.start()

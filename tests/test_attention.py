@@ -167,10 +167,12 @@ def test_generation_with_static_prompt_matches_dense(arch, jaxgen_tiny_model, sm
             assert np.allclose(g.scores, r.scores, atol=TOLERANCE)
 
 
-def test_decode_in_live_segments_matches_one_segment(jaxgen_tiny_model, monkeypatch):
+@pytest.mark.parametrize("continuous", [False, True], ids=["static", "scheduler"])
+def test_decode_in_live_segments_matches_one_segment(jaxgen_tiny_model, monkeypatch, continuous):
     """Decode bounds its reads by the live length in power-of-two segments (here 16, 32, 64, 128):
     the tokens equal those of one segment that reads the whole cache."""
-    generator = jaxgen.Generator(jaxgen_tiny_model("llama"))
+    generator = jaxgen.Generator(jaxgen_tiny_model("llama"), continuous_batching=continuous)
+    module = "jaxgen.scheduler" if continuous else "jaxgen.generation"
     prompt = [generator.vocabulary.tokens[i] for i in (5, 9, 11, 40, 7)]
     options = dict(max_length=100, end_token=[], include_prompt_in_result=False, return_scores=True)
     real_live_length = search.live_length
@@ -180,10 +182,10 @@ def test_decode_in_live_segments_matches_one_segment(jaxgen_tiny_model, monkeypa
         calls.append(real_live_length(needed, length, minimum=16))
         return calls[-1]
 
-    monkeypatch.setattr("jaxgen.generation.live_length", small_segments)
+    monkeypatch.setattr(f"{module}.live_length", small_segments)
     segmented = generator.generate_batch([prompt], **options)[0]
     assert sorted(set(calls)) == [16, 32, 64, 128]
-    monkeypatch.setattr("jaxgen.generation.live_length", lambda needed, length, minimum=512: length)
+    monkeypatch.setattr(f"{module}.live_length", lambda needed, length, minimum=512: length)
     whole = generator.generate_batch([prompt], **options)[0]
     assert segmented.sequences_ids == whole.sequences_ids
     assert len(whole.sequences_ids[0]) == 100
