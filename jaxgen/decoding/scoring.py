@@ -8,10 +8,12 @@ SCORE_CHUNK x vocabulary slice per row at a time while scoring.
 from __future__ import annotations
 
 from functools import partial
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
+from jaxgen.batching import pass_width
 from jaxgen.model.config import ModelConfig
 from jaxgen.model.decoder import chunked_pass, compute_logits
 
@@ -63,16 +65,30 @@ def target_log_prob(params: dict, config: ModelConfig, hidden: jax.Array, target
 
 
 @partial(jax.jit, static_argnames=("config", "dtype", "log_probs", "chunk", "impl"))
-def forward_logits(params: dict, tokens: jax.Array, lengths: jax.Array, *, config: ModelConfig, dtype,
-                   log_probs: bool, chunk: int, impl: str = "flash") -> jax.Array:
-    """tokens [B, T] right-padded, lengths [B] -> float32 logits (or log-probs) [B, T, V].
+def forward_logits(params: dict, tokens: Optional[jax.Array], lengths: jax.Array, *, config: ModelConfig, dtype,
+                   log_probs: bool, chunk: int, impl: str = "flash",
+                   embeddings: Optional[jax.Array] = None) -> jax.Array:
+    """tokens int32 [B, T] right-padded, lengths int32 [B] -> float32 logits (or log-probs) [B, T, V].
 
-    T must be <= chunk or a multiple of it."""
+    embeddings: input embeddings [B, T, D] in place of tokens (then None); see decoder.forward.
+    T must be <= chunk or a multiple of it (see `pad_for_pass`)."""
     def per_chunk(hidden, _):
         logits = compute_logits(params, config, hidden)
         return jax.nn.log_softmax(logits, axis=-1) if log_probs else logits
 
-    return chunked_pass(params, config, tokens, lengths, dtype, min(chunk, tokens.shape[1]), per_chunk, impl)
+    t = (tokens if embeddings is None else embeddings).shape[1]
+    return chunked_pass(params, config, tokens, lengths, dtype, min(chunk, t), per_chunk, impl, embeddings)
+
+
+def pad_for_pass(x: jax.Array, chunk: int, multiple: int = 1) -> jax.Array:
+    """x [B, T, ...] right-padded with zeros on axis 1 to the width a chunked pass takes: a
+    multiple of `multiple` (e.g. SCORE_CHUNK for `target_log_probs`), and of `chunk` when longer
+    than one chunk (`jaxgen.batching.pass_width`). Shapes are static, so this traces under jit."""
+    t = x.shape[1]
+    width = pass_width(-(-t // multiple) * multiple, chunk)
+    if width == t:
+        return x
+    return jnp.pad(x, [(0, 0), (0, width - t)] + [(0, 0)] * (x.ndim - 2))
 
 
 @partial(jax.jit, static_argnames=("config", "dtype", "chunk", "impl"))

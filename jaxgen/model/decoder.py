@@ -343,13 +343,16 @@ def _layer(config: ModelConfig, x: jax.Array, lp: dict, k_cache: jax.Array, v_ca
     return x + h, k_cache, v_cache
 
 
-def forward(params: dict, config: ModelConfig, tokens: jax.Array, positions: jax.Array, cache: KVCache,
+def forward(params: dict, config: ModelConfig, tokens: Optional[jax.Array], positions: jax.Array, cache: KVCache,
             write_index: Optional[jax.Array] = None, *, attend_len: Optional[int] = None, impl: str = "flash",
-            fresh: bool = False) -> Tuple[jax.Array, KVCache]:
+            fresh: bool = False, embeddings: Optional[jax.Array] = None) -> Tuple[jax.Array, KVCache]:
     """Runs the decoder on new tokens and updates the cache.
 
     tokens, positions: int32 [B, T]; a position of -1 marks padding (never attended to, never
     stored in a ring).
+    embeddings: [B, T, D] input embeddings used in place of `embed(tokens)` (tokens is then
+      ignored and may be None): what `embed` returns, the embedding scale included; learned
+      position embeddings are still added. Cast to the cache's dtype.
     write_index: None (decode): each token goes to the slot of its own position, row by row.
       A scalar (a chunk): every row's tokens sit at positions [write_index, write_index + T) (or
       are padding), written as one block.
@@ -361,7 +364,8 @@ def forward(params: dict, config: ModelConfig, tokens: jax.Array, positions: jax
     Returns the final-normed hidden states [B, T, D] and the updated cache.
     """
     dtype = cache.dtype
-    x = pin(embed(params, config, tokens, dtype), config)
+    x = embed(params, config, tokens, dtype) if embeddings is None else embeddings.astype(dtype)
+    x = pin(x, config)
     clipped = jnp.maximum(positions, 0)
     if config.position_embedding == "learned":
         x = x + jnp.take(params["pos_embed"]["weight"], clipped, axis=0).astype(dtype)
@@ -387,24 +391,28 @@ def chunk_positions(lengths: jax.Array, start, width: int) -> jax.Array:
     return jnp.where(pos < lengths[:, None], pos, -1)
 
 
-def chunked_pass(params: dict, config: ModelConfig, tokens: jax.Array, lengths: jax.Array, dtype, chunk: int,
-                 per_chunk, impl: str = "flash"):
-    """A full (non-incremental) pass over right-padded tokens [B, T] in chunks of `chunk` tokens.
+def chunked_pass(params: dict, config: ModelConfig, tokens: Optional[jax.Array], lengths: jax.Array, dtype,
+                 chunk: int, per_chunk, impl: str = "flash", embeddings: Optional[jax.Array] = None):
+    """A full (non-incremental) pass over right-padded tokens [B, T] in chunks of `chunk` tokens
+    (or over input embeddings [B, T, D] in their place: see `forward`).
 
     T must be a multiple of `chunk`. Each chunk's final-normed hidden states [B, chunk, D] go to
     `per_chunk(hidden, chunk_index)`, whose outputs are stacked on axis 1 and returned, so that
     neither [T, T] attention scores nor [B, T, D]-sized intermediates of every chunk exist at
     once; the KV cache holds T positions (rings for sliding layers).
     """
-    b, t = tokens.shape
+    b, t = (tokens if embeddings is None else embeddings).shape[:2]
     n = t // chunk
     cache = init_cache(config, b, t, dtype)
 
     def run(cache, i, fresh):
         start = i * chunk
-        ids = jax.lax.dynamic_slice_in_dim(tokens, start, chunk, axis=1)
+        if embeddings is None:
+            ids, x = jax.lax.dynamic_slice_in_dim(tokens, start, chunk, axis=1), None
+        else:
+            ids, x = None, jax.lax.dynamic_slice_in_dim(embeddings, start, chunk, axis=1)
         hidden, cache = forward(params, config, ids, chunk_positions(lengths, start, chunk), cache, start,
-                                impl=impl, fresh=fresh)
+                                impl=impl, fresh=fresh, embeddings=x)
         return cache, per_chunk(hidden, i)
 
     cache, first = run(cache, jnp.int32(0), True)
