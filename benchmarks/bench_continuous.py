@@ -88,7 +88,7 @@ def main() -> None:
         for width in [int(w) for w in args.widths.split(",")]:
             kwargs = dict(modes[mode], max_batch_size=width, end_token=END_TOKENS, max_length=args.max_length,
                           include_prompt_in_result=False, return_end_token=True)
-            warm = prompts[:2 * width]
+            warm = prompts[:width]
             for name, engine in engines.items():
                 start = time.perf_counter()
                 engine.generate_batch(warm, **kwargs)

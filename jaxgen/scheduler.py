@@ -29,7 +29,7 @@ import numpy as np
 
 from jaxgen.batching import bucket
 from jaxgen.decoding.search import DecodeConsts, DecodeState, decode, live_length, set_done
-from jaxgen.decoding.slots import grow_state, insert_rows
+from jaxgen.decoding.slots import grow_state, insert_rows, keep_rows
 from jaxgen.generation import (Row, _device_zeros, assemble_results, check_positions, keys_of, loop_spec,
                                plan_rows, prefill_rows, processor_options, prompt_width, row_history,
                                sampling_options)
@@ -41,6 +41,13 @@ from jaxgen.results import GenerationResult
 # admitted and closed iterables noticed. The loop also returns as soon as a row finishes while
 # prompts wait for a slot.
 CHUNK_STEPS = 16
+# Free slots are refilled in groups of width / REFILL_FRACTION rows (fewer when fewer wait): a
+# prefill reads every weight once, like a decode step, so one prefill per finished row would cost
+# about a decode step each; a group keeps that overhead small at the price of a few idle slots.
+REFILL_FRACTION = 4
+# When nothing waits and at most 1 / SHRINK_FRACTION of the slots still run, the running rows
+# move into a smaller batch (the width comes back when new prompts arrive).
+SHRINK_FRACTION = 4
 # Slots per replica when the caller sets no max_batch_size.
 DEFAULT_WIDTHS = {"cpu": 64, "cuda": 256, "tpu": 256}
 
@@ -133,7 +140,7 @@ class SlotScheduler:
         self._workers: Dict[str, threading.Thread] = {}
         self._sessions = 0
         self._unfinished: Dict[Call, int] = {}  # prompts not resolved yet, per call
-        self._stats = {"sessions": 0, "prompts": 0, "refills": 0, "steps": 0, "slot_steps": 0, "tokens": 0}
+        self._stats = {"sessions": 0, "prompts": 0, "refills": 0, "shrinks": 0, "steps": 0, "slot_steps": 0, "tokens": 0}
 
     # ------------------------------------------------------------------ submitting
     def submit(self, call: Call, prompts: List[List[int]], indices: List[int]) -> List[PromptFuture]:
@@ -228,9 +235,17 @@ class SlotScheduler:
             rows += len(head.rows)
         return taken
 
-    def _waiting(self, key: tuple) -> bool:
+    def waiting_rows(self, key: tuple, limit: int) -> int:
+        """Rows of the requests at the head of the queue that share `key` (counted up to `limit`)."""
+        rows = 0
         with self._cond:
-            return bool(self._queue) and self._queue[0].call.key == key
+            for req in self._queue:
+                if req.call.cancelled:
+                    continue
+                if req.call.key != key or rows >= limit:
+                    break
+                rows += len(req.rows)
+        return rows
 
     def _work(self, replica) -> None:
         while True:
@@ -258,7 +273,6 @@ class _Session:
         self.replica = replica
         self.key = call.key
         self.width = call.width
-        self.resolved = call.resolved
         config = scheduler.config
         self.prefix, self.prefix_len = scheduler.prefix_of(replica, call.resolved)
         opts = call.resolved.options
@@ -404,30 +418,48 @@ class _Session:
         s = self.s
         self.admit(first)
         while True:
-            free = sum(slot is None for slot in self.slots)
-            if free or self.batch < self.width:
+            occupied = sum(slot is not None for slot in self.slots)
+            room = self.batch - occupied + max(self.width - self.batch, 0)
+            waiting = s.waiting_rows(self.key, self.width)
+            # Refill in groups (a prefill costs about one decode step whatever its rows), or at once
+            # when the slots would otherwise stop.
+            if room and waiting and (room >= min(self.refill_rows, waiting) or not occupied):
                 with s._cond:
-                    more = s._take(self.key, free + max(self.width - self.batch, 0), must_fit=True)
+                    more = s._take(self.key, room, must_fit=True)
                 if more:
                     self.admit(more)
-            occupied = [i for i, slot in enumerate(self.slots) if slot is not None]
-            if not occupied:
+                    waiting = s.waiting_rows(self.key, self.width)
+            occupied_slots = [i for i, slot in enumerate(self.slots) if slot is not None]
+            if not occupied_slots:
                 return
-            self._decode_chunk(occupied)
+            if not waiting and len(occupied_slots) <= self.batch // SHRINK_FRACTION:
+                occupied_slots = self._shrink(occupied_slots)
+            self._decode_chunk(occupied_slots, waiting)
             self.retire()
 
-    def _decode_chunk(self, occupied: List[int]) -> None:
+    def _shrink(self, occupied: List[int]) -> List[int]:
+        """Moves the running rows into a batch of bucket(len(occupied)) slots (the tail of a job:
+        nothing waits, and a step of the full width would cost for the idle slots)."""
+        batch = bucket(len(occupied), minimum=1)
+        keep = occupied + [i for i, slot in enumerate(self.slots) if slot is None][:batch - len(occupied)]
+        self.state = keep_rows(self.state, jnp.asarray(np.array(keep, np.int32)))
+        self.slots = [self.slots[i] for i in keep]
+        self.max_new, self.min_new, self.position = (a[keep] for a in (self.max_new, self.min_new, self.position))
+        self.s.count(shrinks=1)
+        return list(range(len(occupied)))
+
+    @property
+    def refill_rows(self) -> int:
+        return max(1, self.width // REFILL_FRACTION)
+
+    def _decode_chunk(self, occupied: List[int], waiting: int) -> None:
+        """Runs up to CHUNK_STEPS steps; while rows wait for slots, stops as soon as enough rows
+        finished for a refill group."""
         state = self.state
         attend_len = live_length(int(self.position[occupied].max()) + 1, state.cache.length)
-        waiting = self._waiting_for_slot()
-        done_now = self.batch - len(occupied)
-        stop_done = done_now + 1 if waiting else self.batch + 1
+        free = self.batch - len(occupied)
+        stop_done = max(min(self.refill_rows, waiting), free + 1) if waiting else self.batch + 1
         consts = DecodeConsts(proc=self.proc, samp=self.samp, max_new=jnp.asarray(self.max_new),
                               min_new=jnp.asarray(self.min_new))
         self.state = decode(self.replica.params, state, consts, jnp.int32(self.step + CHUNK_STEPS), jnp.int32(stop_done),
                             spec=self.spec._replace(attend_len=attend_len))
-
-    def _waiting_for_slot(self) -> bool:
-        """A request of this session waits, and no slot would be free for it otherwise."""
-        return self.batch >= self.width and self.s._waiting(self.key)
-

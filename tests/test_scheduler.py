@@ -96,6 +96,23 @@ def test_refilled_slots_run_fewer_steps(pair, static):
     assert after["steps"] - mid["steps"] <= 24 + 2
 
 
+def test_last_rows_move_to_a_smaller_batch(pair, static):
+    """Eight slots, one long row: once the short rows are done and nothing waits, the long row
+    runs on in a batch of one (same tokens)."""
+    jg = pair.jaxgen
+    prompts = prompts_of(pair, n=8, seed=450)
+    kwargs = dict(end_token=[], include_prompt_in_result=False, return_scores=True)
+    lengths = [30] + [3] * 7
+    expected = [static.generate_batch([p], max_length=n, **kwargs)[0] for p, n in zip(prompts, lengths)]
+    before = jg.scheduler_stats
+    futures = [jg.generate_batch([p], max_batch_size=8, asynchronous=True, max_length=n, **kwargs)[0]
+               for p, n in zip(prompts, lengths)]
+    assert_same([f.result() for f in futures], expected, "after shrinking")
+    after = jg.scheduler_stats
+    assert after["shrinks"] > before["shrinks"]
+    assert after["slot_steps"] - before["slot_steps"] < 8 * 30  # the long row's tail ran narrower
+
+
 def _generate_with_lengths(jg, prompts, lengths, kwargs):
     """Concurrent asynchronous calls (one per max_length) share the slots of one session."""
     futures = [jg.generate_batch([p], max_batch_size=2, asynchronous=True, **dict(kwargs, max_length=n))[0]

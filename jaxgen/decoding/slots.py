@@ -1,5 +1,6 @@
 """Device side of the slot scheduler (`jaxgen.scheduler`): put freshly prefilled rows into free
-slots of a running greedy/sampling loop state, and grow the state's capacity. Pure and jitted.
+slots of a running greedy/sampling loop state, grow the state's capacity, and shrink it to its
+last running rows. Pure and jitted.
 
 A slot is a row of `DecodeState`. Its cache row is indexed by absolute position and attention
 masks by position, so a new occupant needs no clearing: the rows it inherits are either
@@ -43,6 +44,22 @@ def insert_rows(state: DecodeState, slots: jax.Array, cache: KVCache, history: H
                       tuple(put(d, s) for d, s in zip(state.cache.v, cache.v)), state.cache.length),
         key=put(state.key, keys),
     )
+
+
+@jax.jit
+def keep_rows(state: DecodeState, rows: jax.Array) -> DecodeState:
+    """The state of the slots `rows` [n] only (in that order): a smaller batch for the last
+    running rows, whose steps then cost less. Every field but `step` is batch-major."""
+    def take(a: jax.Array) -> jax.Array:
+        return jnp.take(a, rows, axis=0)
+
+    cache = state.cache
+    return DecodeState(
+        step=state.step, last_token=take(state.last_token), position=take(state.position), done=take(state.done),
+        out_tokens=take(state.out_tokens), out_log_probs=take(state.out_log_probs), gen_len=take(state.gen_len),
+        history=History(*(take(a) for a in state.history)),
+        cache=KVCache(tuple(take(a) for a in cache.k), tuple(take(a) for a in cache.v), cache.length),
+        key=take(state.key), logits=take(state.logits))
 
 
 def _pad(a: jax.Array, shape, fill) -> jax.Array:
