@@ -19,10 +19,12 @@ import numpy as np
 
 from jaxgen.batching import bucket, pass_width
 from jaxgen.decoding.beam import BeamConsts, BeamSpec, BeamState, beam_decode, expand_beams
+from jaxgen.decoding.custom import as_processors
 from jaxgen.decoding.processors import ProcessorOptions, init_history
 from jaxgen.decoding.sampling import SamplingOptions, candidate_count, row_keys
 from jaxgen.decoding.search import (DecodeConsts, DecodeState, LoopSpec, decode, live_length, prefill, set_done,
                                     start_cache)
+from jaxgen.decoding.speculative import LookupSpec, LookupState, lookup_decode, max_draft
 from jaxgen.model.decoder import KVCache, PassPlan
 from jaxgen.options import ResolvedOptions, max_candidates
 from jaxgen.results import GenerationResult, GenerationStepResult
@@ -152,7 +154,7 @@ def loop_spec(config, opts) -> LoopSpec:
     """The static choices of the greedy/sampling loop for these options."""
     return LoopSpec(config=config, sampling=opts.is_sampling,
                     k_static=candidate_count(opts.sampling_topk, config.vocab_size) if opts.is_sampling else 0,
-                    return_logits=bool(opts.return_logits_vocab))
+                    return_logits=bool(opts.return_logits_vocab), processors=as_processors(opts.logits_processors))
 
 
 def keys_of(rows: List[Row], seeds: Sequence[int], batch: int) -> jax.Array:
@@ -184,15 +186,19 @@ class Prepared:
         return self.cache.length
 
 
+def loop_sizes(rows: List[Row], opts, prefix_len: int, plan: PassPlan):
+    """(padded rows, output slots, cache positions) of a loop over these rows (bucketed)."""
+    n_out = bucket(max(max(r.max_new for r in rows), 1), minimum=16 if opts.return_logits_vocab else 64)
+    return bucket(len(rows), minimum=1), n_out, bucket(prefix_len + prompt_width(rows, plan) + n_out, minimum=64)
+
+
 def prepare(params: dict, config, rows: List[Row], resolved: ResolvedOptions, prefix: KVCache,
             prefix_len: int, plan: PassPlan) -> Prepared:
     """Prefills the prompts (all but their last token, right-padded, after the static prompt) and
     builds the traced loop options. Array sizes are bucketed to limit recompilation."""
     opts = resolved.options
     b = len(rows)
-    bp = bucket(b, minimum=1)
-    n_out = bucket(max(max(r.max_new for r in rows), 1), minimum=16 if opts.return_logits_vocab else 64)
-    cache_len = bucket(prefix_len + prompt_width(rows, plan) + n_out, minimum=64)
+    bp, n_out, cache_len = loop_sizes(rows, opts, prefix_len, plan)
     cache = prefill_rows(params, config, rows, prefix, prefix_len, plan, bp, cache_len)
     hist_len = bucket(max(len(r.history) for r in rows) + n_out, minimum=64)
     pad = [0] * (bp - b)
@@ -291,6 +297,44 @@ def run_rows(params: dict, config, rows: List[Row], resolved: ResolvedOptions, p
     return out
 
 
+def run_lookup_rows(params: dict, config, rows: List[Row], resolved: ResolvedOptions, prefix: KVCache,
+                    prefix_len: int, plan: PassPlan) -> List[dict]:
+    """Greedy search with prompt-lookup speculation (`jaxgen.decoding.speculative`): the same
+    results as `run_rows`. Drafts are capped to fit the model's sliding-window rings (`max_draft`).
+    Returns per row {"ids", "log_probs", "logits": None} of its generated steps."""
+    opts = resolved.options
+    b = len(rows)
+    draft = max_draft(config, loop_sizes(rows, opts, prefix_len, plan)[2], opts.prompt_lookup_tokens)
+    if draft == 0:  # sliding-window rings of one slot
+        return run_rows(params, config, rows, resolved, prefix, prefix_len, 0, None, None, plan)
+    p = prepare(params, config, rows, resolved, prefix, prefix_len, plan)
+    static = list(resolved.static_prompt_ids)
+    contexts = [static + r.prompt for r in rows]
+    width = bucket(max(len(c) for c in contexts) + p.n_out, minimum=64)
+    consts = DecodeConsts(proc=p.proc, samp=p.samp, max_new=jnp.asarray(p.max_new), min_new=jnp.asarray(p.min_new))
+    zeros = lambda shape, dtype: jnp.asarray(np.zeros(shape, dtype))  # noqa: E731
+    state = LookupState(
+        step=jnp.int32(0), last_token=jnp.asarray(p.last), position=jnp.asarray(p.position),
+        done=jnp.asarray(p.max_new <= 0), out_tokens=zeros((p.bp, p.n_out), np.int32),
+        out_log_probs=zeros((p.bp, p.n_out), np.float32), gen_len=zeros((p.bp,), np.int32), history=p.history,
+        cache=p.cache, context=jnp.asarray(_pad2(contexts, width, 0, p.bp)),
+        context_len=jnp.asarray(np.array([len(c) for c in contexts] + [1] * (p.bp - b), np.int32)),
+        accepted=zeros((p.bp,), np.int32))
+    spec = LookupSpec(config=config, draft=draft)
+    while True:  # grow the live bound of the cache reads as positions advance (see run_in_segments)
+        position, done = jax.device_get((state.position, state.done))
+        if bool(np.all(done)):
+            break
+        attend_len = live_length(int(position[~done].max()) + spec.draft + 1, p.cache_len)
+        state = lookup_decode(params, state, consts, spec=spec._replace(attend_len=attend_len))
+        if attend_len >= p.cache_len:
+            break
+    tokens, log_probs, gen_len = jax.device_get((state.out_tokens, state.out_log_probs, state.gen_len))
+    check_positions(config, prefix_len, rows, [int(n) for n in gen_len[:b]], opts.max_length)
+    return [{"ids": tokens[i, :n].tolist(), "log_probs": log_probs[i, :n].astype(np.float64), "logits": None}
+            for i, n in enumerate(int(x) for x in gen_len[:b])]
+
+
 def run_beam(params: dict, config, rows: List[Row], resolved: ResolvedOptions, prefix: KVCache,
              prefix_len: int, key: jax.Array, plan: PassPlan) -> List[List[dict]]:
     """Beam search. Returns per row its finished hypotheses, best first: {"ids", "score"}."""
@@ -308,7 +352,8 @@ def run_beam(params: dict, config, rows: List[Row], resolved: ResolvedOptions, p
         disable_first_eos=jnp.bool_(has_prefix))
     sampling = opts.sampling_topk != 1 and opts.sampling_temperature != 0
     spec = BeamSpec(config=config, beam_size=k, num_keep=opts.num_hypotheses, sampling=sampling,
-                    k_static=candidate_count(opts.sampling_topk, k * config.vocab_size) if sampling else 0)
+                    k_static=candidate_count(opts.sampling_topk, k * config.vocab_size) if sampling else 0,
+                    processors=as_processors(opts.logits_processors))
     cum = np.full((p.bp, k), -np.inf, np.float32)
     cum[:, 0] = 0
     f = opts.num_hypotheses

@@ -19,10 +19,12 @@ import numpy as np
 from jaxgen.alternatives import generate_alternatives
 from jaxgen.batching import BATCH_TYPES, bucket, pass_width, split_batches
 from jaxgen.compilation_cache import enable_compilation_cache
+from jaxgen.decoding.custom import as_processors, check_processors
 from jaxgen.decoding.scoring import LOGIT_ROWS, SCORE_CHUNK, forward_logits, target_log_probs
 from jaxgen.decoding.search import start_cache
 from jaxgen.devices import resolve_devices
-from jaxgen.generation import assemble_results, plan_rows, prefill_sequences, run_beam, run_rows
+from jaxgen.generation import (assemble_results, plan_rows, prefill_sequences, run_beam, run_lookup_rows,
+                               run_rows)
 from jaxgen.memory import check_jobs_fit
 from jaxgen.model.attention import resolve_attention
 from jaxgen.model.decoder import DEFAULT_CHUNKS, PassPlan, init_cache
@@ -220,11 +222,22 @@ class Generator:
                        return_logits_vocab: bool = False, return_alternatives: bool = False,
                        min_alternative_expansion_prob: float = 0, sampling_topk: int = 1,
                        sampling_topp: float = 1, sampling_temperature: float = 1, callback=None,
-                       random_seed: Optional[int] = None):
+                       random_seed: Optional[int] = None, logits_processors=None, prompt_lookup_tokens: int = 0):
         """Generates continuations of prompts given as lists of token strings (CTranslate2 §2).
 
         Returns one GenerationResult per prompt (or futures with `asynchronous=True`).
-        `random_seed` (an extension) makes sampling reproducible.
+        Extensions:
+        `random_seed` makes sampling reproducible.
+        `logits_processors`: a list of JAX functions `fn(logits [B, V] float32, generated [B, N]
+        int32, step int32 scalar) -> logits [B, V]` traced into the decoding loop, applied after
+        CTranslate2's processors and before the greedy / sampling / beam choice; see
+        `jaxgen.decoding.custom` for `generated` (-1 past each row's step) and `step`. A processor
+        that raises or returns another shape or dtype raises ValueError naming it, before any
+        work. Such calls run on static sub-batches.
+        `prompt_lookup_tokens=K` (greedy search only): prompt-lookup speculative decoding, which
+        drafts up to K tokens per step from an earlier occurrence of the text's last n-gram in
+        the prompt (static prompt included) and the text generated so far, and verifies them in
+        one pass; the output is exactly greedy search's (`jaxgen.decoding.speculative`).
         """
         if isinstance(start_tokens, list) and not start_tokens:
             return []  # nothing is validated for an empty batch (spec §2.1)
@@ -242,10 +255,15 @@ class Generator:
             return_logits_vocab=return_logits_vocab, return_alternatives=return_alternatives,
             min_alternative_expansion_prob=min_alternative_expansion_prob, sampling_topk=sampling_topk,
             sampling_topp=sampling_topp, sampling_temperature=sampling_temperature, callback=callback,
-            random_seed=random_seed)
+            random_seed=random_seed, logits_processors=logits_processors,
+            prompt_lookup_tokens=prompt_lookup_tokens)
         prompts = as_id_batch(start_tokens, self._vocab, "start_tokens", allow_ids=False)
         if any(len(p) == 0 for p in prompts):
             raise ValueError("One input has no decoder start token")
+        if logits_processors:
+            rows = len(prompts) * (beam_size if beam_size > 1 else num_hypotheses)
+            check_processors(as_processors(logits_processors), rows, bucket(max_length, minimum=64),
+                             self.config.vocab_size)
         seed = random_seed if random_seed is not None else self._next_seed()
         if self._continuous and schedulable(resolved, batch_type):
             call = Call(resolved, seed, self._slot_width(max_batch_size, resolved))
@@ -289,12 +307,13 @@ class Generator:
                         sampling_topp: float = 1, sampling_temperature: float = 1, return_log_prob: bool = False,
                         repetition_penalty: float = 1, no_repeat_ngram_size: int = 0, disable_unk: bool = False,
                         suppress_sequences=None, end_token=None, static_prompt=None,
-                        cache_static_prompt: bool = True, callback=None, random_seed: Optional[int] = None
-                        ) -> TokenStream:
+                        cache_static_prompt: bool = True, callback=None, random_seed: Optional[int] = None,
+                        logits_processors=None) -> TokenStream:
         """Streams GenerationStepResult for one prompt (list of str) or a batch (list of lists).
 
         The end token is yielded as the last step of an entry that stops on it. Options are
         validated before this returns; `close()` stops the decoding within a few steps.
+        `logits_processors`: as for `generate_batch`.
         """
         batch = [prompt] if prompt and isinstance(prompt[0], str) else prompt
         options = dict(max_batch_size=max_batch_size, batch_type=batch_type, asynchronous=True, beam_size=1,
@@ -303,7 +322,8 @@ class Generator:
                        sampling_temperature=sampling_temperature, repetition_penalty=repetition_penalty,
                        no_repeat_ngram_size=no_repeat_ngram_size, disable_unk=disable_unk,
                        suppress_sequences=suppress_sequences, end_token=end_token, static_prompt=static_prompt,
-                       cache_static_prompt=cache_static_prompt, random_seed=random_seed)
+                       cache_static_prompt=cache_static_prompt, random_seed=random_seed,
+                       logits_processors=logits_processors)
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
         return TokenStream(lambda cb: self.generate_batch(batch, callback=cb, **options), callback)
@@ -392,8 +412,11 @@ class Generator:
                 # One key per sub-batch and run (a fresh buffer: the loop state donates it).
                 run_key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), group_index), next(runs))
                 return run_beam(replica.params, self.config, rows, res, prefix, prefix_len, run_key, self._plan)
-            decoded = run_rows(replica.params, self.config, rows, res, prefix, prefix_len, seed, self._vocab,
-                               res.options.callback, self._plan)
+            if res.options.prompt_lookup_tokens:
+                decoded = run_lookup_rows(replica.params, self.config, rows, res, prefix, prefix_len, self._plan)
+            else:
+                decoded = run_rows(replica.params, self.config, rows, res, prefix, prefix_len, seed, self._vocab,
+                                   res.options.callback, self._plan)
             return [[d] for d in decoded]
 
         if resolved.options.return_alternatives:

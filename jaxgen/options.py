@@ -7,6 +7,7 @@ import math
 import numbers
 from typing import Callable, List, Optional, Sequence
 
+from jaxgen.decoding.custom import as_processors
 from jaxgen.vocabulary import Vocabulary
 
 
@@ -68,6 +69,8 @@ class GenerationOptions:
     sampling_temperature: float = 1.0
     callback: Optional[Callable] = None
     random_seed: Optional[int] = None
+    logits_processors: Optional[Sequence[Callable]] = None  # jaxgen.decoding.custom
+    prompt_lookup_tokens: int = 0  # draft tokens per step of prompt-lookup decoding (0: off)
 
     @property
     def is_sampling(self) -> bool:
@@ -127,6 +130,9 @@ def validate_options(opts: GenerationOptions, vocabulary: Vocabulary, default_en
             raise ValueError("The callback function is not compatible with beam_size > 1 or prefix_bias_beta > 0")
     if opts.random_seed is not None:
         _int("random_seed", opts.random_seed, 0)
+    as_processors(opts.logits_processors)
+    if _int("prompt_lookup_tokens", opts.prompt_lookup_tokens, 0):
+        _check_prompt_lookup(opts)
 
     end_ids = _resolve_end_token(opts.end_token, vocabulary, default_end_ids)
     suppress_ids = _resolve_suppress(opts.suppress_sequences, vocabulary)
@@ -140,6 +146,20 @@ def validate_options(opts: GenerationOptions, vocabulary: Vocabulary, default_en
             raise TypeError("static_prompt must be a list of token strings")
         static_ids = vocabulary.lenient_ids(sp)
     return ResolvedOptions(opts, end_ids, suppress_ids, unk_id, static_ids)
+
+
+def _check_prompt_lookup(opts: GenerationOptions) -> None:
+    """Prompt-lookup decoding is exact greedy search: the options it cannot serve are errors."""
+    unsupported = [(opts.beam_size > 1, "beam search (beam_size > 1)"),
+                   (opts.is_sampling, "random sampling (sampling_topk != 1)"),
+                   (opts.num_hypotheses > 1, "num_hypotheses > 1"),
+                   (opts.return_alternatives, "return_alternatives"),
+                   (opts.return_logits_vocab, "return_logits_vocab"),
+                   (opts.callback is not None, "a callback (or generate_tokens)"),
+                   (bool(opts.logits_processors), "logits_processors")]
+    for bad, what in unsupported:
+        if bad:
+            raise ValueError(f"prompt_lookup_tokens (greedy speculative decoding) does not support {what}")
 
 
 def _resolve_end_token(end_token, vocabulary: Vocabulary, default: List[int]) -> List[int]:

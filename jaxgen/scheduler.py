@@ -56,14 +56,16 @@ def schedulable(resolved: ResolvedOptions, batch_type: str) -> bool:
     """Whether a generate call runs on the slot scheduler (else on static sub-batches).
 
     Static: beam search, `return_alternatives`, a `callback` (CTranslate2 calls it per
-    sub-batch step), `return_logits_vocab`, `batch_type="tokens"`, and
+    sub-batch step), `return_logits_vocab`, `batch_type="tokens"`, `logits_processors` (their
+    `step` argument is one scalar, every running row's step, which holds on sub-batches whose
+    rows start together), `prompt_lookup_tokens` (its own loop, `jaxgen.decoding.speculative`), and
     `include_prompt_in_result=False` together with a repetition penalty, no-repeat n-grams or a
     multi-token suppressed sequence (there CTranslate2's loop history starts after the shortest
     prompt of the sub-batch, so results depend on the sub-batch).
     """
     opts = resolved.options
     if (opts.beam_size > 1 or opts.return_alternatives or opts.callback is not None or opts.return_logits_vocab
-            or batch_type != "examples"):
+            or batch_type != "examples" or opts.logits_processors or opts.prompt_lookup_tokens):
         return False
     history_matters = (opts.repetition_penalty != 1 or opts.no_repeat_ngram_size > 0
                        or any(len(s) > 1 for s in resolved.suppress_ids))

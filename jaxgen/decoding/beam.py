@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from jaxgen.decoding.custom import apply_processors, generated_tokens
 from jaxgen.decoding.processors import History, ProcessorOptions, append_history, process_logits
 from jaxgen.decoding.sampling import SamplingOptions, filtered_candidates
 from jaxgen.model.config import ModelConfig
@@ -30,6 +31,7 @@ class BeamSpec(NamedTuple):
     sampling: bool  # stochastic beam search (Gumbel-top-2K among filtered candidates)
     k_static: int
     attend_len: Optional[int] = None  # decode reads cache slots [0, attend_len) (see search.live_length)
+    processors: tuple = ()  # user logits processors (jaxgen.decoding.custom), in order
 
 
 class BeamConsts(NamedTuple):
@@ -91,6 +93,9 @@ def _beam_step(params: dict, s: BeamState, c: BeamConsts, spec: BeamSpec) -> Bea
     logits = compute_logits(params, config, hidden[:, 0])
     ban_end = jnp.repeat(s.step < c.min_new, k)
     processed = process_logits(logits, s.history, c.proc, ban_end)
+    if spec.processors:
+        generated = generated_tokens(s.seqs.reshape(b * k, -1), s.step)
+        processed = apply_processors(spec.processors, processed, generated, s.step)
     log_probs = jax.nn.log_softmax(processed, axis=-1)
     total = (log_probs + s.cum.reshape(b * k, 1)).reshape(b, k * v)
     if spec.sampling:

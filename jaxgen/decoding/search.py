@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from jaxgen.decoding.custom import apply_processors, generated_tokens
 from jaxgen.decoding.processors import History, ProcessorOptions, append_history, process_logits
 from jaxgen.decoding.sampling import SamplingOptions, greedy, sample, split_rows
 from jaxgen.model.config import ModelConfig
@@ -29,6 +30,7 @@ class LoopSpec(NamedTuple):
     k_static: int  # candidates kept by lax.top_k when sampling
     return_logits: bool  # keep every step's processed logits
     attend_len: Optional[int] = None  # decode reads cache slots [0, attend_len) (see live_length)
+    processors: tuple = ()  # user logits processors (jaxgen.decoding.custom), in order
 
 
 class DecodeConsts(NamedTuple):
@@ -97,6 +99,9 @@ def _step(params: dict, state: DecodeState, consts: DecodeConsts, spec: LoopSpec
                             attend_len=spec.attend_len)
     logits = compute_logits(params, config, hidden[:, 0])
     processed = process_logits(logits, state.history, consts.proc, ban_end=state.gen_len < consts.min_new)
+    if spec.processors:
+        processed = apply_processors(spec.processors, processed, generated_tokens(state.out_tokens, state.gen_len),
+                                     state.step)
     log_probs = jax.nn.log_softmax(processed, axis=-1)
     key, draw_keys = split_rows(state.key)
     if spec.sampling:
