@@ -228,6 +228,129 @@ NOTEBOOKS = {
                 print(repr(tokenizer.decode(result.sequences_ids[0])))
         """),
     ],
+    # ------------------------------------------------------------------------------------------
+    "05_research.ipynb": [
+        md("""
+            # jaxgen for research: pure functions, custom processors, prompt lookup
+
+            `jaxgen.functional` exposes the model as pure JAX functions (`forward`, `embed`, `log_probs`)
+            that you can `jit`, `grad` and `vmap`; the `Generator` runs the same ones. This notebook
+            computes a token-level attribution with gradients, steers generation with a logits processor
+            written in JAX, and measures prompt-lookup speculative decoding on a copy/edit task.
+        """),
+        SETUP,
+        md("""
+            ## Which prompt tokens drive a continuation? Gradient x input
+
+            The attribution of prompt token t to a continuation is `sum_d grad_d * embedding_d`, the
+            gradient of the continuation's log-likelihood with respect to the input embeddings, times
+            those embeddings.
+        """),
+        code("""
+            import jax
+            import jax.numpy as jnp
+            import numpy as np
+
+            from jaxgen import functional as F
+
+            model = F.load_model(model_dir, compute_type="float32")
+            ids_of = {token: i for i, token in enumerate(model.vocabulary)}
+
+            prompt = [tokenizer.bos_token] + tokenizer.encode("The Eiffel Tower is located in the city of")
+            continuation = tokenizer.encode(" Paris")
+            tokens = jnp.asarray([[ids_of[t] for t in prompt + continuation]], jnp.int32)
+            lengths = jnp.asarray([tokens.shape[1]], jnp.int32)
+            n_prompt = len(prompt)
+
+
+            def continuation_log_likelihood(embeddings):
+                logits = F.forward(model.params, model.config, None, lengths, embeddings=embeddings)
+                log_probs = jax.nn.log_softmax(logits[0, n_prompt - 1:-1], axis=-1)  # predicting the continuation
+                return jnp.take_along_axis(log_probs, tokens[0, n_prompt:, None], axis=-1).sum()
+
+
+            embeddings = F.embed(model.params, model.config, tokens)
+            value, grads = jax.jit(jax.value_and_grad(continuation_log_likelihood))(embeddings)
+            attribution = np.asarray((grads * embeddings).sum(-1)[0, :n_prompt])
+            print(f"log p({''.join(continuation)!r} | prompt) = {float(value):.3f}")
+            for token, score in sorted(zip(prompt, attribution), key=lambda x: -abs(x[1]))[:5]:
+                print(f"attribution {score:+.3f}  {token!r}")
+        """),
+        code("""
+            import io
+
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+            from IPython.display import Image, display
+
+            fig, ax = plt.subplots(figsize=(10, 1.8))
+            limit = float(np.abs(attribution).max())
+            ax.imshow(attribution[None, :], cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
+            ax.set_xticks(range(n_prompt))
+            ax.set_xticklabels([t.replace("\\u2581", " ") for t in prompt], rotation=45, fontsize=9)
+            ax.set_yticks([])
+            ax.set_title(f"gradient x input for the continuation {''.join(continuation)!r}")
+            fig.tight_layout()
+            buffer = io.BytesIO()
+            fig.savefig(buffer, format="png", dpi=80)
+            plt.close(fig)
+            display(Image(buffer.getvalue()))
+        """),
+        md("""
+            ## A custom logits processor: no digits
+
+            A processor is a JAX function `fn(logits [B, V], generated [B, N], step) -> logits`, traced
+            into the decoding loop (no host round trip per token). It runs after CTranslate2's processors
+            (penalties, bans) and before the greedy / sampling / beam choice.
+        """),
+        code("""
+            has_digit = jnp.asarray([any(c.isdigit() for c in token) for token in model.vocabulary])
+
+
+            def no_digits(logits, generated, step):
+                return jnp.where(has_digit[None, :], -jnp.inf, logits)
+
+
+            question = [tokenizer.bos_token] + tokenizer.encode("The first person walked on the Moon in the year")
+            for processors in ([], [no_digits]):
+                result = generator.generate_batch([question], max_length=12, include_prompt_in_result=False,
+                                                  logits_processors=processors)[0]
+                text = tokenizer.decode(result.sequences_ids[0])
+                print(f"{'no digits' if processors else 'plain':9}: {text!r}")
+            assert not any(c.isdigit() for c in text)
+        """),
+        md("""
+            ## Prompt-lookup speculative decoding on a copy/edit task
+
+            When the output repeats the prompt (restating a list or code with a small change), drafting
+            the next tokens from an earlier occurrence of the last few tokens and verifying them in one
+            pass emits several tokens per pass. The output is exactly greedy search's.
+        """),
+        code("""
+            import time
+
+            text = ("Shopping list:\\n- 2 pounds of apples\\n- 1 loaf of bread\\n- 12 eggs\\n- 1 gallon of milk\\n"
+                    "- 3 cans of soup\\n- 1 bag of rice\\n\\nThe same list with 24 eggs instead of 12:\\n- 2 pounds of")
+            copy_prompt = [tokenizer.bos_token] + tokenizer.encode(text)
+
+
+            def timed(**kwargs):
+                generator.generate_batch([copy_prompt], max_length=48, include_prompt_in_result=False, **kwargs)
+                start = time.perf_counter()
+                result = generator.generate_batch([copy_prompt], max_length=48, include_prompt_in_result=False,
+                                                  **kwargs)[0]
+                return time.perf_counter() - start, result.sequences_ids[0]
+
+
+            greedy_s, greedy_ids = timed()
+            lookup_s, lookup_ids = timed(prompt_lookup_tokens=8)
+            assert lookup_ids == greedy_ids
+            print(tokenizer.decode(greedy_ids))
+            print(f"greedy {len(greedy_ids) / greedy_s:.1f} tok/s, "
+                  f"prompt lookup {len(lookup_ids) / lookup_s:.1f} tok/s: speed-up {greedy_s / lookup_s:.2f}x")
+        """),
+    ],
 }
 
 

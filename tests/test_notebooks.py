@@ -106,3 +106,8 @@ def test_notebook_runs(name, kernel_spec_manager, default_model_dir, monkeypatch
     elif name.startswith("04"):
         assert "devices: cpu [0, 1, 2, 3]" in text
         assert "8 prompts in" in text
+    elif name.startswith("05"):
+        images = [o for o in outputs(nb, "display_data") if "image/png" in o.get("data", {})]
+        assert len(images) == 1  # the attribution heat map
+        assert text.count("attribution ") == 5
+        assert "no digits:" in text and "speed-up" in text
