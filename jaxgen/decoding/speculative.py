@@ -69,8 +69,8 @@ def max_draft(config: ModelConfig, cache_length: int, requested: int) -> int:
     return max(0, min([requested] + [r - 1 for r in rings]))
 
 
-def _ring_slots(cache: KVCache, position: jax.Array, width: int) -> jax.Array:
-    """[B, W] slot indices of positions position + j in a ring of cache rows (mod its size)."""
+def _pass_positions(position: jax.Array, width: int) -> jax.Array:
+    """position [B] -> [B, W]: the positions a pass of W tokens writes (a ring slot is one mod its size)."""
     return position[:, None] + jnp.arange(width, dtype=jnp.int32)[None, :]
 
 
@@ -83,7 +83,7 @@ def _save_rings(cache: KVCache, position: jax.Array, width: int):
         if k.shape[1] >= cache.length:
             saved.append(None)
             continue
-        slots = jnp.mod(_ring_slots(cache, position, width), k.shape[1])
+        slots = jnp.mod(_pass_positions(position, width), k.shape[1])
         saved.append((k[rows, slots], v[rows, slots]))
     return saved
 
@@ -96,7 +96,7 @@ def _restore_rings(cache: KVCache, saved, position: jax.Array, keep: jax.Array) 
         if old is None:
             continue
         size = ks[i].shape[1]
-        slots = jnp.where(keep, size, jnp.mod(_ring_slots(cache, position, keep.shape[1]), size))  # kept: dropped
+        slots = jnp.where(keep, size, jnp.mod(_pass_positions(position, keep.shape[1]), size))  # kept: dropped
         ks[i] = ks[i].at[rows, slots].set(old[0], mode="drop")
         vs[i] = vs[i].at[rows, slots].set(old[1], mode="drop")
     return KVCache(tuple(ks), tuple(vs), cache.length)
