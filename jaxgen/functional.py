@@ -27,12 +27,10 @@ from typing import Any, List, NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 
-from jaxgen.decoding.scoring import SCORE_CHUNK, forward_logits, pad_for_pass, target_log_probs
+from jaxgen.decoding.scoring import SCORE_CHUNK, forward_logits, pad_for_pass, pass_plan, target_log_probs
 from jaxgen.devices import resolve_devices
 from jaxgen.model import decoder
-from jaxgen.model.attention import resolve_attention
 from jaxgen.model.config import ModelConfig
-from jaxgen.model.decoder import DEFAULT_CHUNKS
 from jaxgen.model.loading import JNP_DTYPES, load_params
 
 __all__ = ["Config", "Model", "load_model", "forward", "embed", "log_probs"]
@@ -89,17 +87,10 @@ def load_model(model_dir: str, compute_type: str = "default", device: Optional[U
         jax_device = resolve_devices(device, 0)[1][0]
     else:
         raise TypeError(f"device must be None, a str or a jax.Device, got {type(device).__name__}")
-    if not isinstance(attention, str):
-        raise TypeError(f"attention must be a str, got {type(attention).__name__}")
-    if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool)):
-        raise TypeError(f"chunk must be an int, got {type(chunk).__name__}")
-    if chunk is not None and (chunk < SCORE_CHUNK or chunk % SCORE_CHUNK):
-        raise ValueError(f"chunk must be a positive multiple of {SCORE_CHUNK}, got {chunk}")
     platform = "cuda" if jax_device.platform == "gpu" else jax_device.platform
     model_config, params, vocabulary, ctype = load_params(model_dir, compute_type, platform)
-    config = Config(model=model_config, dtype=ctype.activations,
-                    attention=resolve_attention(attention, platform, model_config, ctype.dtype),
-                    chunk=chunk or DEFAULT_CHUNKS.get(platform, 512))
+    plan = pass_plan(attention, chunk, platform, model_config, ctype.dtype, chunk_name="chunk")
+    config = Config(model=model_config, dtype=ctype.activations, attention=plan.impl, chunk=plan.chunk)
     return Model(config, jax.device_put(params, jax_device), list(vocabulary))
 
 

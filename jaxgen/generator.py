@@ -20,14 +20,13 @@ from jaxgen.alternatives import generate_alternatives
 from jaxgen.batching import BATCH_TYPES, bucket, pass_width, split_batches
 from jaxgen.compilation_cache import enable_compilation_cache
 from jaxgen.decoding.custom import as_processors, check_processors
-from jaxgen.decoding.scoring import LOGIT_ROWS, SCORE_CHUNK, forward_logits, target_log_probs
+from jaxgen.decoding.scoring import LOGIT_ROWS, SCORE_CHUNK, forward_logits, pass_plan, target_log_probs
 from jaxgen.decoding.search import start_cache
 from jaxgen.devices import resolve_devices
 from jaxgen.generation import (assemble_results, plan_rows, prefill_sequences, run_beam, run_lookup_rows,
                                run_rows)
 from jaxgen.memory import check_jobs_fit
-from jaxgen.model.attention import resolve_attention
-from jaxgen.model.decoder import DEFAULT_CHUNKS, PassPlan, init_cache
+from jaxgen.model.decoder import init_cache
 from jaxgen.model.loading import load_params
 from jaxgen.options import GenerationOptions, validate_options
 from jaxgen.replicas import ReplicaPool, replicate, shard_tensor_parallel, tensor_parallel_layout
@@ -89,14 +88,7 @@ class Generator:
         self._ctype = ctype
         self._compute_type_requested = compute_type
         self._vocab = Vocabulary(tokens, config.unk_token)
-        if not isinstance(attention, str):
-            raise TypeError(f"attention must be a str, got {type(attention).__name__}")
-        if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool)):
-            raise TypeError(f"prefill_chunk must be an int, got {type(prefill_chunk).__name__}")
-        if prefill_chunk is not None and (prefill_chunk < SCORE_CHUNK or prefill_chunk % SCORE_CHUNK):
-            raise ValueError(f"prefill_chunk must be a positive multiple of {SCORE_CHUNK}, got {prefill_chunk}")
-        self._plan = PassPlan(impl=resolve_attention(attention, self._platform, config, ctype.dtype),
-                              chunk=prefill_chunk or DEFAULT_CHUNKS.get(self._platform, 512))
+        self._plan = pass_plan(attention, prefill_chunk, self._platform, config, ctype.dtype)
         self._tensor_parallel = bool(tensor_parallel)
         replicas = self._place(params)
         del params

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 
 from jaxgen.batching import pass_width
 from jaxgen.model.config import ModelConfig
-from jaxgen.model.decoder import chunked_pass, compute_logits
+from jaxgen.model.attention import resolve_attention
+from jaxgen.model.decoder import DEFAULT_CHUNKS, PassPlan, chunked_pass, compute_logits
 
 SCORE_CHUNK = 32  # positions are scored in pieces of a multiple of this many
 LOGIT_ROWS = 512  # rows (batch x positions) of one scoring piece, when the shape allows
@@ -119,3 +120,18 @@ def target_log_probs(params: dict, inputs: jax.Array, targets: jax.Array, length
         return out.swapaxes(0, 1).reshape(b, width)
 
     return chunked_pass(params, config, inputs, lengths, dtype, width, per_chunk, impl)
+
+
+def pass_plan(attention: str, chunk: Optional[int], platform: str, config: ModelConfig, dtype,
+              chunk_name: str = "prefill_chunk") -> PassPlan:
+    """Validates the attention name and the chunk size of full passes and resolves them for the
+    platform and model -> PassPlan. chunk: positions per chunk (None: the platform's default), a
+    positive multiple of SCORE_CHUNK; `chunk_name` names it in errors."""
+    if not isinstance(attention, str):
+        raise TypeError(f"attention must be a str, got {type(attention).__name__}")
+    if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool)):
+        raise TypeError(f"{chunk_name} must be an int, got {type(chunk).__name__}")
+    if chunk is not None and (chunk < SCORE_CHUNK or chunk % SCORE_CHUNK):
+        raise ValueError(f"{chunk_name} must be a positive multiple of {SCORE_CHUNK}, got {chunk}")
+    return PassPlan(impl=resolve_attention(attention, platform, config, dtype),
+                    chunk=chunk or DEFAULT_CHUNKS.get(platform, 512))
