@@ -3,6 +3,7 @@
     from jaxgen import functional as F
 
     model = F.load_model(model_dir)                       # model.config: hashable, model.params: a pytree
+    model = F.from_generator(generator)                   # or the weights a Generator already holds
     logits = F.forward(model.params, model.config, tokens, lengths)          # [B, T, V] float32
     lp = jax.jit(F.log_probs, static_argnums=1)(model.params, model.config, tokens, lengths)
     grads = jax.grad(lambda p: F.log_probs(p, model.config, tokens, lengths).sum())(model.params)
@@ -33,7 +34,7 @@ from jaxgen.model import decoder
 from jaxgen.model.config import ModelConfig
 from jaxgen.model.loading import JNP_DTYPES, load_params
 
-__all__ = ["Config", "Model", "load_model", "forward", "embed", "log_probs"]
+__all__ = ["Config", "Model", "load_model", "from_generator", "forward", "embed", "log_probs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +93,25 @@ def load_model(model_dir: str, compute_type: str = "default", device: Optional[U
     plan = pass_plan(attention, chunk, platform, model_config, ctype.dtype, chunk_name="chunk")
     config = Config(model=model_config, dtype=ctype.activations, attention=plan.impl, chunk=plan.chunk)
     return Model(config, jax.device_put(params, jax_device), list(vocabulary))
+
+
+def from_generator(generator) -> Model:
+    """The model a `jaxgen.Generator` holds, as a `Model` sharing its weights (no copy, no load).
+
+    Its first replica's params, with the Generator's activation type, attention and chunk size, so
+    `forward` / `log_probs` here compute what its `forward_batch` / `score_batch` compute. Raises
+    TypeError for anything but a Generator, ValueError when its model is unloaded.
+    """
+    from jaxgen.generator import Generator
+
+    if not isinstance(generator, Generator):
+        raise TypeError(f"from_generator takes a jaxgen.Generator, got {type(generator).__name__}")
+    if not generator.model_is_loaded:
+        raise ValueError("the Generator's model is unloaded: call generator.load_model() first")
+    plan = generator._plan
+    config = Config(model=generator.config, dtype=generator._ctype.activations, attention=plan.impl,
+                    chunk=plan.chunk)
+    return Model(config, generator._pool.replicas[0].params, list(generator._vocab.tokens))
 
 
 def _check(config: Config, tokens: Optional[jax.Array], lengths: jax.Array, embeddings: Optional[jax.Array]) -> None:

@@ -253,7 +253,7 @@ NOTEBOOKS = {
 
             from jaxgen import functional as F
 
-            model = F.load_model(model_dir, compute_type="float32")
+            model = F.from_generator(generator)  # the generator's weights as pure-function inputs (no copy)
             ids_of = {token: i for i, token in enumerate(model.vocabulary)}
 
             prompt = [tokenizer.bos_token] + tokenizer.encode("The Eiffel Tower is located in the city of")

@@ -133,3 +133,18 @@ def test_bad_inputs(model):
         F.log_probs(model.params, model.config.model, jnp.zeros((1, 4), jnp.int32), jnp.ones((1,), jnp.int32))
     with pytest.raises(TypeError, match="device"):
         F.load_model("unused", device=3)
+
+
+def test_from_generator_shares_weights_and_config(pair, model):
+    """from_generator gives the Generator's own arrays (no copy) and the config load_model gives."""
+    generated = F.from_generator(pair.jaxgen)
+    assert generated.config == model.config
+    assert generated.vocabulary == model.vocabulary
+    ours = jax.tree_util.tree_leaves(generated.params)
+    held = jax.tree_util.tree_leaves(pair.jaxgen._pool.replicas[0].params)
+    assert len(ours) == len(held) and all(a is b for a, b in zip(ours, held))
+    seqs, tokens, lengths = batch(pair)
+    np.testing.assert_array_equal(np.asarray(F.log_probs(generated.params, generated.config, tokens, lengths)),
+                                  np.asarray(F.log_probs(model.params, model.config, tokens, lengths)))
+    with pytest.raises(TypeError, match="jaxgen.Generator"):
+        F.from_generator(model)
