@@ -72,7 +72,13 @@ def execute(name: str, kernel_spec_manager, timeout: int = 600):
     assert km.kernel_spec.argv[0] == sys.executable
     client = NotebookClient(nb, km=km, kernel_name="python3", timeout=timeout,
                             resources={"metadata": {"path": NOTEBOOK_DIR}})
-    client.execute()  # raises CellExecutionError, naming the cell, when one fails
+    try:
+        client.execute()  # raises CellExecutionError, naming the cell, when one fails
+    finally:
+        # A client given its kernel manager leaves the kernel running: each notebook's kernel
+        # (1.5-8 GB with a model loaded) would outlive its test.
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
     return nb
 
 
