@@ -72,11 +72,11 @@ CACHE_HIT = "/jax/compilation_cache/cache_hits"
 # The engine's jitted entry points: (module, attribute). Each is wrapped in this process only, to
 # see the shapes and static arguments it is called with.
 ENGINE_FUNCTIONS = (
-    ("jaxgen.generation", "start_cache"), ("jaxgen.generation", "prefill"), ("jaxgen.generation", "decode"),
-    ("jaxgen.generation", "beam_decode"), ("jaxgen.generation", "expand_beams"),
+    ("jaxgen.runtime.generation", "start_cache"), ("jaxgen.runtime.generation", "prefill"), ("jaxgen.runtime.generation", "decode"),
+    ("jaxgen.runtime.generation", "beam_decode"), ("jaxgen.runtime.generation", "expand_beams"),
     ("jaxgen.generator", "start_cache"), ("jaxgen.generator", "target_log_probs"),
-    ("jaxgen.generator", "forward_logits"), ("jaxgen.scheduler", "decode"), ("jaxgen.scheduler", "insert_rows"),
-    ("jaxgen.scheduler", "grow_state"),
+    ("jaxgen.generator", "forward_logits"), ("jaxgen.runtime.scheduler", "decode"), ("jaxgen.runtime.scheduler", "insert_rows"),
+    ("jaxgen.runtime.scheduler", "grow_state"),
 )
 ENGINE_ORDER = ("prefill", "decode", "beam_decode", "start_cache", "expand_beams", "target_log_probs",
                 "forward_logits", "insert_rows", "grow_state")

@@ -642,8 +642,8 @@ def cmd_info(args) -> int:
 
 def _memory_rows(config, device: str, compute_type: str) -> List[tuple]:
     """Compute type, KV-cache sizes (weight dtype and compute type) and attention, for `info`."""
-    from jaxgen import memory
-    from jaxgen.devices import resolve_devices
+    from jaxgen.runtime import memory
+    from jaxgen.runtime.devices import resolve_devices
     from jaxgen.model.loading import resolve_compute_type
 
     platform, _ = resolve_devices(device, 0)
@@ -686,7 +686,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
     args = parser.parse_args(argv)
-    from jaxgen.compilation_cache import enable_compilation_cache
+    from jaxgen.runtime.compilation_cache import enable_compilation_cache
 
     enable_compilation_cache()  # <cache dir>/xla unless JAXGEN_COMPILATION_CACHE=0 or JAX has its own
     try:

@@ -16,23 +16,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.alternatives import generate_alternatives
-from jaxgen.batching import BATCH_TYPES, bucket, pass_width, split_batches
-from jaxgen.compilation_cache import enable_compilation_cache
+from jaxgen.runtime.alternatives import generate_alternatives
+from jaxgen.runtime.batching import BATCH_TYPES, bucket, pass_width, split_batches
+from jaxgen.runtime.compilation_cache import enable_compilation_cache
 from jaxgen.decoding.custom import as_processors, check_processors
 from jaxgen.decoding.scoring import LOGIT_ROWS, SCORE_CHUNK, forward_logits, pass_plan, target_log_probs
 from jaxgen.decoding.search import start_cache
-from jaxgen.devices import resolve_devices
-from jaxgen.generation import (assemble_results, plan_rows, prefill_sequences, run_beam, run_lookup_rows,
+from jaxgen.runtime.devices import resolve_devices
+from jaxgen.runtime.generation import (assemble_results, plan_rows, prefill_sequences, run_beam, run_lookup_rows,
                                run_rows)
-from jaxgen.memory import check_jobs_fit
+from jaxgen.runtime.memory import check_jobs_fit
 from jaxgen.model.decoder import init_cache
 from jaxgen.model.loading import load_params
-from jaxgen.options import GenerationOptions, validate_options
-from jaxgen.replicas import ReplicaPool, replicate, shard_tensor_parallel, tensor_parallel_layout
+from jaxgen.runtime.options import GenerationOptions, validate_options
+from jaxgen.runtime.replicas import ReplicaPool, replicate, shard_tensor_parallel, tensor_parallel_layout
 from jaxgen.results import ScoringResult
-from jaxgen.scheduler import DEFAULT_WIDTHS, Call, SlotScheduler, schedulable
-from jaxgen.streaming import TokenStream, bridge_async, iterate_in_chunks
+from jaxgen.runtime.scheduler import DEFAULT_WIDTHS, Call, SlotScheduler, schedulable
+from jaxgen.runtime.streaming import TokenStream, bridge_async, iterate_in_chunks
 from jaxgen.vocabulary import Vocabulary, as_id_batch, as_ids
 
 
@@ -49,14 +49,14 @@ class Generator:
     chunks of this size, which bounds memory.
 
     `continuous_batching` (an extension): run the calls that allow it on the slot scheduler
-    (`jaxgen.scheduler`: a finished row's slot takes the next waiting prompt, and concurrent calls
+    (`jaxgen.runtime.scheduler`: a finished row's slot takes the next waiting prompt, and concurrent calls
     share the slots); False runs every call on static sub-batches, as CTranslate2 does.
 
     `memory_limit` (an extension): bytes per device that one call may use for its KV cache and
     activations; None uses what the device reports as free. A call whose estimated need exceeds
-    it raises ValueError before any work starts (see `jaxgen.memory`).
+    it raises ValueError before any work starts (see `jaxgen.runtime.memory`).
     Compiled programs are kept in JAX's persistent cache, `<jaxgen cache dir>/xla`
-    (`JAXGEN_COMPILATION_CACHE=0` turns that off; see `jaxgen.compilation_cache`).
+    (`JAXGEN_COMPILATION_CACHE=0` turns that off; see `jaxgen.runtime.compilation_cache`).
     """
 
     def __init__(self, model_path: str, device: str = "cpu", *, device_index: Union[int, Sequence[int]] = 0,
@@ -192,7 +192,7 @@ class Generator:
     def scheduler_stats(self) -> dict:
         """Counters of the slot scheduler since the Generator was made: sessions, prompts admitted,
         refills (prefills into free slots), decode steps and generated tokens (see
-        `jaxgen.scheduler.SlotScheduler.stats`)."""
+        `jaxgen.runtime.scheduler.SlotScheduler.stats`)."""
         return self._scheduler.stats
 
     @property
@@ -331,7 +331,7 @@ class Generator:
         """Generates from an iterable of prompts; yields results in input order, each as soon as it
         and the ones before it are done. Takes the options of `generate_batch`.
 
-        Calls that `jaxgen.scheduler.schedulable` accepts run on the slot scheduler with
+        Calls that `jaxgen.runtime.scheduler.schedulable` accepts run on the slot scheduler with
         `max_batch_size` slots (continuous batching: a finished row's slot takes the next prompt);
         the others read the iterable in chunks of sub-batches, as CTranslate2 does. A prompt that
         is not a valid token list raises, naming its index, after the results before it.
@@ -605,7 +605,7 @@ class Generator:
 
     def _check_memory(self, what: str, jobs: List[dict], n_jobs: int, advice: str) -> None:
         """Raises ValueError, before anything runs, when the jobs of one call would not fit in
-        device memory (estimates from `jaxgen.memory`; `memory_limit` replaces the free bytes
+        device memory (estimates from `jaxgen.runtime.memory`; `memory_limit` replaces the free bytes
         the devices report). The jobs on one replica run `inter_threads` at a time, and process
         at most one prefill chunk of tokens at once."""
         chunk = getattr(getattr(self, "_plan", None), "chunk", None) or 512

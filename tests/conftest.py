@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-# Generators and the CLI keep JAX's compilation cache in <JAXGEN_HOME>/xla (jaxgen.compilation_cache):
+# Generators and the CLI keep JAX's compilation cache in <JAXGEN_HOME>/xla (jaxgen.runtime.compilation_cache):
 # unless JAXGEN_HOME is set, the test session (and its subprocesses) use the repository's git-ignored
 # .jaxgen_home/ (as `default_model_home` below does), never the user's ~/.cache/jaxgen.
 os.environ.setdefault("JAXGEN_HOME", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -137,7 +137,7 @@ def default_model_dir(default_model_home) -> str:
 # (used by test_gguf_default_model.py) Session-scoped artefacts of the default model, Gemma 3 270M
 # in GGUF Q4_K_M, built once under the session tmp dir:
 #   gguf_default_path   the .gguf file (assembled from its PyPI package)
-#   gguf_jaxgen_dir     GGUFConverter(gguf_default_path) -> jaxgen model directory (float32)
+#   gguf_jaxgen_dir     GGUFConverter(gguf_default_path) -> jaxgen model directory (float32): default_model_dir
 #   gguf_hf_model       transformers' Gemma3ForCausalLM loaded from the same GGUF (float32, eval)
 #   gguf_hf_tokenizer   transformers' tokenizer built from the same GGUF
 #   gguf_hf_saved_dir   gguf_hf_model + gguf_hf_tokenizer written with save_pretrained
@@ -151,11 +151,10 @@ def gguf_default_path():
 
 
 @pytest.fixture(scope="session")
-def gguf_jaxgen_dir(gguf_default_path, tmp_path_factory):
-    from jaxgen.converters.gguf import GGUFConverter
-
-    out = tmp_path_factory.mktemp("gguf-jaxgen") / "gemma3-270m"
-    return GGUFConverter(gguf_default_path).convert(str(out))
+def gguf_jaxgen_dir(default_model_dir):
+    """The default model's directory: it is GGUFConverter's float32 conversion of the same GGUF
+    file (jaxgen.default_model makes it), so the session converts the file once."""
+    return default_model_dir
 
 
 @pytest.fixture(scope="session")

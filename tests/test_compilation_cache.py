@@ -1,4 +1,4 @@
-"""JAX's persistent compilation cache, on by default for every Generator (jaxgen.compilation_cache).
+"""JAX's persistent compilation cache, on by default for every Generator (jaxgen.runtime.compilation_cache).
 
 Each case runs in a fresh Python process (the cache directory is process-wide JAX state) with its
 own temporary JAXGEN_HOME, on the tiny CLI model of conftest.py.
@@ -68,7 +68,7 @@ def test_users_own_cache_dir_is_kept(cli_tiny_model, tmp_path):
 def test_enable_is_idempotent_and_thread_safe():
     import jax
 
-    from jaxgen.compilation_cache import enable_compilation_cache
+    from jaxgen.runtime.compilation_cache import enable_compilation_cache
 
     results = []
     threads = [threading.Thread(target=lambda: results.append(enable_compilation_cache())) for _ in range(8)]

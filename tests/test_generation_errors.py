@@ -145,7 +145,7 @@ def test_values_that_are_not_errors(pair, reference):
         jg.generate_batch(P, max_length=4, **kwargs)
         pair.ct2.generate_batch(P, max_length=4, **kwargs)
     # num_hypotheses > beam_size * patience is allowed with return_alternatives or with sampling.
-    from jaxgen.options import GenerationOptions, validate_options
+    from jaxgen.runtime.options import GenerationOptions, validate_options
 
     for kwargs in ({"beam_size": 2, "num_hypotheses": 3, "return_alternatives": True},
                    {"num_hypotheses": 4, "sampling_topk": 0}):

@@ -35,7 +35,7 @@ import pytest
 
 from generation_fixtures import (DECISIVE_MARGIN, EOS, SCORE_TOLERANCE, UNK, ModelPair, assert_same_results,
                                  gen_pair, ids_of, top2_margin)  # noqa: F401 (gen_pair is a fixture)
-from jaxgen.batching import split_batches
+from jaxgen.runtime.batching import split_batches
 
 MAX_LENGTH = 24
 

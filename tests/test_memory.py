@@ -1,4 +1,4 @@
-"""Memory estimates (jaxgen.memory) and the check that Generator runs before any work starts."""
+"""Memory estimates (jaxgen.runtime.memory) and the check that Generator runs before any work starts."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 import jax.numpy as jnp
 import pytest
 
-from jaxgen import memory
+from jaxgen.runtime import memory
 from jaxgen.model.config import ModelConfig
 
 PROMPT = ["<bos>", "\u2581the"]

@@ -89,7 +89,7 @@ def test_find_draft():
 def test_drafts_are_accepted(pair, monkeypatch):
     """On a repetitive prompt the loop emits several tokens per pass (the speculation is not idle;
     on gemma3 rejected drafts' ring slots are restored, or later outputs would differ)."""
-    import jaxgen.generation as generation
+    import jaxgen.runtime.generation as generation
 
     states = []
     original = generation.lookup_decode

@@ -1,4 +1,4 @@
-"""The slot scheduler (continuous batching, `jaxgen.scheduler`) against static sub-batches.
+"""The slot scheduler (continuous batching, `jaxgen.runtime.scheduler`) against static sub-batches.
 
 Tiny random models of generation_fixtures.py; a second Generator on the same model directory with
 `continuous_batching=False` is the static reference. Ids are compared exactly, scores within

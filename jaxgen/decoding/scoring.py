@@ -13,7 +13,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from jaxgen.batching import pass_width
+from jaxgen.runtime.batching import pass_width
 from jaxgen.model.config import ModelConfig
 from jaxgen.model.attention import resolve_attention
 from jaxgen.model.decoder import DEFAULT_CHUNKS, PassPlan, chunked_pass, compute_logits
@@ -84,7 +84,7 @@ def forward_logits(params: dict, tokens: Optional[jax.Array], lengths: jax.Array
 def pad_for_pass(x: jax.Array, chunk: int, multiple: int = 1) -> jax.Array:
     """x [B, T, ...] right-padded with zeros on axis 1 to the width a chunked pass takes: a
     multiple of `multiple` (e.g. SCORE_CHUNK for `target_log_probs`), and of `chunk` when longer
-    than one chunk (`jaxgen.batching.pass_width`). Shapes are static, so this traces under jit."""
+    than one chunk (`jaxgen.runtime.batching.pass_width`). Shapes are static, so this traces under jit."""
     t = x.shape[1]
     width = pass_width(-(-t // multiple) * multiple, chunk)
     if width == t:

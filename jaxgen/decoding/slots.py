@@ -1,4 +1,4 @@
-"""Device side of the slot scheduler (`jaxgen.scheduler`): put freshly prefilled rows into free
+"""Device side of the slot scheduler (`jaxgen.runtime.scheduler`): put freshly prefilled rows into free
 slots of a running greedy/sampling loop state, grow the state's capacity, and shrink it to its
 last running rows. Pure and jitted.
 

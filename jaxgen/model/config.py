@@ -78,7 +78,7 @@ class ModelConfig:
     weight_dtype: str = "float32"
     format_version: int = FORMAT_VERSION
     # layout, not architecture (never saved): the jax.sharding.Mesh (one "model" axis) that
-    # tensor parallelism shards the weights over, None on one device (see jaxgen.replicas)
+    # tensor parallelism shards the weights over, None on one device (see jaxgen.runtime.replicas)
     mesh: Optional[Any] = None
 
     def __post_init__(self) -> None:

@@ -93,7 +93,7 @@ def init_cache(config: ModelConfig, batch: int, length: int, dtype) -> KVCache:
 # ---------------------------------------------------------------------------- building blocks
 def pin(x: jax.Array, config: ModelConfig, *spec) -> jax.Array:
     """Under tensor parallelism (`config.mesh`), constrains x to PartitionSpec(*spec) over the
-    mesh (no spec: replicated), so that XLA keeps the layout jaxgen.replicas intends instead of
+    mesh (no spec: replicated), so that XLA keeps the layout jaxgen.runtime.replicas intends instead of
     one it propagates from a weight (the hidden-axis split of the embedding, say). A no-op on one
     device."""
     if config.mesh is None:

@@ -27,14 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.batching import bucket
+from jaxgen.runtime.batching import bucket
 from jaxgen.decoding.search import DecodeConsts, DecodeState, decode, live_length, set_done
 from jaxgen.decoding.slots import grow_state, insert_rows, keep_rows
-from jaxgen.generation import (Row, _device_zeros, assemble_results, check_positions, keys_of, loop_spec,
+from jaxgen.runtime.generation import (Row, _device_zeros, assemble_results, check_positions, keys_of, loop_spec,
                                plan_rows, prefill_rows, processor_options, prompt_width, row_history,
                                sampling_options)
 from jaxgen.model.decoder import PassPlan, init_cache
-from jaxgen.options import ResolvedOptions
+from jaxgen.runtime.options import ResolvedOptions
 from jaxgen.results import GenerationResult
 
 # Decode steps per dispatch: between two chunks finished rows are retired, waiting prompts

@@ -12,8 +12,8 @@ from typing import Callable, List
 
 import numpy as np
 
-from jaxgen.generation import Row, assemble_results
-from jaxgen.options import ResolvedOptions
+from jaxgen.runtime.generation import Row, assemble_results
+from jaxgen.runtime.options import ResolvedOptions
 from jaxgen.results import GenerationResult
 
 

@@ -7,7 +7,7 @@ import queue
 import threading
 from typing import Callable, Iterable, Iterator, List
 
-from jaxgen.batching import BATCH_TYPES
+from jaxgen.runtime.batching import BATCH_TYPES
 
 _END = object()
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.batching import bucket, pass_width
+from jaxgen.runtime.batching import bucket, pass_width
 from jaxgen.decoding.beam import BeamConsts, BeamSpec, BeamState, beam_decode, expand_beams
 from jaxgen.decoding.custom import as_processors
 from jaxgen.decoding.processors import ProcessorOptions, init_history
@@ -26,7 +26,7 @@ from jaxgen.decoding.search import (DecodeConsts, DecodeState, LoopSpec, decode,
                                     start_cache)
 from jaxgen.decoding.speculative import LookupSpec, LookupState, lookup_decode, max_draft
 from jaxgen.model.decoder import KVCache, PassPlan
-from jaxgen.options import ResolvedOptions, max_candidates
+from jaxgen.runtime.options import ResolvedOptions, max_candidates
 from jaxgen.results import GenerationResult, GenerationStepResult
 
 # Decode steps per dispatch when a callback must see tokens as they come: the first token is handed
