@@ -71,6 +71,25 @@ def test_blocked_equals_dense(window, softcap):
     assert float(jnp.abs(ref_out[1, 30:]).max()) == 0.0  # padding queries get zeros, not NaN
 
 
+@pytest.mark.parametrize("window", [None, 5, 100, 300])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_causal_blocks_of_a_fresh_chunk_equal_dense(window, softcap):
+    """self_causal: a fresh chunk's query blocks read only the keys they can see, and give the
+    one-einsum result (right padding, GQA, windows shorter and longer than a block)."""
+    b, t, hq, hkv, hd = 2, 300, 6, 2, 8  # 3 blocks of CAUSAL_SPLIT = 128 rows, the last one short
+    assert t > 2 * attention.CAUSAL_SPLIT
+    keys = jax.random.split(jax.random.PRNGKey(1), 3)
+    q = jax.random.normal(keys[0], (b, t, hq, hd))
+    k = jax.random.normal(keys[1], (b, t, hkv, hd))
+    v = jax.random.normal(keys[2], (b, t, hkv, hd))
+    pos = jnp.stack([jnp.arange(t), jnp.where(jnp.arange(t) < 170, jnp.arange(t), -1)])  # row 1: 170 tokens
+    ref = attend(q, k, v, pos, pos, AttentionSpec(0.3, softcap, window, "dense"))
+    out = jax.jit(lambda *a: attend(*a, AttentionSpec(0.3, softcap, window, "flash"), self_causal=True))(
+        q, k, v, pos, pos)
+    assert float(jnp.abs(out - ref).max()) < 1e-5
+    assert float(jnp.abs(out[1, 170:]).max()) == 0.0
+
+
 def test_blocked_visits_only_visible_key_blocks(monkeypatch):
     """With linear keys, a query block reads no key block past its last position: keys there are
     NaN here and would poison the result if they were read."""

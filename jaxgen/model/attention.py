@@ -43,6 +43,7 @@ BLOCK_Q = 512  # query rows per block of the blocked path
 BLOCK_K = 512  # key slots per block of the blocked path
 DENSE_MAX_ELEMENTS = 1 << 24  # B * Hq * T * S scores above which the blocked path runs
 DENSE_MAX_QUERIES = 16  # decode steps (and small verifications) always take the one-einsum path
+CAUSAL_SPLIT = 128  # query rows per static block of a fresh chunk's causal self-attention
 
 
 class AttentionSpec(NamedTuple):
@@ -161,11 +162,15 @@ def uses_blocked(batch: int, heads: int, queries: int, keys: int) -> bool:
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, spec: AttentionSpec,
-           *, linear_keys: bool = False) -> jax.Array:
+           *, linear_keys: bool = False, self_causal: bool = False) -> jax.Array:
     """q [B, T, Hq, hd], k/v [B, S, Hkv, hd], q_pos [B, T], k_pos [B, S] -> [B, T, Hq * hd].
 
     `linear_keys` (static) promises k_pos[b, s] == s for every valid slot (a position-indexed
     cache), which lets the blocked path skip key blocks no query of a block can see.
+    `self_causal` (static) promises more: k and v are the queries' own chunk (S == T, k_pos ==
+    q_pos) and every valid position equals its index (a fresh, right-padded chunk), so query
+    rows [i, j) see keys [i - window + 1, j) at most: the one-einsum path then runs in static
+    blocks of CAUSAL_SPLIT rows over those keys only (about 60% of the work at T = 512).
     A query with position -1 (padding) yields zeros.
     """
     b, t, hq, hd = q.shape
@@ -173,9 +178,20 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: ja
     qg = q.reshape(b, t, hkv, hq // hkv, hd)
     if spec.impl != "dense" and uses_blocked(b, hq, t, k.shape[1]):
         out, _ = _blocked(qg, k, v, q_pos, k_pos, spec, linear_keys)
+    elif spec.impl != "dense" and self_causal and t > CAUSAL_SPLIT:
+        out = jnp.concatenate([_causal_block(qg, k, v, q_pos, start, min(start + CAUSAL_SPLIT, t), spec)
+                               for start in range(0, t, CAUSAL_SPLIT)], axis=1)
     else:
         out, _ = _dense(qg, k, v, q_pos, k_pos, spec)
     return out.reshape(b, t, hq * hd)
+
+
+def _causal_block(qg, k, v, pos, start: int, stop: int, spec: AttentionSpec) -> jax.Array:
+    """Query rows [start, stop) of a fresh chunk's self-attention over the only keys they can
+    see, [start - window + 1, stop) (see `attend`'s self_causal). Returns [B, stop - start, Hkv, G, hd]."""
+    lo = 0 if spec.window is None else max(0, start - spec.window + 1)
+    out, _ = _dense(qg[:, start:stop], k[:, lo:stop], v[:, lo:stop], pos[:, start:stop], pos[:, lo:stop], spec)
+    return out
 
 
 # ---------------------------------------------------------------------------- fused kernels

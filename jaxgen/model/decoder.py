@@ -289,7 +289,7 @@ def _attention(config: ModelConfig, q, k, v, k_cache, v_cache, positions, write_
         elif impl == "pallas":  # sliding layers too: the splash kernel takes a local (window) mask
             out = pallas_self_attention(q, k, v, lengths, spec)
         else:
-            out = attend(q, k, v, positions, positions, spec)
+            out = attend(q, k, v, positions, positions, spec, self_causal=True)
         return (out,) + store(k_cache, v_cache)
     if is_sliding and t > 1:
         # Later tokens of the chunk would overwrite ring slots its earlier tokens still see: read
@@ -360,7 +360,8 @@ def forward(params: dict, config: ModelConfig, tokens: Optional[jax.Array], posi
       must be below it (decode bounds its reads by the live length this way).
     impl (static): the attention implementation ("flash", "cudnn", "dense"; see attention.py).
     fresh (static): the chunk starts at position 0 with nothing before it (write_index == 0),
-      so attention reads only the new tokens.
+      and each row's valid positions equal their index (right padding), so attention reads only
+      the new tokens, each query block only the keys up to its last row.
     Returns the final-normed hidden states [B, T, D] and the updated cache.
     """
     dtype = cache.dtype
