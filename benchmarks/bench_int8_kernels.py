@@ -40,19 +40,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxgen.model.int8 import int8_matmul
+from jaxgen.model.int8 import int8_matmul, quantize_rows
 
 SHAPES = {  # name -> (K, N, layout of the stored weight)
     "up": (640, 2048, "kn"), "down": (2048, 640, "kn"), "q": (640, 1024, "kn"), "o": (1024, 640, "kn"),
-    "kv": (640, 256, "kn"), "head_block": (640, 16384, "nk"), "head": (640, 262144, "nk"),
+    "kv": (640, 256, "kn"), "head_block": (640, 16384, "nk"), "head_block_int8": (640, 4096, "nk"),
+    "head": (640, 262144, "nk"),
 }
 NT = (((1,), (1,)), ((), ()))  # x [M, K] . w [N, K]
-
-
-def quantize_rows(x):
-    """Symmetric per-row int8: x ~ xq * sx."""
-    sx = jnp.maximum(jnp.max(jnp.abs(x), axis=-1, keepdims=True), 1e-30) / 127.0
-    return jnp.round(x / sx).astype(jnp.int8), sx
 
 
 def int_dot(xq, w, layout, dtype=jnp.int32):
