@@ -366,7 +366,8 @@ def build_report(header, args, engines, specs, cases, results, workers, startup,
               "- ratios are value / CTranslate2's value (> 1 is better for ↑ rows, < 1 is better for ↓ rows).",
               "- startup: a new Python process from launch; CTranslate2 and transformers compile nothing, so their "
               "figures (the same runs) appear in the cold and the warm rows.",
-              "- int8: jaxgen compute_type=\"int8\" (int8 weights, float32 activations on CPU) vs CTranslate2 "
+              "- int8: jaxgen compute_type=\"int8\" (int8 weights; on CPU float32 activations quantized per "
+              "row to int8 for int8 x int8 -> int32 products, as CTranslate2 does) vs CTranslate2 "
               "compute_type=\"int8\" on its int8 conversion; transformers has no comparable int8 path here.",
               f"- {bc.cpu_count()} usable cores are shared by every engine; other load on the machine shows in the "
               "spread (see the details)."]

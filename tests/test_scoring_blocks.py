@@ -18,6 +18,7 @@ from jaxgen.model.decoder import compute_logits
 @pytest.mark.parametrize("tied,softcap,int8", [(True, None, False), (False, 30.0, False), (True, None, True)])
 def test_blocked_target_log_prob_equals_full_log_softmax(tied, softcap, int8, monkeypatch):
     monkeypatch.setattr(scoring, "VOCAB_BLOCK", 256)  # 1000 columns: 4 blocks, the last overlapping
+    monkeypatch.setattr(scoring, "VOCAB_BLOCK_INT8", 256)  # the int8 head's own block size
     v, d = 1000, 32
     config = ModelConfig(architecture="test", vocab_size=v, hidden_size=d, num_layers=1, num_heads=2, num_kv_heads=1,
                          head_dim=16, intermediate_size=64, tie_word_embeddings=tied, final_logit_softcapping=softcap)

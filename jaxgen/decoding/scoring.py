@@ -21,6 +21,11 @@ from jaxgen.model.decoder import DEFAULT_CHUNKS, PassPlan, chunked_pass, compute
 SCORE_CHUNK = 32  # positions are scored in pieces of a multiple of this many
 LOGIT_ROWS = 512  # rows (batch x positions) of one scoring piece, when the shape allows
 VOCAB_BLOCK = 16384  # vocabulary columns whose logits exist at once while scoring
+# The same with an int8 head and float32 activations (int8 x int8 -> int32 products, see
+# jaxgen.model.int8): 512 rows x 16,384 columns of int32 partial sums are 32 MiB, past this CPU's
+# caches, and the product then runs at a third of its speed with 4,096 columns
+# (benchmarks/bench_int8_kernels.py --shapes head_block; 7.8 vs 20.5 ms per 16,384 columns).
+VOCAB_BLOCK_INT8 = 4096
 
 
 def score_piece(batch: int, width: int) -> int:
@@ -36,13 +41,16 @@ def score_piece(batch: int, width: int) -> int:
 def target_log_prob(params: dict, config: ModelConfig, hidden: jax.Array, targets: jax.Array) -> jax.Array:
     """log softmax(logits(hidden))[targets]: hidden [..., D], targets [...] int -> float32 [...].
 
-    The vocabulary is visited in blocks of VOCAB_BLOCK columns with a running log-sum-exp, so
-    only one block's logits exist at a time: they stay in cache between the matrix product and
+    The vocabulary is visited in blocks of VOCAB_BLOCK columns (VOCAB_BLOCK_INT8 for an int8 head
+    with float32 activations) with a running log-sum-exp, so only one block's logits exist at a
+    time: they stay in cache between the matrix product and
     the exponentials (on this CPU 1.5x faster than logits over the whole vocabulary followed by
     a log-sum-exp), and memory no longer grows with the vocabulary.
     """
     v = config.vocab_size
-    block = min(VOCAB_BLOCK, v)
+    head = params["embed"] if config.tie_word_embeddings else params["lm_head"]
+    int8 = head["weight"].dtype == jnp.int8 and hidden.dtype == jnp.float32
+    block = min(VOCAB_BLOCK_INT8 if int8 else VOCAB_BLOCK, v)
     shape = targets.shape
 
     def one_block(i, carry):

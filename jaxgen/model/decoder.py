@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxgen.model.attention import AttentionSpec, attend, fused_self_attention, pallas_self_attention
 from jaxgen.model.config import ModelConfig
+from jaxgen.model.int8 import int8_matmul
 
 
 # Positions per prefill/full-pass chunk: long inputs run in chunks of this many tokens, which
@@ -101,13 +102,18 @@ def pin(x: jax.Array, config: ModelConfig, *spec) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(config.mesh, PartitionSpec(*spec)))
 
 
-def linear(x: jax.Array, p: dict) -> jax.Array:
-    """x [..., in] @ weight [in, out] (+ bias); int8 weights carry a per-output `weight_scale`."""
+def linear(x: jax.Array, p: dict, transposed: bool = False) -> jax.Array:
+    """x [..., in] @ weight [in, out] (+ bias); transposed: weight [out, in] (a tied head: the
+    embedding's rows). int8 weights carry a per-output `weight_scale`; with float32 activations
+    they run as int8 x int8 -> int32 products of per-row quantized activations
+    (`jaxgen.model.int8`), with other float types as weights converted to that type."""
     w = p["weight"]
-    if w.dtype == jnp.int8:
-        y = jnp.dot(x, w.astype(x.dtype)) * p["weight_scale"].astype(x.dtype)
+    if w.dtype == jnp.int8 and x.dtype == jnp.float32:
+        y = int8_matmul(x, w, p["weight_scale"], transposed)
+    elif w.dtype == jnp.int8:
+        y = jnp.dot(x, (w.T if transposed else w).astype(x.dtype)) * p["weight_scale"].astype(x.dtype)
     else:
-        y = jnp.dot(x, w)
+        y = jnp.dot(x, w.T if transposed else w)
     if "bias" in p:
         y = y + p["bias"].astype(y.dtype)
     return y
@@ -164,14 +170,14 @@ def compute_logits(params: dict, config: ModelConfig, hidden: jax.Array, start=0
 
     if config.tie_word_embeddings:
         embed = params["embed"]
-        head = {"weight": cut(embed["weight"], 0).T}  # [D, size]: a dot dimension, not a copy
+        head = {"weight": cut(embed["weight"], 0)}  # [size, D]: used transposed, not copied
         if "weight_scale" in embed:
             head["weight_scale"] = cut(embed["weight_scale"], 0)
         if "lm_head" in params and "bias" in params["lm_head"]:
             head["bias"] = cut(params["lm_head"]["bias"], 0)
     else:
         head = {k: cut(a, a.ndim - 1) for k, a in params["lm_head"].items()}  # weight [D, V], scale/bias [V]
-    logits = linear(hidden, head).astype(jnp.float32)
+    logits = linear(hidden, head, transposed=config.tie_word_embeddings).astype(jnp.float32)
     if config.final_logit_softcapping:
         cap = config.final_logit_softcapping
         logits = jnp.tanh(logits / cap) * cap
