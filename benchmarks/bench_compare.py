@@ -51,6 +51,8 @@ import _bench_common as bc  # noqa: E402
 SCRIPT = os.path.abspath(__file__)
 
 
+CASE_KINDS = ("decode", "prefill", "score", "ttft", "close")  # the timed workloads, in run order
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ct2-use-mkl", action="store_true",
                    help="CT2_USE_MKL=1 for CTranslate2 (on AMD CPUs it otherwise uses oneDNN for float32 GEMMs)")
     p.add_argument("--skip-startup", action="store_true", help="skip the new-process startup measurements")
+    p.add_argument("--cases", default=",".join(CASE_KINDS),
+                   help=f"comma-separated subset of {','.join(CASE_KINDS)} (default: all)")
     p.add_argument("--work-dir", default=bc.DEFAULT_WORK_DIR, help="cache of converted models (default %(default)s)")
     p.add_argument("--output", help="also write the markdown report to this file")
     p.add_argument("--json", help="also write every sample as JSON to this file")
@@ -89,6 +93,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.score_batch, args.score_length = (int(x) for x in score.lower().split("x"))
     except ValueError:
         p.error(f"--score must look like 16x128, got {score!r}")
+    args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    for c in args.cases:
+        if c not in CASE_KINDS:
+            p.error(f"unknown case {c!r}; expected a subset of {','.join(CASE_KINDS)}")
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     for e in args.engines:
         if e not in bc.ENGINE_LABELS:
@@ -187,6 +195,7 @@ def main(argv=None) -> int:
         cases.append({"id": f"close-{prec}", "kind": "close", "precision": prec, "read": args.close_after,
                       "max_length": 512, "workers": [k for k in keys if specs[k]["engine"] != "hf"]})
 
+    cases = [c for c in cases if c["kind"] in args.cases]
     workers = bc.start_workers(specs, log_dir, log)
     try:
         results = bc.run_plan(cases, workers, args.reps, args.pause, log)

@@ -76,7 +76,7 @@ def test_blocked_equals_dense(window, softcap):
 def test_causal_blocks_of_a_fresh_chunk_equal_dense(window, softcap):
     """self_causal: a fresh chunk's query blocks read only the keys they can see, and give the
     one-einsum result (right padding, GQA, windows shorter and longer than a block)."""
-    b, t, hq, hkv, hd = 2, 300, 6, 2, 8  # 3 blocks of CAUSAL_SPLIT = 128 rows, the last one short
+    b, t, hq, hkv, hd = 2, 300, 6, 2, 8  # blocks of CAUSAL_SPLIT rows, the last one short
     assert t > 2 * attention.CAUSAL_SPLIT
     keys = jax.random.split(jax.random.PRNGKey(1), 3)
     q = jax.random.normal(keys[0], (b, t, hq, hd))

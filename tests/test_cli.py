@@ -284,6 +284,7 @@ def test_info_prints_architecture(cli_tiny_model):
     assert "KV cache:        128 B per token in float32 (weight dtype and compute type); 1 full-attention layer" \
         in proc.stdout
     assert "sliding cache:   1.0 KiB per sequence in float32" in proc.stdout and "ring of 8 slots" in proc.stdout
+    assert "attention:       flash (portable: one einsum for small inputs and decode" in proc.stdout
 
 
 def test_info_compute_type(cli_tiny_model):
