@@ -124,12 +124,9 @@ def _assert_tensor_parallel_matches(report: dict, copies: dict) -> None:
 
 @pytest.mark.slow
 def test_tensor_parallel_scores_every_architecture_and_kv_heads(tmp_path):
-    """score_batch of every architecture with one KV head (copied to every device), and of three
-    of them with 2 and 4 KV heads, sharded over 2 and 4 devices, equals one device's (MLP width
-    padded). The KV-head count and the architecture are independent choices of the layout, so
-    every pairing of them is not needed."""
-    names = ([f"{arch}-kv1" for arch in ARCHITECTURES]
-             + [f"{arch}-kv{k}" for arch in ("gemma3", "qwen2", "gpt2") for k in (2, 4)])
+    """score_batch of every architecture with 1, 2 and 4 KV heads, sharded over 2 and 4 devices,
+    equals one device's (KV heads copied where devices outnumber them, MLP width padded)."""
+    names = [f"{arch}-kv{k}" for arch in ARCHITECTURES for k in (1, 2, 4)]
     report = _run("tp_models", str(tmp_path), "4", "score", *names, timeout=900)
     assert sorted(report) == sorted(names)
     _assert_tensor_parallel_matches(report, {("gemma3-kv1", 4): 4, ("gemma3-kv2", 4): 2, ("gemma3-kv4", 4): 1,
