@@ -13,10 +13,11 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from jaxgen.runtime.batching import pass_width
-from jaxgen.model.config import ModelConfig
 from jaxgen.model.attention import resolve_attention
+from jaxgen.model.config import ModelConfig
 from jaxgen.model.decoder import DEFAULT_CHUNKS, PassPlan, chunked_pass, compute_logits
+from jaxgen.model.int8 import runs_int8_products
+from jaxgen.runtime.batching import pass_width
 
 SCORE_CHUNK = 32  # positions are scored in pieces of a multiple of this many
 LOGIT_ROWS = 512  # rows (batch x positions) of one scoring piece, when the shape allows
@@ -49,7 +50,7 @@ def target_log_prob(params: dict, config: ModelConfig, hidden: jax.Array, target
     """
     v = config.vocab_size
     head = params["embed"] if config.tie_word_embeddings else params["lm_head"]
-    int8 = head["weight"].dtype == jnp.int8 and hidden.dtype == jnp.float32
+    int8 = runs_int8_products(head["weight"].dtype, hidden.dtype)
     block = min(VOCAB_BLOCK_INT8 if int8 else VOCAB_BLOCK, v)
     shape = targets.shape
 

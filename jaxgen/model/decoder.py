@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxgen.model.attention import AttentionSpec, attend, fused_self_attention, pallas_self_attention
 from jaxgen.model.config import ModelConfig
-from jaxgen.model.int8 import int8_matmul
+from jaxgen.model.int8 import int8_matmul, runs_int8_products
 
 
 # Positions per prefill/full-pass chunk: long inputs run in chunks of this many tokens, which
@@ -108,7 +108,7 @@ def linear(x: jax.Array, p: dict, transposed: bool = False) -> jax.Array:
     they run as int8 x int8 -> int32 products of per-row quantized activations
     (`jaxgen.model.int8`), with other float types as weights converted to that type."""
     w = p["weight"]
-    if w.dtype == jnp.int8 and x.dtype == jnp.float32:
+    if runs_int8_products(w.dtype, x.dtype):
         y = int8_matmul(x, w, p["weight_scale"], transposed)
     elif w.dtype == jnp.int8:
         y = jnp.dot(x, (w.T if transposed else w).astype(x.dtype)) * p["weight_scale"].astype(x.dtype)

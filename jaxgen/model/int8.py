@@ -32,7 +32,13 @@ from jax.extend.core import Primitive
 from jax.extend.mlir.dialects import stablehlo
 from jax.interpreters import batching, mlir
 
-__all__ = ["quantize_rows", "int8_dot", "int8_matmul"]
+__all__ = ["runs_int8_products", "quantize_rows", "int8_dot", "int8_matmul"]
+
+
+def runs_int8_products(weight_dtype, activation_dtype) -> bool:
+    """Whether `decoder.linear` runs int8 weights as `int8_matmul` (float32 activations) rather than
+    converting them to the activation type inside the product."""
+    return weight_dtype == jnp.int8 and activation_dtype == jnp.float32
 
 
 def quantize_rows(x: jax.Array):
