@@ -29,10 +29,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxgen.decoding.scoring import SCORE_CHUNK, forward_logits, pad_for_pass, pass_plan, target_log_probs
-from jaxgen.runtime.devices import resolve_devices
 from jaxgen.model import decoder
 from jaxgen.model.config import ModelConfig
 from jaxgen.model.loading import JNP_DTYPES, load_params
+from jaxgen.runtime.devices import resolve_devices
 
 __all__ = ["Config", "Model", "load_model", "from_generator", "forward", "embed", "log_probs"]
 

@@ -16,21 +16,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.runtime.alternatives import generate_alternatives
-from jaxgen.runtime.batching import BATCH_TYPES, bucket, pass_width, split_batches
-from jaxgen.runtime.compilation_cache import enable_compilation_cache
 from jaxgen.decoding.custom import as_processors, check_processors
 from jaxgen.decoding.scoring import LOGIT_ROWS, SCORE_CHUNK, forward_logits, pass_plan, target_log_probs
 from jaxgen.decoding.search import start_cache
-from jaxgen.runtime.devices import resolve_devices
-from jaxgen.runtime.generation import (assemble_results, plan_rows, prefill_sequences, run_beam, run_lookup_rows,
-                               run_rows)
-from jaxgen.runtime.memory import check_jobs_fit
 from jaxgen.model.decoder import init_cache
 from jaxgen.model.loading import load_params
+from jaxgen.results import ScoringResult
+from jaxgen.runtime.alternatives import generate_alternatives
+from jaxgen.runtime.batching import BATCH_TYPES, bucket, pass_width, split_batches
+from jaxgen.runtime.compilation_cache import enable_compilation_cache
+from jaxgen.runtime.devices import resolve_devices
+from jaxgen.runtime.generation import (assemble_results, plan_rows, prefill_sequences, run_beam, run_lookup_rows,
+                                       run_rows)
+from jaxgen.runtime.memory import check_jobs_fit
 from jaxgen.runtime.options import GenerationOptions, validate_options
 from jaxgen.runtime.replicas import ReplicaPool, replicate, shard_tensor_parallel, tensor_parallel_layout
-from jaxgen.results import ScoringResult
 from jaxgen.runtime.scheduler import DEFAULT_WIDTHS, Call, SlotScheduler, schedulable
 from jaxgen.runtime.streaming import TokenStream, bridge_async, iterate_in_chunks
 from jaxgen.vocabulary import Vocabulary, as_id_batch, as_ids

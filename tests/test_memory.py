@@ -7,8 +7,8 @@ import re
 import jax.numpy as jnp
 import pytest
 
-from jaxgen.runtime import memory
 from jaxgen.model.config import ModelConfig
+from jaxgen.runtime import memory
 
 PROMPT = ["<bos>", "\u2581the"]
 

@@ -12,9 +12,9 @@ from typing import Callable, List
 
 import numpy as np
 
+from jaxgen.results import GenerationResult
 from jaxgen.runtime.generation import Row, assemble_results
 from jaxgen.runtime.options import ResolvedOptions
-from jaxgen.results import GenerationResult
 
 
 def generate_alternatives(prompts: List[List[int]], batch_ids: List[int], resolved: ResolvedOptions,

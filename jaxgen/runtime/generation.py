@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.runtime.batching import bucket, pass_width
 from jaxgen.decoding.beam import BeamConsts, BeamSpec, BeamState, beam_decode, expand_beams
 from jaxgen.decoding.custom import as_processors
 from jaxgen.decoding.processors import ProcessorOptions, init_history
@@ -26,8 +25,9 @@ from jaxgen.decoding.search import (DecodeConsts, DecodeState, LoopSpec, decode,
                                     start_cache)
 from jaxgen.decoding.speculative import LookupSpec, LookupState, lookup_decode, max_draft
 from jaxgen.model.decoder import KVCache, PassPlan
-from jaxgen.runtime.options import ResolvedOptions, max_candidates
 from jaxgen.results import GenerationResult, GenerationStepResult
+from jaxgen.runtime.batching import bucket, pass_width
+from jaxgen.runtime.options import ResolvedOptions, max_candidates
 
 # Decode steps per dispatch when a callback must see tokens as they come: the first token is handed
 # over after one step (time to first token), then chunks stay short so that a callback's stop (and

@@ -27,15 +27,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.runtime.batching import bucket
 from jaxgen.decoding.search import DecodeConsts, DecodeState, decode, live_length, set_done
 from jaxgen.decoding.slots import grow_state, insert_rows, keep_rows
-from jaxgen.runtime.generation import (Row, _device_zeros, assemble_results, check_positions, keys_of, loop_spec,
-                               plan_rows, prefill_rows, processor_options, prompt_width, row_history,
-                               sampling_options)
 from jaxgen.model.decoder import PassPlan, init_cache
-from jaxgen.runtime.options import ResolvedOptions
 from jaxgen.results import GenerationResult
+from jaxgen.runtime.batching import bucket
+from jaxgen.runtime.generation import (Row, _device_zeros, assemble_results, check_positions, keys_of, loop_spec,
+                                       plan_rows, prefill_rows, processor_options, prompt_width, row_history,
+                                       sampling_options)
+from jaxgen.runtime.options import ResolvedOptions
 
 # Decode steps per dispatch: between two chunks finished rows are retired, waiting prompts
 # admitted and closed iterables noticed. The loop also returns as soon as a row finishes while
