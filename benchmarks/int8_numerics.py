@@ -80,13 +80,14 @@ def main() -> None:
     p.add_argument("--output", default=None, help="also write the report (markdown) here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-paths", default=None, help=argparse.SUPPRESS)  # the parent's artefacts, JSON
     args = p.parse_args()
 
+    if args.child:
+        run_one(args.child, json.loads(args.child_paths), args, args.child_out)
+        return
     paths = bc.prepare_artefacts(args.work_dir, ["jaxgen", "ct2"], {})
     paths.pop("prompts")
-    if args.child:
-        run_one(args.child, paths, args, args.child_out)
-        return
 
     lines = bc.header_lines("int8 against float32 on the default model", bc.cpu_count(), "cpu")
     header_len = len(lines)
@@ -96,7 +97,7 @@ def main() -> None:
         for which in RUNS:
             out = os.path.join(tmp, f"{which}.json")
             cmd = [sys.executable, os.path.abspath(__file__), "--child", which, "--child-out", out,
-                   "--work-dir", args.work_dir, "--prompts", str(args.prompts),
+                   "--child-paths", json.dumps(paths), "--prompts", str(args.prompts),
                    "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
             subprocess.run(cmd, check=True, env={**os.environ, **bc.thread_env(bc.cpu_count())})
             with open(out, encoding="utf-8") as f:
