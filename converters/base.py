@@ -54,7 +54,7 @@ class Converter:
             raise RuntimeError(f"output directory {output_dir} already exists, use force=True to override")
         model = self.load()
         target = quantization or model.config.weight_dtype
-        flat = convert_flat(model.flat, model.config.weight_dtype, target)
+        flat = convert_flat(model.flat, model.config, target)
         config = model.config.replace(weight_dtype=target)
         parent = os.path.dirname(output_dir) or "."
         os.makedirs(parent, exist_ok=True)

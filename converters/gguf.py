@@ -374,15 +374,15 @@ def _config(meta: GGUFMetadata, tensors: dict, vocab: List[str], special: Dict[s
         fields["rope_scaling"] = scaling
 
     if arch == "llama":
-        fields.update(activation="silu", gated_mlp=True)
+        fields.update(activation="silu", mlp="gated")
     else:  # the Gemma family
-        fields.update(norm_offset=1.0, activation="gelu_tanh", gated_mlp=True,
+        fields.update(norm_offset=1.0, activation="gelu_tanh", mlp="gated",
                       embedding_scale=math.sqrt(hidden))
         big = (arch == "gemma2" and layers == 46) or (arch == "gemma3" and layers == 62)  # the 27B models
         if big and not scale:
             fields["attention_scale"] = (hidden // heads) ** -0.5
     if arch in ("gemma2", "gemma3"):
-        fields.update(post_attention_norm=True, post_mlp_norm=True)
+        fields.update(norm_placement="sandwich")
         window = meta.arch_value("attention.sliding_window")
         if window:
             fields["sliding_window"] = int(window)
@@ -393,7 +393,7 @@ def _config(meta: GGUFMetadata, tensors: dict, vocab: List[str], special: Dict[s
         fields["attn_logit_softcapping"] = float(attn_cap) if attn_cap else None
         fields["final_logit_softcapping"] = float(final_cap) if final_cap else None
     if arch == "gemma3":
-        fields["qk_norm"] = True
+        fields["qk_norm"] = "head"
         fields["rope_local_theta"] = float(meta.arch_value("rope.freq_base_swa", 10000.0))
     return ModelConfig(**fields)
 

@@ -602,14 +602,13 @@ def _ppl(log_likelihood: float, n: int) -> float:
 
 # ============================================================================ info
 def cmd_info(args) -> int:
-    from jaxgen.model.checkpoint import expected_flat_shapes
+    from jaxgen.model.checkpoint import active_parameter_count, parameter_count
     from jaxgen.model.config import ModelConfig
     from jaxgen.tokenizer import find_chat_template
 
     model_dir = _model_dir(args.model_path or args.model_option)
     config = ModelConfig.load(model_dir)
-    params = sum(math.prod(shape) for name, shape in expected_flat_shapes(config).items()
-                 if not name.endswith("weight_scale"))
+    params, active = parameter_count(config), active_parameter_count(config)
     size = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(model_dir) for f in files)
     tokenizer_file = next((f for f in ("tokenizer.model", "tokenizer.json")
                            if os.path.isfile(os.path.join(model_dir, f))), None)
@@ -617,7 +616,9 @@ def cmd_info(args) -> int:
     rows = [
         ("model", os.path.abspath(model_dir)),
         ("architecture", config.architecture),
-        ("parameters", f"{params:,} ({_human(params, 1000, ['', 'K', 'M', 'B', 'T'])})"),
+        ("parameters", f"{params:,} ({_human(params, 1000, ['', 'K', 'M', 'B', 'T'])})"
+                       + (f", {active:,} active per token ({config.experts_per_token} of {config.num_experts} "
+                          f"experts)" if active != params else "")),
         ("size on disk", _human(size, 1024, [" B", " KiB", " MiB", " GiB", " TiB"])),
         ("weight dtype", config.weight_dtype),
         ("vocabulary size", f"{config.vocab_size:,}"),

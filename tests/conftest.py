@@ -93,8 +93,8 @@ def build_cli_tiny_model(directory: str) -> str:
     vocabulary = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
     config = ModelConfig(
         architecture="gemma3", vocab_size=len(vocabulary), hidden_size=32, num_layers=2, num_heads=2,
-        num_kv_heads=1, head_dim=16, intermediate_size=64, norm_offset=1.0, post_attention_norm=True,
-        post_mlp_norm=True, qk_norm=True, activation="gelu_tanh", layer_types=("sliding", "full"),
+        num_kv_heads=1, head_dim=16, intermediate_size=64, norm_offset=1.0, norm_placement="sandwich",
+        qk_norm="head", activation="gelu_tanh", layer_types=("sliding", "full"),
         sliding_window=8, max_position_embeddings=512, embedding_scale=32 ** 0.5, bos_token="<bos>",
         eos_token="<eos>", unk_token="<unk>", pad_token="<pad>", add_bos_token=True)
     rng = np.random.default_rng(0)

@@ -27,8 +27,8 @@ def build(directory: str) -> None:
 
     config = ModelConfig(
         architecture="gemma3", vocab_size=len(VOCAB), hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4,
-        head_dim=16, intermediate_size=128, norm_offset=1.0, post_attention_norm=True, post_mlp_norm=True,
-        qk_norm=True, activation="gelu_tanh", layer_types=("sliding", "full"), sliding_window=4,
+        head_dim=16, intermediate_size=128, norm_offset=1.0, norm_placement="sandwich",
+        qk_norm="head", activation="gelu_tanh", layer_types=("sliding", "full"), sliding_window=4,
         embedding_scale=8.0, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     save_random_model(directory, config)
 
@@ -48,20 +48,20 @@ def save_random_model(directory: str, config, seed: int = 1) -> None:
 # Each architecture's specifics (as its converter sets them), on 4 query heads of 16 dims; the MLP
 # width 90 divides by 2 but not by 4 (padded under tensor parallelism).
 ARCHITECTURES = {
-    "gpt2": dict(norm_type="layer", norm_eps=1e-5, activation="gelu_tanh", gated_mlp=False, attention_bias=True,
+    "gpt2": dict(norm_type="layer", norm_eps=1e-5, activation="gelu_tanh", mlp="plain", attention_bias=True,
                  attention_out_bias=True, mlp_bias=True, position_embedding="learned", max_position_embeddings=64),
     "llama": dict(rope_theta=500000.0, tie_word_embeddings=False, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 16}),
     "mistral": dict(layer_types=("sliding", "sliding"), sliding_window=4, tie_word_embeddings=False),
     "qwen2": dict(layer_types=("full", "sliding"), sliding_window=4, attention_bias=True),
-    "qwen3": dict(qk_norm=True, tie_word_embeddings=False),
+    "qwen3": dict(qk_norm="head", tie_word_embeddings=False),
     "gemma": dict(norm_offset=1.0, activation="gelu_tanh", embedding_scale=8.0),
     "gemma2": dict(layer_types=("sliding", "full"), sliding_window=4, attention_scale=24 ** -0.5,
-                   attn_logit_softcapping=5.0, final_logit_softcapping=3.0, post_attention_norm=True,
-                   post_mlp_norm=True, norm_offset=1.0, activation="gelu_tanh", embedding_scale=8.0),
+                   attn_logit_softcapping=5.0, final_logit_softcapping=3.0, norm_placement="sandwich",
+                   norm_offset=1.0, activation="gelu_tanh", embedding_scale=8.0),
     "gemma3": dict(layer_types=("sliding", "full"), sliding_window=4,
-                   qk_norm=True, post_attention_norm=True, post_mlp_norm=True, norm_offset=1.0,
+                   qk_norm="head", norm_placement="sandwich", norm_offset=1.0,
                    activation="gelu_tanh", embedding_scale=8.0, rope_theta=1e6, rope_local_theta=1e4,
                    rope_scaling={"rope_type": "linear", "factor": 2.0}, attention_scale=20 ** -0.5),
     "phi3": dict(rotary_dim=8, tie_word_embeddings=False, max_position_embeddings=64, rope_scaling={

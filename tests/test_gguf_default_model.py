@@ -91,8 +91,8 @@ def test_config_and_weights_match_transformers(gguf_jaxgen_dir, gguf_hf_model):
     assert config.architecture == "gemma3"
     assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim) == \
         (18, 640, 4, 1, 256)
-    assert config.norm_offset == 1.0 and config.qk_norm and config.post_attention_norm and config.post_mlp_norm
-    assert config.activation == "gelu_tanh" and config.gated_mlp and config.tie_word_embeddings
+    assert config.norm_offset == 1.0 and config.qk_norm == "head" and config.norm_placement == "sandwich"
+    assert config.activation == "gelu_tanh" and config.mlp == "gated" and config.tie_word_embeddings
     assert config.embedding_scale == pytest.approx(640 ** 0.5)
     assert config.scale == pytest.approx(256 ** -0.5)
     assert config.sliding_window == 512

@@ -77,7 +77,7 @@ def test_low_precision_parity(arch, compute_type, hf_tiny_model, jaxgen_tiny_mod
 
 # ---------------------------------------------------------------------------- config values
 EXPECTED_CONFIG = {
-    "gpt2": dict(norm_type="layer", position_embedding="learned", gated_mlp=False, activation="gelu_tanh",
+    "gpt2": dict(norm_type="layer", position_embedding="learned", mlp="plain", activation="gelu_tanh",
                  attention_bias=True, attention_out_bias=True, mlp_bias=True, tie_word_embeddings=True,
                  max_position_embeddings=64, add_bos_token=False),
     "llama": dict(rope_theta=500000.0, tie_word_embeddings=False, norm_eps=1e-5, activation="silu",
@@ -86,17 +86,16 @@ EXPECTED_CONFIG = {
     "mistral": dict(layer_types=("sliding",) * 2, sliding_window=4),
     "qwen2": dict(layer_types=("full", "sliding", "sliding"), sliding_window=4, attention_bias=True,
                   attention_out_bias=False, tie_word_embeddings=True),
-    "qwen3": dict(qk_norm=True, norm_offset=0.0, attention_bias=False, layer_types=("full",) * 2),
+    "qwen3": dict(qk_norm="head", norm_offset=0.0, attention_bias=False, layer_types=("full",) * 2),
     "gemma": dict(norm_offset=1.0, embedding_scale=8.0, activation="gelu_tanh", attention_scale=None,
                   tie_word_embeddings=True),
     "gemma2": dict(layer_types=("sliding", "full") * 2, sliding_window=4, attention_scale=24 ** -0.5,
-                   attn_logit_softcapping=5.0, final_logit_softcapping=3.0, post_attention_norm=True,
-                   post_mlp_norm=True, qk_norm=False),
+                   attn_logit_softcapping=5.0, final_logit_softcapping=3.0, norm_placement="sandwich", qk_norm="none"),
     "gemma3_text": dict(layer_types=("sliding", "sliding", "full", "sliding"), rope_theta=1e6,
                         rope_local_theta=1e4, rope_scaling=(("factor", 2.0), ("rope_type", "linear")),
-                        qk_norm=True, attention_scale=20 ** -0.5, final_logit_softcapping=None),
+                        qk_norm="head", attention_scale=20 ** -0.5, final_logit_softcapping=None),
     "gemma3": dict(architecture="gemma3", layer_types=("sliding", "sliding", "full", "sliding"),
-                   rope_local_theta=1e4, qk_norm=True, embedding_scale=8.0),
+                   rope_local_theta=1e4, qk_norm="head", embedding_scale=8.0),
     "phi3": dict(rotary_dim=8, sliding_window=6, tie_word_embeddings=False),
 }
 

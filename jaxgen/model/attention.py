@@ -53,6 +53,7 @@ class AttentionSpec(NamedTuple):
     softcap: Optional[float]  # attention logit soft-capping (Gemma 2)
     window: Optional[int]  # sliding window, None for full attention
     impl: str = "flash"  # "flash" | "cudnn" | "pallas" | "dense" (already resolved from "auto")
+    alibi: Optional[Tuple[float, ...]] = None  # ALiBi slope per query head: score += slope * (k_pos - q_pos)
 
 
 def visible(q_pos: jax.Array, k_pos: jax.Array, window: Optional[int]) -> jax.Array:
@@ -65,11 +66,17 @@ def visible(q_pos: jax.Array, k_pos: jax.Array, window: Optional[int]) -> jax.Ar
     return mask
 
 
-def _scores(q: jax.Array, k: jax.Array, spec: AttentionSpec) -> jax.Array:
-    """q [B, T, Hkv, G, hd], k [B, S, Hkv, hd] -> float32 scores [B, Hkv, G, T, S]."""
+def _scores(q: jax.Array, k: jax.Array, q_pos: jax.Array, k_pos: jax.Array, spec: AttentionSpec) -> jax.Array:
+    """q [B, T, Hkv, G, hd], k [B, S, Hkv, hd], q_pos [B, T], k_pos [B, S] -> float32 scores
+    [B, Hkv, G, T, S] (ALiBi biases added; query head h = kv * G + g, as HF groups heads)."""
     s = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32) * spec.scale
     if spec.softcap:
         s = jnp.tanh(s / spec.softcap) * spec.softcap
+    if spec.alibi is not None:
+        hkv, g = q.shape[2], q.shape[3]
+        slopes = jnp.asarray(spec.alibi, jnp.float32).reshape(hkv, g)[None, :, :, None, None]
+        distance = (k_pos[:, None, :] - q_pos[:, :, None]).astype(jnp.float32)  # [B, T, S], <= 0 where visible
+        s = s + slopes * distance[:, None, None]
     return s
 
 
@@ -77,7 +84,7 @@ def _dense(q, k, v, q_pos, k_pos, spec: AttentionSpec) -> Tuple[jax.Array, jax.A
     """One masked softmax over all S keys. Returns out [B, T, Hkv, G, hd] (q's dtype) and the
     log-sum-exp [B, Hkv, G, T] (MASK_VALUE where a query sees nothing)."""
     mask = visible(q_pos, k_pos, spec.window)[:, None, None]  # [B, 1, 1, T, S]
-    s = jnp.where(mask, _scores(q, k, spec), MASK_VALUE)
+    s = jnp.where(mask, _scores(q, k, q_pos, k_pos, spec), MASK_VALUE)
     m = jnp.max(s, axis=-1, keepdims=True)
     # Masked scores are MASK_VALUE, so exp(s - m) is exactly 0 for them, except in a row that sees
     # no key (m == MASK_VALUE): shifting by at least MASK_VALUE / 2 makes those 0 too, without a
@@ -137,7 +144,7 @@ def _blocked(q, k, v, q_pos, k_pos, spec: AttentionSpec, linear_keys: bool) -> T
             vb = jax.lax.dynamic_slice_in_dim(v, j * BLOCK_K, BLOCK_K, axis=1)
             kpb = jax.lax.dynamic_slice_in_dim(k_pos, j * BLOCK_K, BLOCK_K, axis=1)
             mask = visible(qpb, kpb, spec.window)[:, None, None]
-            s = jnp.where(mask, _scores(qb, kb, spec), MASK_VALUE)
+            s = jnp.where(mask, _scores(qb, kb, qpb, kpb, spec), MASK_VALUE)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
             correction = jnp.exp(m - m_new)
@@ -307,13 +314,20 @@ def pallas_self_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax
     return out.reshape(b, t, hq * hd)
 
 
+def _fused_reason(config) -> Optional[str]:
+    """Why no fused kernel can run this model whatever the device (None: one may)."""
+    if getattr(config, "position_embedding", None) == "alibi":
+        return "the fused kernels take no ALiBi position biases"
+    return None
+
+
 def resolve_attention(requested: str, platform: str, config, dtype) -> str:
     """"auto" -> the implementation that runs on this platform for this model; explicit choices
     are checked (ValueError naming why a fused kernel cannot run)."""
     if requested not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}, got {requested!r}")
-    reason = cudnn_supported(dtype, config.head_dim, config.attn_logit_softcapping)
-    pallas_reason = pallas_supported(dtype, config.head_dim, config.attn_logit_softcapping)
+    reason = _fused_reason(config) or cudnn_supported(dtype, config.head_dim, config.attn_logit_softcapping)
+    pallas_reason = _fused_reason(config) or pallas_supported(dtype, config.head_dim, config.attn_logit_softcapping)
     if requested == "auto":
         if platform == "cuda" and reason is None:
             return "cudnn"
@@ -348,8 +362,9 @@ def describe_attention(config, platform: str, dtype=None, requested: str = "auto
             f"blocked online softmax for long inputs)" if impl == "flash" else
             f"{impl} (the reference: one einsum over every key, scores materialised)")
     if platform == "cuda":
-        text += f"; cuDNN not used: {cudnn_supported(dtype, config.head_dim, config.attn_logit_softcapping)}"
+        reason = _fused_reason(config) or cudnn_supported(dtype, config.head_dim, config.attn_logit_softcapping)
+        text += f"; cuDNN not used: {reason or f'attention={requested!r} requested'}"
     if platform == "tpu":
-        reason = pallas_supported(dtype, config.head_dim, config.attn_logit_softcapping)
+        reason = _fused_reason(config) or pallas_supported(dtype, config.head_dim, config.attn_logit_softcapping)
         text += f"; Pallas kernel not used: {reason or f'attention={requested!r} requested'}"
     return text

@@ -6,19 +6,13 @@ Files of a model directory:
   vocabulary.json     list of token strings, index = id
   tokenizer.model or tokenizer.json   the checkpoint's tokenizer (optional for the API)
 
-Canonical names (`L` layers; per layer `layers.{i}.{module}.{kind}`):
-  embed.weight [V, D]            pos_embed.weight [P, D] (learned positions only)
-  layers.{i}.attn_norm   .weight/.bias [D]
-  layers.{i}.q .weight [D, Hq*hd]   .bias [Hq*hd]
-  layers.{i}.k / v .weight [D, Hkv*hd]  .bias
-  layers.{i}.o .weight [Hq*hd, D]   .bias [D]
-  layers.{i}.q_norm / k_norm .weight [hd]
-  layers.{i}.post_attn_norm, mlp_norm, post_mlp_norm .weight/.bias [D]
-  layers.{i}.gate / up .weight [D, F] .bias [F];  layers.{i}.down .weight [F, D] .bias [D]
-  final_norm.weight/.bias [D]    lm_head.weight [D, V] .bias [V] (absent when tied)
-int8 weights carry `<module>.weight_scale` (float32, one per output channel; for `embed`, one
-per vocabulary row). The dequantised weight is `weight * weight_scale` (broadcast on the
-output axis).
+Canonical names: `layers.{i}.{module}.{kind}` inside layers, `{module}.{kind}` outside; the
+one table of every parameter (shape, logical axes, int8 scale axis, float32 or not) is
+`layer_params` / `top_params` below: shapes, quantization, tensor-parallel layouts and parameter
+counts are all derived from it. Weights are [in, out] ([E, in, out] for experts); int8 weights
+carry `<module>.weight_scale` (float32, one per output channel: the weight's shape without its
+input axis; for `embed`, one per vocabulary row). The dequantised weight is `weight *
+weight_scale` broadcast over the input axis.
 
 In memory, parameters form a nested pytree: `{"embed": {kind: array}, "layers": [per layer
 {module: {kind: array}}], "final_norm": {...}, ...}`. Layers are separate arrays, not stacked:
@@ -28,7 +22,9 @@ longer compile of an unrolled stack.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -40,84 +36,173 @@ WEIGHTS_FILE = "model.safetensors"
 VOCABULARY_FILE = "vocabulary.json"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
-LINEAR_MODULES = ("q", "k", "v", "o", "gate", "up", "down")
 Shape = Tuple[int, ...]
 
+# Logical axes of parameters. Tensor parallelism splits the axes in replicas.SHARDED_AXES; the
+# others are replicated. "table" is the hidden axis of the embedding and the untied head (split:
+# each device's partial logits are summed), "hidden" the hidden axis inside layers (replicated).
+HIDDEN, TABLE, VOCAB, Q_HEADS, KV_HEADS, MLP, EXPERTS, POSITIONS, HEAD_DIM = (
+    "hidden", "table", "vocab", "q_heads", "kv_heads", "mlp", "experts", "positions", "head_dim")
 
-def layer_module_shapes(config: ModelConfig) -> Dict[str, Dict[str, Shape]]:
-    """Shapes of one layer's parameters: {module: {kind: shape}} (no int8 scales)."""
+
+@dataclasses.dataclass(frozen=True)
+class ParamDecl:
+    """One parameter tensor, declared once; every table of shapes, quantization and sharding is
+    derived from these.
+
+    shape: from the config. axes: one logical axis name per dimension (None: not meaningful).
+    reduce_axis: for int8 quantization, the dimension a per-channel scale reduces over (the
+      input axis of a weight, the hidden axis of the embedding); None: never quantized.
+    keep_float32: stored as float32 whatever the weight type (norms: tiny and precision-sensitive).
+    """
+
+    shape: Shape
+    axes: Tuple[Optional[str], ...]
+    reduce_axis: Optional[int] = None
+    keep_float32: bool = False
+
+    @property
+    def scale_shape(self) -> Shape:
+        """Shape of the int8 scale: one per channel, i.e. `shape` without `reduce_axis`."""
+        return tuple(n for i, n in enumerate(self.shape) if i != self.reduce_axis)
+
+
+def _norm(config: ModelConfig, dim: int, axis: str = HIDDEN) -> Dict[str, ParamDecl]:
+    decls = {"weight": ParamDecl((dim,), (axis,), keep_float32=True)}
+    if config.norm_type == "layer" and config.norm_bias:
+        decls["bias"] = ParamDecl((dim,), (axis,), keep_float32=True)
+    return decls
+
+
+def _linear(n_in: int, n_out: int, axes: Tuple[Optional[str], Optional[str]], bias: bool,
+            experts: int = 0) -> Dict[str, ParamDecl]:
+    """A weight [in, out] (+ bias [out]); with `experts`, one per expert: [E, in, out], [E, out]."""
+    lead = ((experts,), (EXPERTS,)) if experts else ((), ())
+    decls = {"weight": ParamDecl(lead[0] + (n_in, n_out), lead[1] + axes, reduce_axis=len(lead[0]))}
+    if bias:
+        decls["bias"] = ParamDecl(lead[0] + (n_out,), lead[1] + (axes[1],))
+    return decls
+
+
+def layer_params(config: ModelConfig, layer: int) -> Dict[str, Dict[str, ParamDecl]]:
+    """The parameters of one layer: {module: {kind: ParamDecl}}. Modules:
+
+    attn_norm, mlp_norm (pre norms; absent for "output" placement, mlp_norm absent with a shared
+    block norm), post_attn_norm, post_mlp_norm ("sandwich"/"output": after the sublayer), q, k, v, o,
+    q_norm, k_norm; MLP: up, down (+ gate when gated); experts: router [D, E], expert_gate /
+    expert_up [E, D, F], expert_down [E, F, D], and for a shared expert shared_gate / shared_up /
+    shared_down and shared_expert_gate [D, 1].
+    """
     d, hd, f = config.hidden_size, config.head_dim, config.intermediate_size
     q_out, kv_out = config.num_heads * hd, config.num_kv_heads * hd
-    layernorm = config.norm_type == "layer"
+    decls: Dict[str, Dict[str, ParamDecl]] = {}
+    placement = config.norm_placement
+    if placement in ("pre", "sandwich", "post"):
+        decls["attn_norm"] = _norm(config, d)
+        if not config.shared_block_norm:
+            decls["mlp_norm"] = _norm(config, d)
+    if placement in ("sandwich", "output"):
+        decls["post_attn_norm"] = _norm(config, d)
+        decls["post_mlp_norm"] = _norm(config, d)
+    decls["q"] = _linear(d, q_out, (HIDDEN, Q_HEADS), config.attention_bias)
+    decls["k"] = _linear(d, kv_out, (HIDDEN, KV_HEADS), config.attention_bias)
+    decls["v"] = _linear(d, kv_out, (HIDDEN, KV_HEADS), config.attention_bias)
+    decls["o"] = _linear(q_out, d, (Q_HEADS, HIDDEN), config.attention_out_bias)
+    if config.qk_norm == "head":
+        decls["q_norm"] = {"weight": ParamDecl((hd,), (HEAD_DIM,), keep_float32=True)}
+        decls["k_norm"] = {"weight": ParamDecl((hd,), (HEAD_DIM,), keep_float32=True)}
+    elif config.qk_norm == "full":
+        decls["q_norm"] = {"weight": ParamDecl((q_out,), (Q_HEADS,), keep_float32=True)}
+        decls["k_norm"] = {"weight": ParamDecl((kv_out,), (KV_HEADS,), keep_float32=True)}
+    kind = config.layer_mlp(layer)
+    if kind == "experts":
+        e, fe = config.num_experts, config.expert_intermediate_size
+        decls["router"] = _linear(d, e, (HIDDEN, None), False)
+        decls["router"]["weight"] = dataclasses.replace(decls["router"]["weight"], reduce_axis=None)
+        decls["expert_gate"] = _linear(d, fe, (HIDDEN, MLP), config.mlp_bias, experts=e)
+        decls["expert_up"] = _linear(d, fe, (HIDDEN, MLP), config.mlp_bias, experts=e)
+        decls["expert_down"] = _linear(fe, d, (MLP, HIDDEN), config.mlp_bias, experts=e)
+        if config.shared_expert_intermediate_size:
+            fs = config.shared_expert_intermediate_size
+            decls["shared_gate"] = _linear(d, fs, (HIDDEN, MLP), False)
+            decls["shared_up"] = _linear(d, fs, (HIDDEN, MLP), False)
+            decls["shared_down"] = _linear(fs, d, (MLP, HIDDEN), False)
+            decls["shared_expert_gate"] = _linear(d, 1, (HIDDEN, None), False)
+            decls["shared_expert_gate"]["weight"] = dataclasses.replace(
+                decls["shared_expert_gate"]["weight"], reduce_axis=None)
+    else:
+        if kind == "gated":
+            decls["gate"] = _linear(d, f, (HIDDEN, MLP), config.mlp_bias)
+        decls["up"] = _linear(d, f, (HIDDEN, MLP), config.mlp_bias)
+        decls["down"] = _linear(f, d, (MLP, HIDDEN), config.mlp_bias)
+    return decls
 
-    def norm(dim: int) -> Dict[str, Shape]:
-        return {"weight": (dim,), "bias": (dim,)} if layernorm else {"weight": (dim,)}
 
-    def linear(n_in: int, n_out: int, bias: bool) -> Dict[str, Shape]:
-        return {"weight": (n_in, n_out), "bias": (n_out,)} if bias else {"weight": (n_in, n_out)}
-
-    shapes = {
-        "attn_norm": norm(d),
-        "q": linear(d, q_out, config.attention_bias),
-        "k": linear(d, kv_out, config.attention_bias),
-        "v": linear(d, kv_out, config.attention_bias),
-        "o": linear(q_out, d, config.attention_out_bias),
-        "mlp_norm": norm(d),
-        "up": linear(d, f, config.mlp_bias),
-        "down": linear(f, d, config.mlp_bias),
-    }
-    if config.gated_mlp:
-        shapes["gate"] = linear(d, f, config.mlp_bias)
-    if config.qk_norm:
-        shapes["q_norm"] = {"weight": (hd,)}
-        shapes["k_norm"] = {"weight": (hd,)}
-    if config.post_attention_norm:
-        shapes["post_attn_norm"] = norm(d)
-    if config.post_mlp_norm:
-        shapes["post_mlp_norm"] = norm(d)
-    return shapes
-
-
-def top_level_shapes(config: ModelConfig) -> Dict[str, Dict[str, Shape]]:
-    """Shapes of the non-layer parameters: {module: {kind: shape}}."""
-    d, v = config.hidden_size, config.vocab_size
-    shapes: Dict[str, Dict[str, Shape]] = {"embed": {"weight": (v, d)}}
-    shapes["final_norm"] = {"weight": (d,), "bias": (d,)} if config.norm_type == "layer" else {"weight": (d,)}
+def top_params(config: ModelConfig) -> Dict[str, Dict[str, ParamDecl]]:
+    """The parameters outside the layers: {module: {kind: ParamDecl}}: embed [V, E], pos_embed
+    [P, D] (learned positions), embed_norm (BLOOM), embed_in [E, D] / embed_out [D, E] (projected
+    embeddings), final_norm, lm_head [D, V] (+ bias; the weight is absent when tied)."""
+    d, v, e = config.hidden_size, config.vocab_size, config.embedding_width
+    decls: Dict[str, Dict[str, ParamDecl]] = {"embed": {"weight": ParamDecl((v, e), (VOCAB, TABLE), reduce_axis=1)}}
     if config.position_embedding == "learned":
-        shapes["pos_embed"] = {"weight": (config.max_position_embeddings, d)}
+        decls["pos_embed"] = {"weight": ParamDecl((config.max_position_embeddings, d), (POSITIONS, HIDDEN))}
+    if config.embedding_norm:
+        decls["embed_norm"] = _norm(config, d)
+    if config.embedding_size is not None:
+        decls["embed_in"] = _linear(e, d, (None, HIDDEN), False)
+        decls["embed_out"] = _linear(d, e, (HIDDEN, None), False)
+    if config.final_norm:
+        decls["final_norm"] = _norm(config, d)
     if not config.tie_word_embeddings:
-        shapes["lm_head"] = {"weight": (d, v)}
+        decls["lm_head"] = {"weight": ParamDecl((e, v), (TABLE, VOCAB), reduce_axis=0)}
     if config.lm_head_bias:
-        shapes.setdefault("lm_head", {})["bias"] = (v,)
-    return shapes
+        decls.setdefault("lm_head", {})["bias"] = ParamDecl((v,), (VOCAB,))
+    return decls
 
 
-def is_quantizable(module: str, kind: str) -> bool:
-    """Weights that int8 quantization applies to (linear layers, embeddings and the head)."""
-    return kind == "weight" and (module in LINEAR_MODULES or module in ("embed", "lm_head"))
+def flat_params(config: ModelConfig) -> Dict[str, ParamDecl]:
+    """Every stored tensor's canonical name -> ParamDecl, int8 scales excluded."""
+    out: Dict[str, ParamDecl] = {}
+    for module, kinds in top_params(config).items():
+        for kind, decl in kinds.items():
+            out[f"{module}.{kind}"] = decl
+    for i in range(config.num_layers):
+        for module, kinds in layer_params(config, i).items():
+            for kind, decl in kinds.items():
+                out[f"layers.{i}.{module}.{kind}"] = decl
+    return out
 
 
-def scale_shape(module: str, shape: Shape) -> Shape:
-    """One scale per output channel: the last axis, or the vocabulary rows of `embed`."""
-    return (shape[0],) if module == "embed" else (shape[-1],)
+def scale_name(name: str) -> str:
+    """The int8 scale stored beside a quantized weight: `<module>.weight_scale`."""
+    return name + "_scale"
 
 
 def expected_flat_shapes(config: ModelConfig) -> Dict[str, Shape]:
     """Every canonical file name with its shape, int8 scales included when weight_dtype is int8."""
     int8 = config.weight_dtype == "int8"
     out: Dict[str, Shape] = {}
-    for module, kinds in top_level_shapes(config).items():
-        for kind, shape in kinds.items():
-            out[f"{module}.{kind}"] = shape
-            if int8 and is_quantizable(module, kind):
-                out[f"{module}.weight_scale"] = scale_shape(module, shape)
-    for i in range(config.num_layers):
-        for module, kinds in layer_module_shapes(config).items():
-            for kind, shape in kinds.items():
-                out[f"layers.{i}.{module}.{kind}"] = shape
-                if int8 and is_quantizable(module, kind):
-                    out[f"layers.{i}.{module}.weight_scale"] = scale_shape(module, shape)
+    for name, decl in flat_params(config).items():
+        out[name] = decl.shape
+        if int8 and decl.reduce_axis is not None:
+            out[scale_name(name)] = decl.scale_shape
     return out
+
+
+def parameter_count(config: ModelConfig) -> int:
+    """Parameters of the model (int8 scales not counted)."""
+    return sum(math.prod(decl.shape) for decl in flat_params(config).values())
+
+
+def active_parameter_count(config: ModelConfig) -> int:
+    """Parameters one token runs through: the experts a token is routed to, not all of them."""
+    total = 0
+    for name, decl in flat_params(config).items():
+        n = math.prod(decl.shape)
+        if decl.axes and decl.axes[0] == EXPERTS:
+            n = n // config.num_experts * config.experts_per_token
+        total += n
+    return total
 
 
 # ---------------------------------------------------------------------------- pytree <-> flat

@@ -12,13 +12,19 @@ import math
 import os
 from typing import Any, Optional
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CONFIG_FILE = "config.json"
 
 NORM_TYPES = ("rms", "layer")
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "relu")
-POSITION_EMBEDDINGS = ("rope", "learned")
+POSITION_EMBEDDINGS = ("rope", "learned", "alibi", "none")
 LAYER_TYPES = ("full", "sliding")
+# How a layer combines its attention and MLP with the residual stream (see jaxgen.model.decoder):
+BLOCKS = ("sequential", "parallel")  # parallel: x + attn(norm(x)) + mlp(norm'(x)) (GPT-NeoX, GPT-J, Falcon)
+NORM_PLACEMENTS = ("pre", "sandwich", "output", "post")  # pre: x + f(n(x)); sandwich: x + n'(f(n(x)));
+# output: x + n'(f(x)) (OLMo 2); post: n(x + f(x)) (OPT-350m, the original transformer)
+MLPS = ("plain", "gated", "experts")  # act(x W1) W2; act(x Wg) * (x Wu) Wd; top-k routed gated experts
+QK_NORMS = ("none", "head", "full")  # RMSNorm of q and k over each head's dims, or over all heads at once
 ROPE_SCALING_TYPES = ("linear", "llama3", "longrope")
 WEIGHT_DTYPES = ("float32", "float16", "bfloat16", "int8")
 
@@ -42,12 +48,28 @@ class ModelConfig:
     norm_type: str = "rms"
     norm_eps: float = 1e-6
     norm_offset: float = 0.0  # Gemma stores w and multiplies by (offset + w), offset = 1
-    post_attention_norm: bool = False  # Gemma 2/3 "sandwich" norms after attention ...
-    post_mlp_norm: bool = False  # ... and after the MLP
-    qk_norm: bool = False  # RMSNorm over head_dim of queries and keys (Qwen3, Gemma 3)
+    norm_bias: bool = True  # LayerNorm has a bias (MPT's has none); RMSNorm never has one
+    norm_placement: str = "pre"  # see NORM_PLACEMENTS
+    qk_norm: str = "none"  # see QK_NORMS; True/False are read as "head"/"none"
+    final_norm: bool = True  # a norm after the last layer (OPT-350m has none)
+    embedding_norm: bool = False  # a norm of the embeddings before the first layer (BLOOM)
+    # block
+    block: str = "sequential"  # see BLOCKS
+    shared_block_norm: bool = False  # parallel blocks: one norm feeds attention and MLP (GPT-J, Phi-2)
+    residual_scale: Optional[float] = None  # sublayer outputs are scaled before they are added (Granite)
     # MLP
     activation: str = "silu"
-    gated_mlp: bool = True
+    mlp: str = "gated"  # see MLPS
+    # mixture of experts (mlp == "experts"): a router picks experts_per_token of num_experts gated
+    # MLPs of width expert_intermediate_size for each token; `dense_layers` use a gated MLP of
+    # intermediate_size instead; a shared expert (Qwen2-MoE) of shared_expert_intermediate_size runs
+    # on every token, scaled by sigmoid(x . shared_expert_gate)
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0
+    normalize_expert_weights: bool = True  # the top-k routing weights are renormalised to sum to 1
+    shared_expert_intermediate_size: int = 0
+    dense_layers: tuple = ()
     # attention
     attention_scale: Optional[float] = None  # None: head_dim ** -0.5
     attn_logit_softcapping: Optional[float] = None
@@ -63,10 +85,14 @@ class ModelConfig:
     rope_local_theta: Optional[float] = None  # theta of sliding layers when it differs (Gemma 3)
     rope_scaling: Optional[tuple] = None  # sorted (key, value) pairs of the HF rope_scaling dict
     rotary_dim: Optional[int] = None  # None: head_dim (partial rotary otherwise)
+    nope_layers: tuple = ()  # layers that apply no rotary embedding (SmolLM3)
+    alibi_slopes: Optional[tuple] = None  # ALiBi: per query head, added as slope * (k_pos - q_pos)
     # embeddings and head
     embedding_scale: Optional[float] = None  # Gemma multiplies embeddings by sqrt(hidden)
+    embedding_size: Optional[int] = None  # embeddings narrower than hidden_size, projected in and out (OPT-350m)
     tie_word_embeddings: bool = True
     lm_head_bias: bool = False
+    logit_scale: Optional[float] = None  # logits are multiplied by it (Granite: 1 / logits_scaling)
     final_logit_softcapping: Optional[float] = None
     # tokens
     bos_token: Optional[str] = None
@@ -88,6 +114,12 @@ class ModelConfig:
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", _freeze(self.rope_scaling))
+        if isinstance(self.qk_norm, bool):
+            object.__setattr__(self, "qk_norm", "head" if self.qk_norm else "none")
+        for name in ("dense_layers", "nope_layers"):
+            object.__setattr__(self, name, tuple(int(i) for i in getattr(self, name)))
+        if self.alibi_slopes is not None:
+            object.__setattr__(self, "alibi_slopes", tuple(float(x) for x in self.alibi_slopes))
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -108,6 +140,23 @@ class ModelConfig:
         need(self.activation in ACTIVATIONS, f"activation {self.activation!r} not in {ACTIVATIONS}")
         need(self.position_embedding in POSITION_EMBEDDINGS,
              f"position_embedding {self.position_embedding!r} not in {POSITION_EMBEDDINGS}")
+        need(self.block in BLOCKS, f"block {self.block!r} not in {BLOCKS}")
+        need(self.norm_placement in NORM_PLACEMENTS, f"norm_placement {self.norm_placement!r} not in {NORM_PLACEMENTS}")
+        need(self.mlp in MLPS, f"mlp {self.mlp!r} not in {MLPS}")
+        need(self.qk_norm in QK_NORMS, f"qk_norm {self.qk_norm!r} not in {QK_NORMS}")
+        need(self.block == "sequential" or self.norm_placement == "pre",
+             "parallel blocks take their norms before the sublayers (norm_placement 'pre')")
+        need(not self.shared_block_norm or self.block == "parallel", "shared_block_norm needs a parallel block")
+        if self.mlp == "experts":
+            need(self.num_experts > 0 and 0 < self.experts_per_token <= self.num_experts,
+                 f"experts need 0 < experts_per_token ({self.experts_per_token}) <= num_experts ({self.num_experts})")
+            need(self.expert_intermediate_size > 0, "experts need a positive expert_intermediate_size")
+        need(all(0 <= i < self.num_layers for i in self.dense_layers + self.nope_layers),
+             "dense_layers and nope_layers must be layer indices")
+        if self.position_embedding == "alibi":
+            need(self.alibi_slopes is not None and len(self.alibi_slopes) == self.num_heads,
+                 f"ALiBi needs one slope per query head ({self.num_heads})")
+        need(self.embedding_size is None or self.embedding_size > 0, "embedding_size must be positive")
         need(len(self.layer_types) == self.num_layers,
              f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
         need(all(t in LAYER_TYPES for t in self.layer_types), f"layer_types must be in {LAYER_TYPES}")
@@ -151,6 +200,18 @@ class ModelConfig:
         """Key/value heads as the weights and the KV cache hold them (num_kv_heads * kv_head_copies)."""
         return self.num_kv_heads * self.kv_head_copies
 
+    def layer_mlp(self, layer: int) -> str:
+        """The MLP kind of one layer: `mlp`, or "gated" for the dense layers of an experts model."""
+        return "gated" if self.mlp == "experts" and layer in self.dense_layers else self.mlp
+
+    def layer_uses_rope(self, layer: int) -> bool:
+        return self.position_embedding == "rope" and layer not in self.nope_layers
+
+    @property
+    def embedding_width(self) -> int:
+        """Width of the embedding table (hidden_size unless embeddings are projected)."""
+        return self.embedding_size or self.hidden_size
+
     @property
     def has_sliding_layers(self) -> bool:
         return "sliding" in self.layer_types
@@ -166,7 +227,9 @@ class ModelConfig:
     def to_dict(self) -> dict:
         # the mesh is a device layout, not part of the model
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "mesh"}
-        out["layer_types"] = list(self.layer_types)
+        for name in ("layer_types", "dense_layers", "nope_layers"):
+            out[name] = list(getattr(self, name))
+        out["alibi_slopes"] = list(self.alibi_slopes) if self.alibi_slopes is not None else None
         out["rope_scaling"] = _thaw(self.rope_scaling) if self.rope_scaling else None
         return out
 
@@ -175,6 +238,9 @@ class ModelConfig:
         if not isinstance(data, dict):
             raise ValueError(f"invalid model config: expected a JSON object, got {type(data).__name__}")
         version = data.get("format_version")
+        if version == 1:
+            data = _from_version_1(data)
+            version = FORMAT_VERSION
         if version != FORMAT_VERSION:
             raise ValueError(
                 f"invalid model config: unknown format_version {version!r} "
@@ -196,6 +262,20 @@ class ModelConfig:
     @classmethod
     def load(cls, model_dir: str) -> "ModelConfig":
         return cls.from_dict(read_json_file(os.path.join(model_dir, CONFIG_FILE)))
+
+
+def _from_version_1(data: dict) -> dict:
+    """A version-1 config (flat booleans for the MLP and the Gemma sandwich norms) in version 2's
+    grouped fields; the weights' names and shapes did not change."""
+    data = dict(data)
+    gated = data.pop("gated_mlp", True)
+    post_attention, post_mlp = data.pop("post_attention_norm", False), data.pop("post_mlp_norm", False)
+    if post_attention != post_mlp:
+        raise ValueError("invalid model config: version 1 configs with only one of post_attention_norm and "
+                         "post_mlp_norm are not supported")
+    data.update(mlp="gated" if gated else "plain", norm_placement="sandwich" if post_attention else "pre",
+                format_version=FORMAT_VERSION)
+    return data
 
 
 def read_json_file(path: str) -> Any:

@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxgen.model.attention import AttentionSpec, attend, fused_self_attention, pallas_self_attention
 from jaxgen.model.config import ModelConfig
+from jaxgen.model.experts import experts_mlp
 from jaxgen.model.int8 import int8_matmul, runs_int8_products
 
 
@@ -145,7 +146,8 @@ def activation(x: jax.Array, name: str) -> jax.Array:
 
 
 def embed(params: dict, config: ModelConfig, tokens: jax.Array, dtype) -> jax.Array:
-    """tokens [B, T] -> [B, T, D] (scaled for Gemma)."""
+    """tokens [B, T] -> [B, T, D] (scaled for Gemma; projected to the hidden size when the
+    embeddings are narrower, OPT-350m)."""
     w = params["embed"]["weight"]
     x = jnp.take(w, tokens, axis=0)
     if w.dtype == jnp.int8:
@@ -154,12 +156,14 @@ def embed(params: dict, config: ModelConfig, tokens: jax.Array, dtype) -> jax.Ar
     if config.embedding_scale is not None:
         # HF casts the multiplier to the activation dtype first; doing the same keeps bf16 parity.
         x = x * jnp.asarray(config.embedding_scale, dtype)
+    if config.embedding_size is not None:
+        x = linear(x, params["embed_in"])
     return x
 
 
 def compute_logits(params: dict, config: ModelConfig, hidden: jax.Array, start=0,
                    size: Optional[int] = None) -> jax.Array:
-    """hidden [..., D] (already final-normed) -> float32 logits [..., size] of the vocabulary
+    """hidden [..., E] (what `forward` returns) -> float32 logits [..., size] of the vocabulary
     slice [start, start + size) (default: the whole vocabulary). `start` may be traced;
     `size` is static."""
     size = config.vocab_size if size is None else size
@@ -178,6 +182,8 @@ def compute_logits(params: dict, config: ModelConfig, hidden: jax.Array, start=0
     else:
         head = {k: cut(a, a.ndim - 1) for k, a in params["lm_head"].items()}  # weight [D, V], scale/bias [V]
     logits = linear(hidden, head, transposed=config.tie_word_embeddings).astype(jnp.float32)
+    if config.logit_scale is not None:
+        logits = logits * config.logit_scale
     if config.final_logit_softcapping:
         cap = config.final_logit_softcapping
         logits = jnp.tanh(logits / cap) * cap
@@ -270,16 +276,30 @@ def _store(buf: jax.Array, new: jax.Array, positions: jax.Array, write_index, ri
     return buf.at[rows, index].set(new.astype(buf.dtype), mode="drop")
 
 
-def _attention(config: ModelConfig, q, k, v, k_cache, v_cache, positions, write_index, is_sliding: bool,
-               attend_len: Optional[int], impl: str, fresh: bool):
+class PassArgs(NamedTuple):
+    """What every layer of one `forward` call shares (see `forward` for their meaning):
+    positions [B, T], write_index (None or a scalar), rope {"full"/"local": (cos, sin)} (empty
+    without rotary embeddings), and the static attend_len, impl and fresh."""
+
+    positions: jax.Array
+    write_index: Optional[jax.Array]
+    rope: dict
+    attend_len: Optional[int]
+    impl: str
+    fresh: bool
+
+
+def _attention(config: ModelConfig, q, k, v, k_cache, v_cache, is_sliding: bool, args: PassArgs):
     """Writes the new keys/values into this layer's cache and attends. Returns (out [B, T, Hq*hd],
-    k_cache, v_cache). See `forward` for write_index / attend_len / fresh.
+    k_cache, v_cache).
 
     Sliding layers keep a ring of min(window, length) slots (when that is `length`, slot ==
     position still); full layers one slot per position."""
+    positions, write_index, impl = args.positions, args.write_index, args.impl
     spec = AttentionSpec(config.scale, config.attn_logit_softcapping,
                          config.sliding_window if is_sliding else None,
-                         "flash" if impl in ("cudnn", "pallas") else impl)  # fused kernels: `fresh` only
+                         "flash" if impl in ("cudnn", "pallas") else impl,  # fused kernels: `fresh` only
+                         config.alibi_slopes if config.position_embedding == "alibi" else None)
     b, t = positions.shape
     slots = k_cache.shape[1]
 
@@ -287,7 +307,7 @@ def _attention(config: ModelConfig, q, k, v, k_cache, v_cache, positions, write_
         return (_store(k_cache, k, positions, write_index, is_sliding),
                 _store(v_cache, v, positions, write_index, is_sliding))
 
-    if fresh and t > 1:
+    if args.fresh and t > 1:
         # No earlier context: attend over the new tokens only (a fused kernel can run this).
         lengths = jnp.sum(positions >= 0, axis=1)
         if impl == "cudnn":
@@ -309,44 +329,74 @@ def _attention(config: ModelConfig, q, k, v, k_cache, v_cache, positions, write_
     if is_sliding:
         # One token: the slot it overwrote held a position `slots` back, outside the window.
         return attend(q, k_cache, v_cache, positions, ring_positions(positions[:, 0], slots), spec), k_cache, v_cache
-    n = slots if attend_len is None else min(attend_len, slots)
+    n = slots if args.attend_len is None else min(args.attend_len, slots)
     k_pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, :], (b, n))
     out = attend(q, k_cache[:, :n], v_cache[:, :n], positions, k_pos, spec, linear_keys=True)
     return out, k_cache, v_cache
 
 
-def _layer(config: ModelConfig, x: jax.Array, lp: dict, k_cache: jax.Array, v_cache: jax.Array,
-           is_sliding: bool, positions: jax.Array, write_index, rope: dict, attend_len: Optional[int],
-           impl: str, fresh: bool):
-    b, t, _ = x.shape
+def _self_attention(config: ModelConfig, layer: int, h: jax.Array, lp: dict, k_cache, v_cache, args: PassArgs):
+    """The attention sublayer on normed inputs h [B, T, D]: projections, q/k norms, rotary
+    embeddings, attention, output projection. Returns (out [B, T, D], k_cache, v_cache)."""
+    b, t, _ = h.shape
     hq, hkv, hd = config.num_heads, config.stored_kv_heads, config.head_dim
-    h = norm(x, lp["attn_norm"], config)
-    q = linear(h, lp["q"]).reshape(b, t, hq, hd)
-    k = linear(h, lp["k"]).reshape(b, t, hkv, hd)
-    v = linear(h, lp["v"]).reshape(b, t, hkv, hd)
-    if config.qk_norm:
-        q = norm(q, lp["q_norm"], config)
-        k = norm(k, lp["k_norm"], config)
-    if config.position_embedding == "rope":
-        cos, sin = rope["local" if is_sliding else "full"]
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
-    attn, k_cache, v_cache = _attention(config, q, k, v, k_cache, v_cache, positions, write_index, is_sliding,
-                                        attend_len, impl, fresh)
-    out = linear(attn, lp["o"])
-    if config.post_attention_norm:
-        out = norm(out, lp["post_attn_norm"], config)
-    x = x + out
+    q, k, v = linear(h, lp["q"]), linear(h, lp["k"]), linear(h, lp["v"])
+    if config.qk_norm == "full":  # over every head at once, before the heads are split (OLMo 2)
+        q, k = norm(q, lp["q_norm"], config), norm(k, lp["k_norm"], config)
+    q, k, v = q.reshape(b, t, hq, hd), k.reshape(b, t, hkv, hd), v.reshape(b, t, hkv, hd)
+    if config.qk_norm == "head":
+        q, k = norm(q, lp["q_norm"], config), norm(k, lp["k_norm"], config)
+    is_sliding = config.layer_types[layer] == "sliding"
+    if config.layer_uses_rope(layer):
+        cos, sin = args.rope["local" if is_sliding else "full"]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    out, k_cache, v_cache = _attention(config, q, k, v, k_cache, v_cache, is_sliding, args)
+    return linear(out, lp["o"]), k_cache, v_cache
 
-    h = norm(x, lp["mlp_norm"], config)
-    if config.gated_mlp:
-        h = activation(linear(h, lp["gate"]), config.activation) * linear(h, lp["up"])
-    else:
-        h = activation(linear(h, lp["up"]), config.activation)
-    h = linear(h, lp["down"])
-    if config.post_mlp_norm:
-        h = norm(h, lp["post_mlp_norm"], config)
-    return x + h, k_cache, v_cache
+
+def _gated(h: jax.Array, gate: dict, up: dict, down: dict, act: str) -> jax.Array:
+    return linear(activation(linear(h, gate), act) * linear(h, up), down)
+
+
+def _mlp(config: ModelConfig, layer: int, h: jax.Array, lp: dict) -> jax.Array:
+    """The MLP sublayer on normed inputs h [B, T, D] -> [B, T, D]: plain, gated or experts."""
+    kind = config.layer_mlp(layer)
+    if kind == "experts":
+        return experts_mlp(config, h, lp)
+    if kind == "gated":
+        return _gated(h, lp["gate"], lp["up"], lp["down"], config.activation)
+    return linear(activation(linear(h, lp["up"]), config.activation), lp["down"])
+
+
+def _layer(config: ModelConfig, layer: int, x: jax.Array, lp: dict, k_cache: jax.Array, v_cache: jax.Array,
+           args: PassArgs):
+    """One layer: its block (sequential or parallel residual) with the config's norm placement.
+    Returns (x [B, T, D], k_cache, v_cache)."""
+    def scaled(y):
+        return y if config.residual_scale is None else y * jnp.asarray(config.residual_scale, y.dtype)
+
+    if config.block == "parallel":
+        h = norm(x, lp["attn_norm"], config)
+        attn, k_cache, v_cache = _self_attention(config, layer, h, lp, k_cache, v_cache, args)
+        h_mlp = h if config.shared_block_norm else norm(x, lp["mlp_norm"], config)
+        return x + scaled(attn + _mlp(config, layer, h_mlp, lp)), k_cache, v_cache
+
+    placement = config.norm_placement
+
+    def sublayer_input(x, pre: str):
+        return x if placement in ("output", "post") else norm(x, lp[pre], config)
+
+    def residual(x, y, pre: str, post: str):
+        if placement in ("sandwich", "output"):
+            y = norm(y, lp[post], config)
+        x = x + scaled(y)
+        return norm(x, lp[pre], config) if placement == "post" else x
+
+    attn, k_cache, v_cache = _self_attention(config, layer, sublayer_input(x, "attn_norm"), lp, k_cache, v_cache,
+                                             args)
+    x = residual(x, attn, "attn_norm", "post_attn_norm")
+    x = residual(x, _mlp(config, layer, sublayer_input(x, "mlp_norm"), lp), "mlp_norm", "post_mlp_norm")
+    return x, k_cache, v_cache
 
 
 def forward(params: dict, config: ModelConfig, tokens: Optional[jax.Array], positions: jax.Array, cache: KVCache,
@@ -376,18 +426,22 @@ def forward(params: dict, config: ModelConfig, tokens: Optional[jax.Array], posi
     clipped = jnp.maximum(positions, 0)
     if config.position_embedding == "learned":
         x = x + jnp.take(params["pos_embed"]["weight"], clipped, axis=0).astype(dtype)
+    if config.embedding_norm:
+        x = norm(x, params["embed_norm"], config)
     rope = {}
     if config.position_embedding == "rope":
         rope["full"] = rope_cos_sin(config, clipped, local=False)
         rope["local"] = rope_cos_sin(config, clipped, local=True) if config.rope_local_theta else rope["full"]
+    args = PassArgs(positions, write_index, rope, attend_len, impl, fresh)
     k_new, v_new = [], []
     for i, lp in enumerate(params["layers"]):
-        x, k_l, v_l = _layer(config, x, lp, cache.k[i], cache.v[i], config.layer_types[i] == "sliding",
-                             positions, write_index, rope, attend_len, impl, fresh)
+        x, k_l, v_l = _layer(config, i, x, lp, cache.k[i], cache.v[i], args)
         x = pin(x, config)
         k_new.append(k_l)
         v_new.append(v_l)
-    hidden = norm(x, params["final_norm"], config)
+    hidden = norm(x, params["final_norm"], config) if config.final_norm else x
+    if config.embedding_size is not None:
+        hidden = linear(hidden, params["embed_out"])
     return hidden, KVCache(tuple(k_new), tuple(v_new), cache.length)
 
 

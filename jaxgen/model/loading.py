@@ -8,7 +8,7 @@ from typing import Dict, List, Tuple
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.model.checkpoint import load_model_dir, nest_params
+from jaxgen.model.checkpoint import flat_params, load_model_dir, nest_params
 from jaxgen.model.config import ModelConfig
 from jaxgen.model.quantization import convert_flat
 
@@ -70,12 +70,13 @@ def load_params(model_dir: str, compute_type: str = "default", platform: str = "
     """
     config, flat, vocabulary = load_model_dir(model_dir)
     ctype = resolve_compute_type(compute_type, config.weight_dtype, platform)
-    flat = convert_flat(flat, config.weight_dtype, ctype.weights)
+    flat = convert_flat(flat, config, ctype.weights)
     if ctype.weights == "int8" and ctype.activations != "float32":
         # int8 storage keeps float32 non-quantized tensors; cast them to the activation type.
         act = np.dtype(jnp.dtype(ctype.dtype))
-        flat = {k: (v if v.dtype == np.int8 or k.endswith("_scale") or k.split(".")[-2].endswith("norm")
-                    else v.astype(act)) for k, v in flat.items()}
+        decls = flat_params(config)
+        flat = {k: (v.astype(act) if k in decls and v.dtype != np.int8 and not decls[k].keep_float32 else v)
+                for k, v in flat.items()}
     config = config.replace(weight_dtype=ctype.weights)
     return config, nest_params(flat, config), vocabulary, ctype
 

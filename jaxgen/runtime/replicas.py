@@ -9,7 +9,8 @@ sharded over a Mesh with a "model" axis (jit + NamedSharding; XLA inserts the co
   copied to the devices whose query heads read it (`ModelConfig.kv_head_copies`);
 - activations between layers (the residual stream): replicated (the decoder pins them with
   `with_sharding_constraint` on `ModelConfig.mesh`), so each layer costs two all-reduces;
-- MLP: gate/up columns and down rows split, the width zero-padded to a multiple of n;
+- MLP: gate/up columns and down rows split, the width zero-padded to a multiple of n; experts
+  likewise, each expert's width split (every device holds a slice of every expert);
 - embedding and untied vocabulary projection: split on the hidden axis;
 - norms, biases of row-split layers, learned positions: replicated.
 """
@@ -20,17 +21,20 @@ import dataclasses
 import math
 import queue
 import threading
-from typing import List
+from typing import Dict, List
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxgen.model.checkpoint import KV_HEADS, MLP, Q_HEADS, TABLE, ParamDecl, layer_params, top_params
 from jaxgen.model.config import ModelConfig
 
-COLUMN_PARALLEL = ("q", "k", "v", "gate", "up")  # split on the output axis
-ROW_PARALLEL = ("o", "down")  # split on the input axis
 AXIS = "model"
+# Logical axes (jaxgen.model.checkpoint) split over the devices inside layers: attention heads and
+# the MLP width (for experts, each expert's width: every device holds a slice of every expert and
+# routes every token, so routing needs no communication).
+LAYER_SHARDED_AXES = (Q_HEADS, KV_HEADS, MLP)
 
 
 @dataclasses.dataclass
@@ -62,14 +66,14 @@ def tensor_parallel_layout(config: ModelConfig, devices: List[jax.Device]) -> Mo
     return config.replace(mesh=Mesh(np.array(devices), (AXIS,)))
 
 
-def _copy_kv_heads(a: np.ndarray, config: ModelConfig) -> np.ndarray:
-    """A key/value projection's weight, bias or scale (heads on the last axis) with each of the
-    `num_kv_heads` head blocks repeated `kv_head_copies` times (copies adjacent). An array that
-    already holds the stored heads (a host copy of placed weights) is returned as it is."""
-    if a.shape[-1] == config.stored_kv_heads * config.head_dim:
+def _copy_kv_heads(a: np.ndarray, axis: int, config: ModelConfig) -> np.ndarray:
+    """A tensor with key/value heads on `axis` with each of the `num_kv_heads` head blocks
+    repeated `kv_head_copies` times (copies adjacent). An array that already holds the stored heads
+    (a host copy of placed weights) is returned as it is."""
+    if a.shape[axis] == config.stored_kv_heads * config.head_dim:
         return a
-    blocks = np.split(a, config.num_kv_heads, axis=-1)
-    return np.concatenate([b for b in blocks for _ in range(config.kv_head_copies)], axis=-1)
+    blocks = np.split(a, config.num_kv_heads, axis=axis)
+    return np.concatenate([b for b in blocks for _ in range(config.kv_head_copies)], axis=axis)
 
 
 def _pad_axis(a: np.ndarray, axis: int, multiple: int) -> np.ndarray:
@@ -82,51 +86,53 @@ def _pad_axis(a: np.ndarray, axis: int, multiple: int) -> np.ndarray:
     return np.pad(a, widths)
 
 
-def layout_layer(layer: dict, config: ModelConfig, n: int) -> dict:
-    """One layer's host arrays in the tensor-parallel layout of `config` over n devices: KV heads
-    copied (`_copy_kv_heads`), the MLP width zero-padded to a multiple of n (zero gate/up columns
-    and zero down rows add exactly nothing to the output)."""
+def _decl_axes(decls: Dict[str, Dict[str, ParamDecl]], module: str, kind: str, ndim: int) -> tuple:
+    """Logical axes of a tensor: its declaration's, or for an int8 scale its weight's without the
+    reduced axis."""
+    if kind == "weight_scale":
+        decl = decls[module]["weight"]
+        return tuple(a for i, a in enumerate(decl.axes) if i != decl.reduce_axis)
+    return decls[module][kind].axes
+
+
+def layout_layer(layer: dict, config: ModelConfig, n: int, index: int) -> dict:
+    """Layer `index`'s host arrays in the tensor-parallel layout of `config` over n devices, by
+    the logical axes of the parameter table: key/value head axes copied (`_copy_kv_heads`), MLP
+    (and expert MLP) width axes zero-padded to a multiple of n (zero gate/up columns and zero down
+    rows add exactly nothing to the output)."""
+    decls = layer_params(config, index)
     out = {}
     for module, kinds in layer.items():
         out[module] = {}
         for kind, a in kinds.items():
             a = np.asarray(a)
-            if module in ("k", "v"):
-                a = _copy_kv_heads(a, config)
-            elif module in ("gate", "up"):
-                a = _pad_axis(a, a.ndim - 1, n)
-            elif module == "down" and kind == "weight":
-                a = _pad_axis(a, 0, n)
+            for axis, name in enumerate(_decl_axes(decls, module, kind, a.ndim)):
+                if name == KV_HEADS:
+                    a = _copy_kv_heads(a, axis, config)
+                elif name == MLP:
+                    a = _pad_axis(a, axis, n)
             out[module][kind] = a
     return out
 
 
-def _layer_spec(module: str, kind: str) -> P:
-    """PartitionSpec of a layer tensor (weights are [in, out])."""
-    if module in COLUMN_PARALLEL:
-        return P(None, AXIS) if kind == "weight" else P(AXIS)
-    if module in ROW_PARALLEL and kind == "weight":
-        return P(AXIS, None)
+def _spec(axes: tuple, sharded: tuple) -> P:
+    """PartitionSpec splitting the first of `axes` that is in `sharded` over the model axis."""
+    for i, name in enumerate(axes):
+        if name in sharded:
+            return P(*([None] * i + [AXIS]))
     return P()
 
 
-def _top_spec(module: str, kind: str, config: ModelConfig, n: int) -> P:
-    """PartitionSpec of a tensor outside the layers. The embedding [V, D] and the untied head
-    [D, V] split on the hidden axis D (when it divides): a vocabulary slice (scoring reads the head
-    in blocks) stays local, and each device's partial logits are summed across devices. Norms,
-    positions, biases and scales are replicated."""
-    if kind != "weight" or config.hidden_size % n:
-        return P()
-    if module == "embed":
-        return P(None, AXIS)
-    if module == "lm_head":
-        return P(AXIS, None)
-    return P()
+def _table_axes(config: ModelConfig, n: int) -> tuple:
+    """Sharded logical axes outside the layers. The embedding [V, D] and the untied head [D, V]
+    split on the hidden ("table") axis when it divides: a vocabulary slice (scoring reads the head
+    in blocks) stays local, and each device's partial logits are summed across devices."""
+    return (TABLE,) if config.embedding_width % n == 0 else ()
 
 
 def shard_tensor_parallel(params: dict, config: ModelConfig, devices: List[jax.Device]) -> Replica:
     """Host params -> one replica sharded over a Mesh of `devices` with one "model" axis (see
-    `tensor_parallel_layout`, `layout_layer`, `_layer_spec`, `_top_spec`). The Generator must run
+    `tensor_parallel_layout`, `layout_layer`, LAYER_SHARDED_AXES, `_table_axes`). The Generator must run
     it with `tensor_parallel_layout(config, devices)`."""
     n = len(devices)
     layout = tensor_parallel_layout(config, devices)
@@ -135,13 +141,19 @@ def shard_tensor_parallel(params: dict, config: ModelConfig, devices: List[jax.D
     def put(a, spec: P) -> jax.Array:
         return jax.device_put(a, NamedSharding(mesh, spec))
 
+    top = top_params(config)
     sharded = {}
     for module, kinds in params.items():
         if module == "layers":
-            sharded["layers"] = [{m: {k: put(a, _layer_spec(m, k)) for k, a in ks.items()}
-                                  for m, ks in layout_layer(layer, layout, n).items()} for layer in kinds]
+            sharded["layers"] = []
+            for index, layer in enumerate(kinds):
+                decls = layer_params(layout, index)
+                sharded["layers"].append({
+                    m: {k: put(a, _spec(_decl_axes(decls, m, k, a.ndim), LAYER_SHARDED_AXES)) for k, a in ks.items()}
+                    for m, ks in layout_layer(layer, layout, n, index).items()})
         else:
-            sharded[module] = {k: put(a, _top_spec(module, k, layout, n)) for k, a in kinds.items()}
+            sharded[module] = {k: put(a, _spec(_decl_axes(top, module, k, np.ndim(a)), _table_axes(layout, n)))
+                               for k, a in kinds.items()}
     return Replica("tp:" + ",".join(str(d.id) for d in devices), sharded)
 
 

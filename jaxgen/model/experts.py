@@ -1,0 +1,105 @@
+"""Mixture-of-experts MLP: top-k routing as Hugging Face computes it, and a grouped product that
+runs each token through its own experts only.
+
+Routing (Mixtral, Qwen2-MoE, Qwen3-MoE): router logits x . W_router [E], softmax in float32, the
+top `experts_per_token` probabilities (renormalised to sum to 1 when
+`normalize_expert_weights`), cast to the activation type; the output is the weighted sum of the
+chosen experts' gated MLPs, plus (Qwen2-MoE) a shared expert scaled by sigmoid(x . w_gate).
+
+The grouped product: the N * k (token, expert) assignments are sorted by expert and laid out in
+tiles of `rows` assignments, each tile holding one expert's assignments only (a group is padded
+to whole tiles). A scan over the tiles runs the tile's expert on its rows; tiles past the used
+ones are skipped (`lax.cond`), so a decode step reads only the experts its tokens chose, and a
+prefill does about N * k rows of work, not N * E. (`jax.lax.ragged_dot` does the same grouping,
+but XLA:CPU lowers it to a product over every expert: measured as slow as running all experts.)
+
+Shapes: N tokens, D hidden, E experts, F expert width, k experts per token, R rows per tile.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+
+TILE_ROWS = 128  # assignment rows per tile (fewer when there are fewer tokens)
+
+
+def route(config, h: jax.Array, router: dict) -> Tuple[jax.Array, jax.Array]:
+    """h [N, D] -> (weights [N, k] in h's dtype, experts [N, k] int32), as HF routes."""
+    from jaxgen.model.decoder import linear
+
+    logits = linear(h, router).astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    weights, experts = jax.lax.top_k(probs, config.experts_per_token)
+    if config.normalize_expert_weights:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights.astype(h.dtype), experts.astype(jnp.int32)
+
+
+def tile_plan(experts: jax.Array, num_experts: int, rows: int) -> Tuple[jax.Array, jax.Array, jax.Array, int]:
+    """Lays the assignments experts [N, k] out in tiles of `rows` rows, one expert per tile.
+
+    Returns (slot [N*k]: the padded row of each assignment (in token-major order), tile_expert
+    [T]: the expert of each tile, used: tiles holding assignments, T: the static tile count)."""
+    flat = experts.reshape(-1)
+    a = flat.shape[0]
+    counts = jnp.bincount(flat, length=num_experts)  # [E]
+    tiles_per_expert = (counts + rows - 1) // rows
+    first_tile = jnp.cumsum(tiles_per_expert) - tiles_per_expert  # [E]
+    order = jnp.argsort(flat, stable=True)  # assignments grouped by expert
+    sorted_experts = flat[order]
+    group_start = jnp.cumsum(counts) - counts
+    rank = jnp.arange(a, dtype=jnp.int32) - group_start[sorted_experts]  # index within its expert's group
+    slot_sorted = first_tile[sorted_experts] * rows + rank
+    slot = jnp.zeros((a,), jnp.int32).at[order].set(slot_sorted.astype(jnp.int32))
+    if rows >= experts.shape[0]:  # a token picks distinct experts: every group fits one tile
+        n_tiles = min(num_experts, a)
+    else:  # each group adds at most one partial tile
+        n_tiles = min(-(-a // rows) + min(num_experts, a), a)
+    used = jnp.sum(tiles_per_expert)
+    # the expert of tile t: mark each used expert's first tile, then carry the mark forward
+    starts = jnp.where(counts > 0, first_tile, n_tiles)  # empty experts: out of range, dropped
+    marks = jnp.zeros((n_tiles,), jnp.int32).at[starts].max(jnp.arange(num_experts, dtype=jnp.int32), mode="drop")
+    tile_expert = jax.lax.cummax(marks, axis=0)
+    return slot, tile_expert.astype(jnp.int32), used, n_tiles
+
+
+def _expert(p: dict, e: jax.Array) -> dict:
+    """Expert e's slice of stacked expert parameters ({kind: [E, ...]} -> {kind: [...]})."""
+    return {kind: jax.lax.dynamic_index_in_dim(a, e, axis=0, keepdims=False) for kind, a in p.items()}
+
+
+def experts_mlp(config, h: jax.Array, lp: dict) -> jax.Array:
+    """The experts MLP of one layer: h [B, T, D] -> [B, T, D]."""
+    from jaxgen.model.decoder import _gated, linear
+
+    shape = h.shape
+    x = h.reshape(-1, shape[-1])  # [N, D]
+    n, k = x.shape[0], config.experts_per_token
+    weights, experts = route(config, x, lp["router"])
+    rows = min(n, TILE_ROWS)
+    slot, tile_expert, used, n_tiles = tile_plan(experts, config.num_experts, rows)
+    padded = n_tiles * rows
+    token_of_slot = jnp.zeros((padded,), jnp.int32).at[slot].set(jnp.repeat(jnp.arange(n, dtype=jnp.int32), k))
+    weight_of_slot = jnp.zeros((padded,), x.dtype).at[slot].set(weights.reshape(-1))
+    gate, up, down = lp["expert_gate"], lp["expert_up"], lp["expert_down"]
+
+    def tile(_, t):
+        def run(_):
+            tokens = jax.lax.dynamic_slice_in_dim(token_of_slot, t * rows, rows)
+            w = jax.lax.dynamic_slice_in_dim(weight_of_slot, t * rows, rows)
+            e = tile_expert[t]
+            y = _gated(jnp.take(x, tokens, axis=0), _expert(gate, e), _expert(up, e), _expert(down, e),
+                       config.activation)
+            return y * w[:, None]
+
+        return None, jax.lax.cond(t < used, run, lambda _: jnp.zeros((rows, x.shape[1]), x.dtype), None)
+
+    _, ys = jax.lax.scan(tile, None, jnp.arange(n_tiles, dtype=jnp.int32))  # [T, R, D]
+    out = jnp.zeros_like(x).at[token_of_slot].add(ys.reshape(padded, -1))  # padding rows add zeros
+    if config.shared_expert_intermediate_size:
+        shared = _gated(x, lp["shared_gate"], lp["shared_up"], lp["shared_down"], config.activation)
+        out = out + jax.nn.sigmoid(linear(x, lp["shared_expert_gate"])) * shared
+    return out.reshape(shape)
