@@ -63,6 +63,16 @@ SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_k
              eos_token_id=EOS)
 
 
+def greedy_reference(model: torch.nn.Module, prompt: List[int], steps: int) -> List[int]:
+    """HF `generate`'s greedy continuation of one prompt: exactly `steps` new token ids (the end
+    token is forbidden before that)."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             do_sample=False, max_new_tokens=steps, min_new_tokens=steps, eos_token_id=EOS,
+                             pad_token_id=PAD)
+    return out[0, len(prompt):].tolist()
+
+
 def _gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -165,6 +175,19 @@ ARCHITECTURES: Dict[str, Callable] = {
     "gemma2": _gemma2, "gemma3_text": _gemma3_text, "gemma3": _gemma3, "phi3": _phi3,
 }
 
+# The families added as declarations (issue 17), one builder module per group; each module's
+# BUILDERS maps a name (a model_type, or model_type_variant) to a builder like those above, and its
+# EXPECTED_CONFIG the ModelConfig values its conversion must give. tests/test_architectures.py
+# runs every one against HF transformers.
+import hf_families_alibi  # noqa: E402
+import hf_families_moe  # noqa: E402
+import hf_families_parallel  # noqa: E402
+
+FAMILY_MODULES = (hf_families_parallel, hf_families_alibi, hf_families_moe)
+FAMILIES: Dict[str, Callable] = {name: fn for module in FAMILY_MODULES for name, fn in module.BUILDERS.items()}
+FAMILY_EXPECTED_CONFIG: Dict[str, dict] = {name: values for module in FAMILY_MODULES
+                                           for name, values in module.EXPECTED_CONFIG.items()}
+
 # Which tokenizer each checkpoint ships: most a tokenizer.json, llama a sentencepiece model.
 SENTENCEPIECE_ARCHS = ("llama",)
 
@@ -173,7 +196,9 @@ SENTENCEPIECE_ARCHS = ("llama",)
 def build(arch: str, directory: str, seed: int = 0, dtype: torch.dtype = torch.float32,
           max_shard_size=None) -> TinyModel:
     """Builds, perturbs and saves one tiny checkpoint into `directory`."""
-    cls, cfg = ARCHITECTURES[arch]()
+    if arch not in ARCHITECTURES and arch not in FAMILIES:
+        raise ValueError(f"no tiny-model builder for {arch!r}")
+    cls, cfg = (ARCHITECTURES.get(arch) or FAMILIES[arch])()
     torch.manual_seed(seed)
     model = cls._from_config(cfg, attn_implementation="eager").float().eval()
     with torch.no_grad():

@@ -64,8 +64,6 @@ GREEDY_STEPS = 16
 def test_greedy_generation_matches_hf_generate(arch, hf_tiny_model, jaxgen_tiny_model):
     """Greedy decoding (prefill, then the KV-cache decode loop) gives HF `generate`'s tokens for
     GREEDY_STEPS new tokens, the end token forbidden in both so that every step is compared."""
-    import torch
-
     tiny = hf_tiny_model(arch)
     generator = jaxgen.Generator(jaxgen_tiny_model(arch))
     vocabulary = generator.vocabulary
@@ -76,11 +74,7 @@ def test_greedy_generation_matches_hf_generate(arch, hf_tiny_model, jaxgen_tiny_
     limit = scaling.get("original_max_position_embeddings") if scaling.get("rope_type") == "longrope" else None
     for prompt in tiny.batch(3)[:2]:
         steps = GREEDY_STEPS if limit is None else min(GREEDY_STEPS, limit - len(prompt))
-        with torch.no_grad():
-            reference = tiny.model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
-                                            do_sample=False, max_new_tokens=steps, min_new_tokens=steps,
-                                            eos_token_id=hf_models.EOS,
-                                            pad_token_id=hf_models.PAD)[0, len(prompt):].tolist()
+        reference = hf_models.greedy_reference(tiny.model, prompt, steps)
         result = generator.generate_batch([vocabulary.to_tokens(prompt)], max_length=steps, min_length=steps,
                                           include_prompt_in_result=False)
         assert result[0].sequences_ids[0] == reference, f"{arch}: greedy tokens differ from HF generate"

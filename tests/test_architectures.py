@@ -1,0 +1,69 @@
+"""Every family added as a declaration (tests/hf_families_*.py), against HF transformers in torch:
+a tiny random checkpoint converts, its float32 logits on a mixed-length batch are within
+FLOAT32_TOLERANCE of HF's, greedy generation equals HF `generate` for 16 tokens, int8 stays within
+the tolerance of test_transformers_parity (0.4, argmax agreement on decisive positions), and the
+converted config has the family's values. One Generator per compute type and family: this file
+is the one that grows with each family, so it loads each model once per check.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import hf_models  # noqa: E402
+
+import jaxgen  # noqa: E402
+from jaxgen.model.config import ModelConfig  # noqa: E402
+
+FAMILIES = list(hf_models.FAMILIES)
+FLOAT32_TOLERANCE = 1e-3
+GREEDY_STEPS = 16
+INT8_TOLERANCE, INT8_DECISIVE_MARGIN = 0.4, 0.2  # as test_transformers_parity.LOW_PRECISION["int8"]
+
+
+def _valid_rows(logits, batch) -> np.ndarray:
+    return np.concatenate([np.asarray(logits)[i, :len(s)] for i, s in enumerate(batch)])
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_float32_logits_and_greedy_match_hf(arch, hf_tiny_model, jaxgen_tiny_model):
+    tiny = hf_tiny_model(arch)
+    path = jaxgen_tiny_model(arch)
+    config = ModelConfig.load(path)
+    for key, value in hf_models.FAMILY_EXPECTED_CONFIG.get(arch, {}).items():
+        assert getattr(config, key) == value, f"{arch}: config.{key} is {getattr(config, key)!r}, expected {value!r}"
+    generator = jaxgen.Generator(path)
+    batch = tiny.batch()
+    diff = np.abs(_valid_rows(generator.forward_batch(batch), batch) - _valid_rows(tiny.logits(batch), batch)).max()
+    assert diff <= FLOAT32_TOLERANCE, f"{arch}: float32 max abs logit difference {diff:.3g}"
+    for prompt in tiny.batch(3)[:2]:
+        reference = hf_models.greedy_reference(tiny.model, prompt, GREEDY_STEPS)
+        result = generator.generate_batch([generator.vocabulary.to_tokens(prompt)], max_length=GREEDY_STEPS,
+                                          min_length=GREEDY_STEPS, include_prompt_in_result=False)
+        assert result[0].sequences_ids[0] == reference, f"{arch}: greedy tokens differ from HF generate"
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_int8_within_tolerance(arch, hf_tiny_model, jaxgen_tiny_model):
+    tiny = hf_tiny_model(arch)
+    batch = tiny.batch(0) + tiny.batch(1) + tiny.batch(2)
+    reference = _valid_rows(tiny.logits(batch), batch)
+    got = _valid_rows(jaxgen.Generator(jaxgen_tiny_model(arch), compute_type="int8").forward_batch(batch), batch)
+    diff = np.abs(got - reference).max()
+    assert diff <= INT8_TOLERANCE, f"{arch} int8: max abs logit difference {diff:.3g} > {INT8_TOLERANCE}"
+    top2 = np.sort(reference, axis=-1)[:, -2:]
+    decisive = (top2[:, 1] - top2[:, 0]) > INT8_DECISIVE_MARGIN
+    assert decisive.mean() >= 0.25, f"{arch}: too few decisive positions ({decisive.mean():.2f})"
+    agree = (got.argmax(-1) == reference.argmax(-1))[decisive].mean()
+    assert agree >= 0.99, f"{arch} int8: argmax agreement {agree:.3f} on decisive positions"
+
+
+def test_every_family_has_a_loader():
+    from jaxgen.converters.transformers import supported_model_types
+
+    missing = sorted({name.split("-")[0] for name in FAMILIES} - set(supported_model_types()))
+    assert not missing, f"tiny models without a registered loader: {missing}"
