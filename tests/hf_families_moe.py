@@ -52,7 +52,7 @@ def _granite():
     from transformers import GraniteConfig, GraniteForCausalLM
 
     cfg = GraniteConfig(vocab_size=300, num_hidden_layers=2, embedding_multiplier=3.0, residual_multiplier=0.5,
-                        attention_multiplier=0.2, logits_scaling=4.0, **SMALL)
+                        attention_multiplier=0.2, logits_scaling=0.5, **SMALL)
     return GraniteForCausalLM, cfg
 
 
@@ -74,6 +74,6 @@ EXPECTED_CONFIG.update({
     "qwen3_moe": dict(mlp="experts", num_experts=8, experts_per_token=2, qk_norm="head",
                       normalize_expert_weights=True),
     "olmo2": dict(norm_placement="output", qk_norm="full"),
-    "granite": dict(embedding_scale=3.0, residual_scale=0.5, attention_scale=0.2, logit_scale=0.25),
+    "granite": dict(embedding_scale=3.0, residual_scale=0.5, attention_scale=0.2, logit_scale=2.0),
     "smollm3": dict(nope_layers=(1, 3), tie_word_embeddings=True),
 })

