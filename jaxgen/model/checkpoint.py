@@ -207,10 +207,18 @@ def active_parameter_count(config: ModelConfig) -> int:
 
 # ---------------------------------------------------------------------------- pytree <-> flat
 def nest_params(flat: Dict[str, np.ndarray], config: ModelConfig) -> dict:
-    """Flat canonical names -> nested params pytree; "layers" is a list of per-layer dicts."""
+    """Flat canonical names -> nested params pytree; "layers" is a list of per-layer dicts.
+
+    Expert tensors (declared with a leading "experts" axis, [E, ...]) become lists of E per-expert
+    arrays: a decode step then reads its experts' own buffers (XLA:CPU copies a slice of a stacked
+    tensor before a product, which costs more than the product at decode sizes)."""
     params: dict = {"layers": [{} for _ in range(config.num_layers)]}
+    decls = flat_params(config)
     for name, array in flat.items():
         parts = name.split(".")
+        weight = ".".join(parts[:-1] + ["weight"]) if parts[-1] == "weight_scale" else name
+        if decls[weight].axes[0] == EXPERTS:
+            array = [array[e] for e in range(array.shape[0])]
         if parts[0] == "layers":
             index, module, kind = int(parts[1]), parts[2], parts[3]
             params["layers"][index].setdefault(module, {})[kind] = array

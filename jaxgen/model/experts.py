@@ -8,8 +8,9 @@ chosen experts' gated MLPs, plus (Qwen2-MoE) a shared expert scaled by sigmoid(x
 
 The grouped product: the N * k (token, expert) assignments are sorted by expert and laid out in
 tiles of `rows` assignments, each tile holding one expert's assignments only (a group is padded
-to whole tiles). A scan over the tiles runs the tile's expert on its rows; tiles past the used
-ones are skipped (`lax.cond`), so a decode step reads only the experts its tokens chose, and a
+to whole tiles). A scan over the tiles runs the tile's expert on its rows (`lax.switch` over the
+experts: each branch reads its expert's own arrays, see checkpoint.nest_params); tiles past the
+used ones take an empty branch, so a decode step reads only the experts its tokens chose, and a
 prefill does about N * k rows of work, not N * E. (`jax.lax.ragged_dot` does the same grouping,
 but XLA:CPU lowers it to a product over every expert: measured as slow as running all experts.)
 
@@ -66,9 +67,9 @@ def tile_plan(experts: jax.Array, num_experts: int, rows: int) -> Tuple[jax.Arra
     return slot, tile_expert.astype(jnp.int32), used, n_tiles
 
 
-def _expert(p: dict, e: jax.Array) -> dict:
-    """Expert e's slice of stacked expert parameters ({kind: [E, ...]} -> {kind: [...]})."""
-    return {kind: jax.lax.dynamic_index_in_dim(a, e, axis=0, keepdims=False) for kind, a in p.items()}
+def _expert(p: dict, e: int) -> dict:
+    """Expert e's parameters ({kind: list of E arrays} -> {kind: array})."""
+    return {kind: arrays[e] for kind, arrays in p.items()}
 
 
 def experts_mlp(config, h: jax.Array, lp: dict) -> jax.Array:
@@ -87,15 +88,17 @@ def experts_mlp(config, h: jax.Array, lp: dict) -> jax.Array:
     gate, up, down = lp["expert_gate"], lp["expert_up"], lp["expert_down"]
 
     def tile(_, t):
-        def run(_):
-            tokens = jax.lax.dynamic_slice_in_dim(token_of_slot, t * rows, rows)
-            w = jax.lax.dynamic_slice_in_dim(weight_of_slot, t * rows, rows)
-            e = tile_expert[t]
-            y = _gated(jnp.take(x, tokens, axis=0), _expert(gate, e), _expert(up, e), _expert(down, e),
-                       config.activation)
-            return y * w[:, None]
+        tokens = jax.lax.dynamic_slice_in_dim(token_of_slot, t * rows, rows)
+        w = jax.lax.dynamic_slice_in_dim(weight_of_slot, t * rows, rows)
+        xt = jnp.take(x, tokens, axis=0)
 
-        return None, jax.lax.cond(t < used, run, lambda _: jnp.zeros((rows, x.shape[1]), x.dtype), None)
+        def run(e: int):
+            return lambda xt: _gated(xt, _expert(gate, e), _expert(up, e), _expert(down, e), config.activation)
+
+        # branch E: an unused tile, nothing to compute; branch e reads expert e's own buffers
+        branches = [run(e) for e in range(config.num_experts)] + [lambda xt: jnp.zeros_like(xt)]
+        y = jax.lax.switch(jnp.where(t < used, tile_expert[t], config.num_experts), branches, xt)
+        return None, y * w[:, None]
 
     _, ys = jax.lax.scan(tile, None, jnp.arange(n_tiles, dtype=jnp.int32))  # [T, R, D]
     out = jnp.zeros_like(x).at[token_of_slot].add(ys.reshape(padded, -1))  # padding rows add zeros

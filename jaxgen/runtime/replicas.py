@@ -86,7 +86,7 @@ def _pad_axis(a: np.ndarray, axis: int, multiple: int) -> np.ndarray:
     return np.pad(a, widths)
 
 
-def _decl_axes(decls: Dict[str, Dict[str, ParamDecl]], module: str, kind: str, ndim: int) -> tuple:
+def _decl_axes(decls: Dict[str, Dict[str, ParamDecl]], module: str, kind: str) -> tuple:
     """Logical axes of a tensor: its declaration's, or for an int8 scale its weight's without the
     reduced axis."""
     if kind == "weight_scale":
@@ -105,14 +105,21 @@ def layout_layer(layer: dict, config: ModelConfig, n: int, index: int) -> dict:
     for module, kinds in layer.items():
         out[module] = {}
         for kind, a in kinds.items():
-            a = np.asarray(a)
-            for axis, name in enumerate(_decl_axes(decls, module, kind, a.ndim)):
-                if name == KV_HEADS:
-                    a = _copy_kv_heads(a, axis, config)
-                elif name == MLP:
-                    a = _pad_axis(a, axis, n)
-            out[module][kind] = a
+            axes = _decl_axes(decls, module, kind)
+            if isinstance(a, list):  # experts: one array each (checkpoint.nest_params)
+                out[module][kind] = [_layout_tensor(np.asarray(x), axes[1:], config, n) for x in a]
+            else:
+                out[module][kind] = _layout_tensor(np.asarray(a), axes, config, n)
     return out
+
+
+def _layout_tensor(a: np.ndarray, axes: tuple, config: ModelConfig, n: int) -> np.ndarray:
+    for axis, name in enumerate(axes):
+        if name == KV_HEADS:
+            a = _copy_kv_heads(a, axis, config)
+        elif name == MLP:
+            a = _pad_axis(a, axis, n)
+    return a
 
 
 def _spec(axes: tuple, sharded: tuple) -> P:
@@ -148,11 +155,18 @@ def shard_tensor_parallel(params: dict, config: ModelConfig, devices: List[jax.D
             sharded["layers"] = []
             for index, layer in enumerate(kinds):
                 decls = layer_params(layout, index)
-                sharded["layers"].append({
-                    m: {k: put(a, _spec(_decl_axes(decls, m, k, a.ndim), LAYER_SHARDED_AXES)) for k, a in ks.items()}
-                    for m, ks in layout_layer(layer, layout, n, index).items()})
+                layer_out = {}
+                for m, ks in layout_layer(layer, layout, n, index).items():
+                    layer_out[m] = {}
+                    for k, a in ks.items():
+                        axes = _decl_axes(decls, m, k)
+                        if isinstance(a, list):  # experts: the spec of one expert's array
+                            layer_out[m][k] = [put(x, _spec(axes[1:], LAYER_SHARDED_AXES)) for x in a]
+                        else:
+                            layer_out[m][k] = put(a, _spec(axes, LAYER_SHARDED_AXES))
+                sharded["layers"].append(layer_out)
         else:
-            sharded[module] = {k: put(a, _spec(_decl_axes(top, module, k, np.ndim(a)), _table_axes(layout, n)))
+            sharded[module] = {k: put(a, _spec(_decl_axes(top, module, k), _table_axes(layout, n)))
                                for k, a in kinds.items()}
     return Replica("tp:" + ",".join(str(d.id) for d in devices), sharded)
 
