@@ -131,7 +131,7 @@ def test_cached_static_prompt_changes_nothing(stablelm_like):
     it) yields the tokens of the call that recomputes it, and of system + prompt as one prompt."""
     tokenizer, _, generator = stablelm_like
     system_prompt_tokens, prompt_tokens = _guide_tokens(tokenizer)
-    kwargs = dict(max_length=64, sampling_topk=10, sampling_temperature=0.7, end_token=END_TOKENS, random_seed=7)
+    kwargs = dict(max_length=512, sampling_topk=10, sampling_temperature=0.7, end_token=END_TOKENS, random_seed=7)
 
     def run(**extra):
         return [s.token_id for s in generator.generate_tokens(**dict(kwargs, **extra))]
@@ -147,7 +147,7 @@ def test_greedy_equals_hf_generate_on_system_and_prompt(stablelm_like):
     tokenizer, model, generator = stablelm_like
     system_prompt_tokens, prompt_tokens = _guide_tokens(tokenizer)
     end_ids = [tokenizer.convert_tokens_to_ids(t) for t in END_TOKENS]
-    steps = 24
+    steps = 512  # the guide's length (one compiled program for every test here); it ends much sooner
     got = [s.token_id for s in generator.generate_tokens(prompt=prompt_tokens, static_prompt=system_prompt_tokens,
                                                          max_length=steps, sampling_topk=1, end_token=END_TOKENS)]
     ids = tokenizer.encode(SYSTEM_PROMPT) + tokenizer.encode(PROMPT)
