@@ -67,6 +67,11 @@ ARCHITECTURES = {
     "phi3": dict(rotary_dim=8, tie_word_embeddings=False, max_position_embeddings=64, rope_scaling={
         "rope_type": "longrope", "short_factor": [1.0, 1.5, 2.0, 2.5], "long_factor": [2.0, 3.0, 4.0, 5.0],
         "original_max_position_embeddings": 16}),
+    # parallel residual blocks: two norms (GPT-NeoX), one shared norm and a head bias (GPT-J)
+    "gpt_neox": dict(norm_type="layer", activation="gelu", mlp="plain", block="parallel", attention_bias=True,
+                     attention_out_bias=True, mlp_bias=True, rotary_dim=4, tie_word_embeddings=False),
+    "gptj": dict(norm_type="layer", activation="gelu_tanh", mlp="plain", block="parallel", shared_block_norm=True,
+                 mlp_bias=True, rotary_dim=8, tie_word_embeddings=False, lm_head_bias=True),
 }
 
 

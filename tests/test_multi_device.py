@@ -107,7 +107,8 @@ def test_tensor_parallel_head_count_must_divide(tiny_model_dir):
 # ---------------------------------------------------------------------------- tensor parallelism layouts
 # Tiny models named "ARCH-kvK" (4 query heads, K key/value heads, MLP width 90) or "ARCH-qQ-kvK"
 # (see multidevice_worker.tp_model_config); each is compared on 1, 2 and 4 simulated devices.
-ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")
+ARCHITECTURES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt_neox",
+                 "gptj")
 
 
 def _assert_tensor_parallel_matches(report: dict, copies: dict) -> None:

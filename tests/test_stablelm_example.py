@@ -67,7 +67,8 @@ def stablelm_like(tmp_path_factory):
                    "add_bos_token": False, "model_max_length": 4096}, f)
     end_id = tok.token_to_id("<|endoftext|>")
     cfg = GPTNeoXConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=4096, rotary_pct=0.25, use_parallel_residual=True,
+                        intermediate_size=128, max_position_embeddings=4096, rotary_pct=0.25,
+                        use_parallel_residual=True,
                         bos_token_id=end_id, eos_token_id=end_id, pad_token_id=tok.token_to_id("<|padding|>"),
                         initializer_range=0.1)
     torch.manual_seed(0)
