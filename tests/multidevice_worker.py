@@ -67,10 +67,13 @@ ARCHITECTURES = {
     "phi3": dict(rotary_dim=8, tie_word_embeddings=False, max_position_embeddings=64, rope_scaling={
         "rope_type": "longrope", "short_factor": [1.0, 1.5, 2.0, 2.5], "long_factor": [2.0, 3.0, 4.0, 5.0],
         "original_max_position_embeddings": 16}),
-    # the block and position choices of issue 17's families: a parallel-residual block (GPT-NeoX),
-    # ALiBi with an embedding norm (BLOOM), experts with a shared expert and a dense layer (Qwen2-MoE)
-    "neox": dict(block="parallel", norm_type="layer", norm_eps=1e-5, activation="gelu", mlp="plain",
-                 attention_bias=True, attention_out_bias=True, mlp_bias=True, rotary_dim=4, tie_word_embeddings=False),
+    # issue 17's block and position choices: parallel residual blocks with two norms (GPT-NeoX) or one
+    # shared norm and a head bias (GPT-J), ALiBi with an embedding norm (BLOOM), experts with a shared
+    # expert and a dense layer (Qwen2-MoE)
+    "gpt_neox": dict(norm_type="layer", activation="gelu", mlp="plain", block="parallel", attention_bias=True,
+                     attention_out_bias=True, mlp_bias=True, rotary_dim=4, tie_word_embeddings=False),
+    "gptj": dict(norm_type="layer", activation="gelu_tanh", mlp="plain", block="parallel", shared_block_norm=True,
+                 mlp_bias=True, rotary_dim=8, tie_word_embeddings=False, lm_head_bias=True),
     "bloom": dict(position_embedding="alibi", alibi_slopes=(0.25, 0.0625, 0.015625, 0.00390625), embedding_norm=True,
                   norm_type="layer", activation="gelu_tanh", mlp="plain", attention_bias=True, mlp_bias=True),
     "moe": dict(mlp="experts", num_experts=4, experts_per_token=2, expert_intermediate_size=90,
