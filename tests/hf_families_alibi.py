@@ -88,6 +88,18 @@ def _falcon():
     return FalconForCausalLM, cfg
 
 
+@_builder("falcon-11b", block="parallel", shared_block_norm=True, num_heads=4, num_kv_heads=2,
+          position_embedding="rope")
+def _falcon_11b():
+    from transformers import FalconConfig, FalconForCausalLM
+
+    # Falcon2-11B: the new decoder architecture with one input_layernorm (num_ln_in_parallel_attn=1)
+    cfg = FalconConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+                       new_decoder_architecture=True, num_ln_in_parallel_attn=1, max_position_embeddings=64,
+                       initializer_range=0.1, **TOKENS)
+    return FalconForCausalLM, cfg
+
+
 @_builder("falcon-7b", block="parallel", shared_block_norm=True, num_heads=4, num_kv_heads=1,
           position_embedding="rope", attention_bias=False)
 def _falcon_7b():

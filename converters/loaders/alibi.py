@@ -174,7 +174,11 @@ def mpt(hf: HFConfig, weights: SafetensorsReader) -> Spec:
         spec.add_linear(c + "o", p + "attn.out_proj")
         spec.add_linear(c + "up", p + "ffn.up_proj")
         spec.add_linear(c + "down", p + "ffn.down_proj")
-    # transformers ignores logit_scale (MptForCausalLM returns lm_head(hidden)); so does jaxgen.
+    # transformers ignores alibi_bias_max (it builds the slopes with 8) and logit_scale; jaxgen
+    # follows the checkpoint's values as MosaicML's code does (every released MPT has 8 and none)
+    logit_scale = hf.get("logit_scale")
+    if logit_scale == "inv_sqrt_d_model":
+        logit_scale = hidden ** -0.5
     spec.config_fields = dict(
         architecture="mpt", vocab_size=vocab_size, hidden_size=hidden, num_layers=num_layers, num_heads=heads,
         num_kv_heads=heads, head_dim=hidden // heads,
@@ -185,6 +189,7 @@ def mpt(hf: HFConfig, weights: SafetensorsReader) -> Spec:
         position_embedding="alibi",
         alibi_slopes=alibi_slopes(heads, float(attn["alibi_bias_max"]), interleave_extra=False),
         max_position_embeddings=int(hf.get("max_seq_len")), tie_word_embeddings=tied,
+        logit_scale=None if logit_scale is None else float(logit_scale),
     )
     return spec
 
