@@ -3,8 +3,9 @@
     GGUFConverter("model.gguf").convert("out_dir")             # float32 weights
     GGUFConverter("model.gguf").convert("out_dir", quantization="int8")
 
-Supported `general.architecture` values: `llama`, `gemma`, `gemma2`, `gemma3`, `gptneox`, `falcon`,
-`phi2`, `starcoder`, `qwen2moe`, `qwen3moe`; any other is a ValueError naming it.
+Supported `general.architecture` values: `llama`, `qwen2`, `qwen3`, `gemma`, `gemma2`, `gemma3`,
+`gptneox`, `falcon`, `phi2`, `starcoder`, `bloom`, `mpt`, `qwen2moe`, `qwen3moe`; any other is a
+ValueError naming it.
 The key/values and tensor directory are parsed by `GGUFFile` (the layout `gguf.GGUFReader` reads,
 without its ~10 s of per-element overhead on a 262k-token vocabulary). Every tensor is dequantized
 to float32 with `gguf.quants.dequantize`, one tensor at a time (large ones in row blocks), and
@@ -18,16 +19,21 @@ does:
     rotate-half layout the decoder uses.
   * gemma, gemma2, gemma3: every norm weight (`*norm.weight`, q/k norms included) is stored as
     1 + w; we store w, and the config says norm_offset = 1.
-  * gptneox, falcon, starcoder, phi2 (older files): q, k and v are one `attn_qkv` tensor whose
-    rows llama.cpp lays out as all query heads, then the key heads, then the value heads (it
-    regroups GPT-NeoX's per-head and Falcon's per-KV-group layouts); we split it in three.
+  * gptneox, falcon, starcoder, bloom, mpt, phi2 (older files): q, k and v are one `attn_qkv`
+    tensor whose rows llama.cpp lays out as all query heads, then the key heads, then the value
+    heads (it regroups GPT-NeoX's/BLOOM's per-head and Falcon's per-KV-group layouts); we split it
+    in three.
+  * bloom and mpt use ALiBi: BLOOM's slopes with a maximum bias of 8 (llama.cpp hard-codes it),
+    MPT's with `attention.max_alibi_bias`. For a head count that is not a power of two MPT's
+    slopes are MPT's own (as transformers and MosaicML compute them), where llama.cpp would use
+    BLOOM's. MPT files with `attention.clamp_kqv` are refused.
   * qwen2moe, qwen3moe: the experts are stacked ([E, out, in] in numpy order) and transposed to
     jaxgen's [E, in, out]; the router is `ffn_gate_inp`, Qwen2-MoE's shared expert `*_shexp`
     with its gate `ffn_gate_inp_shexp` (stored squeezed, [D]). llama.cpp renormalises the top-k
     routing weights for qwen3moe and not for qwen2moe (`expert_weights_norm` overrides).
   * Activations llama.cpp hard-codes per architecture: GELU for gptneox and falcon (exact, as
-    their transformers models), tanh-approximated GELU for phi2 and starcoder, SiLU-gated MLPs
-    for the rest.
+    their transformers models), tanh-approximated GELU for phi2, starcoder and bloom, exact GELU
+    for mpt, SiLU-gated MLPs for the rest.
 
 Values llama.cpp hard-codes instead of writing to the file, used when the file has no key:
 Gemma 3 sliding layers use rope theta 10000 and every 6th layer is global; Gemma 2 alternates
@@ -61,14 +67,15 @@ import numpy as np
 
 from jaxgen.converters.base import ConvertedModel, Converter
 from jaxgen.converters.bpe_tokenizer import build_bpe_tokenizer
+from jaxgen.converters.hf_loader import alibi_slopes
 from jaxgen.converters.sentencepiece_model import build_sentencepiece_model, gemma_pieces, text_matched_types
 from jaxgen.model.config import ModelConfig
 
 GGUF_MAGIC = b"GGUF"
-SUPPORTED_ARCHITECTURES = ("llama", "gemma", "gemma2", "gemma3", "gptneox", "falcon", "phi2", "starcoder",
-                           "qwen2moe", "qwen3moe")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gptneox", "falcon", "phi2",
+                           "starcoder", "bloom", "mpt", "qwen2moe", "qwen3moe")
 GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
-LAYER_NORM_ARCHITECTURES = ("gptneox", "falcon", "phi2", "starcoder")  # LayerNorm with bias, plain MLP
+LAYER_NORM_ARCHITECTURES = ("gptneox", "falcon", "phi2", "starcoder", "bloom", "mpt")  # LayerNorm, plain MLP
 MOE_ARCHITECTURES = ("qwen2moe", "qwen3moe")
 ROW_BLOCK_BYTES = 64 << 20  # dequantize large tensors this many source bytes at a time
 
@@ -101,6 +108,7 @@ _LAYER_TENSORS = {
 _TOP_TENSORS = {
     "token_embd": ("embed", False),
     "position_embd": ("pos_embed", False),
+    "token_embd_norm": ("embed_norm", False),
     "output_norm": ("final_norm", False),
     "output": ("lm_head", True),
 }
@@ -403,8 +411,9 @@ def _config(meta: GGUFMetadata, tensors: dict, vocab: List[str], special: Dict[s
     if scaling:
         fields["rope_scaling"] = scaling
 
-    if arch == "llama":
-        fields.update(activation="silu", mlp="gated")
+    if arch in ("llama", "qwen2", "qwen3"):
+        fields.update(activation="silu", mlp="gated",
+                      qk_norm="head" if "blk.0.attn_q_norm.weight" in tensors else "none")
     elif arch in LAYER_NORM_ARCHITECTURES:
         fields.update(_layer_norm_fields(meta, tensors, arch))
     elif arch in MOE_ARCHITECTURES:
@@ -438,7 +447,8 @@ def _layer_norm_fields(meta: GGUFMetadata, tensors: dict, arch: str) -> dict:
     (parallel, one shared norm, partial rotary, a head with a bias) and StarCoder (sequential,
     learned positions, multi-query)."""
     fields = dict(norm_type="layer", norm_eps=float(meta.arch_value("attention.layer_norm_epsilon", 1e-5)),
-                  mlp="plain", activation="gelu" if arch in ("gptneox", "falcon") else "gelu_tanh",
+                  norm_bias="blk.0.attn_norm.bias" in tensors, mlp="plain",
+                  activation="gelu" if arch in ("gptneox", "falcon", "mpt") else "gelu_tanh",
                   lm_head_bias="output.bias" in tensors)
     if arch == "gptneox":
         fields["block"] = "parallel" if meta.arch_value("use_parallel_residual", True) else "sequential"
@@ -446,6 +456,16 @@ def _layer_norm_fields(meta: GGUFMetadata, tensors: dict, arch: str) -> dict:
         fields.update(block="parallel", shared_block_norm="blk.0.attn_norm_2.weight" not in tensors)
     elif arch == "phi2":
         fields.update(block="parallel", shared_block_norm=True)
+    elif arch in ("bloom", "mpt"):
+        heads = meta.require("attention.head_count")
+        heads = int(heads[0] if isinstance(heads, list) else heads)
+        if arch == "mpt" and meta.arch_value("attention.clamp_kqv"):
+            raise ValueError("mpt GGUF files with attention.clamp_kqv (clipped q, k, v) are not supported")
+        if arch == "mpt" and "position_embd.weight" in tensors:
+            raise ValueError("mpt GGUF files with learned positions (position_embd) are not supported")
+        max_bias = 8.0 if arch == "bloom" else float(meta.arch_value("attention.max_alibi_bias", 8.0))
+        fields.update(position_embedding="alibi", embedding_norm=arch == "bloom",
+                      alibi_slopes=alibi_slopes(heads, max_bias, interleave_extra=arch == "bloom"))
     else:  # starcoder
         if "position_embd.weight" not in tensors:
             raise ValueError("the starcoder GGUF file has no position_embd.weight tensor")

@@ -1,5 +1,5 @@
-"""The GGUF converter on the llama.cpp architectures beyond llama/gemma: gptneox, falcon, phi2,
-starcoder, qwen2moe, qwen3moe.
+"""The GGUF converter on the llama.cpp architectures beyond llama/gemma: qwen2, qwen3, gptneox,
+falcon, phi2, starcoder, bloom, mpt, qwen2moe, qwen3moe.
 
 Each test builds a tiny random transformers model, writes it as a GGUF file the way llama.cpp's
 convert_hf_to_gguf.py lays out that architecture (fused q|k|v regrouped into query heads, key
@@ -85,6 +85,37 @@ def _starcoder():
     return GPTBigCodeForCausalLM(cfg)
 
 
+def _bloom():
+    from transformers import BloomConfig, BloomForCausalLM
+
+    # 6 heads: slopes of a head count that is not a power of two
+    return BloomForCausalLM(BloomConfig(vocab_size=VOCAB, hidden_size=48, n_layer=2, n_head=6))
+
+
+def _mpt():
+    from transformers import MptConfig, MptForCausalLM
+
+    return MptForCausalLM(MptConfig(vocab_size=VOCAB, d_model=48, n_heads=6, n_layers=2, max_seq_len=64))
+
+
+def _qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+    return Qwen2ForCausalLM(cfg)
+
+
+def _qwen3():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                      tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+    return Qwen3ForCausalLM(cfg)
+
+
 def _qwen2moe():
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
@@ -108,14 +139,16 @@ def _qwen3moe():
 
 # name -> (GGUF architecture, builder)
 MODELS = {"gptneox": ("gptneox", _gptneox), "falcon": ("falcon", _falcon), "falcon-7b": ("falcon", _falcon_7b),
-          "phi2": ("phi2", _phi2), "starcoder": ("starcoder", _starcoder), "qwen2moe": ("qwen2moe", _qwen2moe),
-          "qwen3moe": ("qwen3moe", _qwen3moe)}
+          "phi2": ("phi2", _phi2), "starcoder": ("starcoder", _starcoder), "bloom": ("bloom", _bloom),
+          "mpt": ("mpt", _mpt), "qwen2": ("qwen2", _qwen2), "qwen3": ("qwen3", _qwen3),
+          "qwen2moe": ("qwen2moe", _qwen2moe), "qwen3moe": ("qwen3moe", _qwen3moe)}
 
 # HF tensor name (after the model prefix, layer part "L.") -> GGUF name (after "blk.N.")
 _TOP = {"embed_in": "token_embd", "embed_out": "output", "final_layer_norm": "output_norm",  # gptneox
         "word_embeddings": "token_embd", "ln_f": "output_norm", "lm_head": "output",  # falcon, starcoder
         "wte": "token_embd", "wpe": "position_embd",  # starcoder
-        "embed_tokens": "token_embd", "final_layernorm": "output_norm", "norm": "output_norm"}  # phi, qwen
+        "embed_tokens": "token_embd", "final_layernorm": "output_norm", "norm": "output_norm",  # phi, qwen
+        "word_embeddings_layernorm": "token_embd_norm", "norm_f": "output_norm"}  # bloom, mpt
 _LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "ln_attn": "attn_norm",
           "ln_mlp": "attn_norm_2", "ln_1": "attn_norm", "ln_2": "ffn_norm",
           "attention.query_key_value": "attn_qkv", "self_attention.query_key_value": "attn_qkv",
@@ -127,7 +160,10 @@ _LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"
           "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
           "mlp.down_proj": "ffn_down", "mlp.gate": "ffn_gate_inp", "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
           "mlp.shared_expert.up_proj": "ffn_up_shexp", "mlp.shared_expert.down_proj": "ffn_down_shexp",
-          "mlp.shared_expert_gate": "ffn_gate_inp_shexp"}
+          "mlp.shared_expert_gate": "ffn_gate_inp_shexp",
+          "self_attention.query_key_value": "attn_qkv", "norm_1": "attn_norm", "norm_2": "ffn_norm",
+          "attn.Wqkv": "attn_qkv", "attn.out_proj": "attn_output", "ffn.up_proj": "ffn_up",
+          "ffn.down_proj": "ffn_down"}
 _SKIPPED = ("inv_freq", "masked_bias", "attention.bias")
 
 
@@ -146,8 +182,9 @@ def _gguf_tensors(model, arch: str):
             continue
         parts = key.split(".")
         kind = parts[-1]
-        if "layers" in parts or "h" in parts:
-            at = parts.index("layers") if "layers" in parts else parts.index("h")
+        block = next((p for p in ("layers", "h", "blocks") if p in parts), None)
+        if block is not None:
+            at = parts.index(block)
             bid, stem = parts[at + 1], ".".join(parts[at + 2:-1])
             if stem == "mlp.experts":  # fused [E, 2F, D] / [E, D, F]
                 w = param.detach().numpy()
@@ -163,8 +200,8 @@ def _gguf_tensors(model, arch: str):
             top = parts[-2]
             name = f"{_TOP[top]}.{kind}"
         w = param.detach().numpy()
-        if name.endswith(("attn_qkv.weight", "attn_qkv.bias")) and arch in ("gptneox", "falcon"):
-            layout = "per_head" if arch == "gptneox" else "per_group"
+        if name.endswith(("attn_qkv.weight", "attn_qkv.bias")) and arch in ("gptneox", "bloom", "falcon"):
+            layout = "per_group" if arch == "falcon" else "per_head"
             out.append((name, _regroup_qkv(w, heads, kv, hd, layout), None))
             continue
         if name.endswith("ffn_gate_inp_shexp.weight"):
@@ -188,19 +225,20 @@ def _write_gguf(model, arch: str, path: str) -> None:
         writer.add_head_count_kv(1)
     else:
         writer.add_head_count_kv(getattr(cfg, "num_key_value_heads", None) or heads)
-    if arch in ("qwen2moe", "qwen3moe"):
+    if arch.startswith("qwen"):
         writer.add_feed_forward_length(cfg.intermediate_size)
         writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
         writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+        if getattr(cfg, "head_dim", None):
+            writer.add_key_length(cfg.head_dim)
+            writer.add_value_length(cfg.head_dim)
+    if arch in ("qwen2moe", "qwen3moe"):
         writer.add_expert_count(cfg.num_experts)
         writer.add_expert_used_count(cfg.num_experts_per_tok)
         writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
         if arch == "qwen2moe":
             writer.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
-        if getattr(cfg, "head_dim", None):
-            writer.add_key_length(cfg.head_dim)
-            writer.add_value_length(cfg.head_dim)
-    else:
+    elif not arch.startswith("qwen"):
         eps = getattr(cfg, "layer_norm_eps", None) or getattr(cfg, "layer_norm_epsilon", None) or 1e-5
         writer.add_layer_norm_eps(eps)
         if arch != "falcon":  # llama.cpp derives Falcon's from the tensor shapes
@@ -211,6 +249,8 @@ def _write_gguf(model, arch: str, path: str) -> None:
         writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     if arch == "gptneox":
         writer.add_parallel_residual(cfg.use_parallel_residual)
+    if arch == "mpt":
+        writer.add_max_alibi_bias(8.0)
     tokens, scores, types = _tokens()
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
@@ -264,6 +304,11 @@ def test_tiny_llama_cpp_files_match_transformers(name, tmp_path):
         assert config.num_kv_heads == 1 and config.shared_block_norm
     if arch == "starcoder":
         assert config.position_embedding == "learned" and config.num_kv_heads == 1
+    if arch in ("bloom", "mpt"):
+        assert config.position_embedding == "alibi" and config.embedding_norm == (arch == "bloom")
+        assert config.norm_bias == (arch == "bloom")
+    if arch == "qwen3":
+        assert config.qk_norm == "head"
 
     rng = np.random.default_rng(0)
     ids = [rng.integers(4, VOCAB, n).tolist() for n in (12, 7, 3)]
@@ -275,7 +320,7 @@ def test_tiny_llama_cpp_files_match_transformers(name, tmp_path):
         assert diff < TOL, f"{name} row {row}: max |logit diff| {diff}"
 
 
-@pytest.mark.parametrize("arch", ["bloom", "mpt", "gptj", "stablelm"])
+@pytest.mark.parametrize("arch", ["gptj", "stablelm", "starcoder2", "olmo2"])
 def test_unconverted_architecture_is_a_value_error_naming_it(arch, tmp_path):
     from jaxgen.converters import GGUFConverter
 
