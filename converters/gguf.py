@@ -4,7 +4,8 @@
     GGUFConverter("model.gguf").convert("out_dir", quantization="int8")
 
 Supported `general.architecture` values: `llama`, `qwen2`, `qwen3`, `gemma`, `gemma2`, `gemma3`,
-`gptneox`, `falcon`, `phi2`, `starcoder`, `bloom`, `mpt`, `qwen2moe`, `qwen3moe`; any other is a
+`gptneox`, `falcon`, `phi2`, `starcoder`, `bloom`, `mpt`, `qwen2moe`, `qwen3moe` (and Mixtral, which
+llama.cpp writes as `llama` with experts); any other is a
 ValueError naming it.
 The key/values and tensor directory are parsed by `GGUFFile` (the layout `gguf.GGUFReader` reads,
 without its ~10 s of per-element overhead on a 262k-token vocabulary). Every tensor is dequantized
@@ -27,10 +28,10 @@ does:
     MPT's with `attention.max_alibi_bias`. For a head count that is not a power of two MPT's
     slopes are MPT's own (as transformers and MosaicML compute them), where llama.cpp would use
     BLOOM's. MPT files with `attention.clamp_kqv` are refused.
-  * qwen2moe, qwen3moe: the experts are stacked ([E, out, in] in numpy order) and transposed to
+  * qwen2moe, qwen3moe, and llama with `expert_count` (Mixtral): the experts are stacked ([E, out, in] in numpy order) and transposed to
     jaxgen's [E, in, out]; the router is `ffn_gate_inp`, Qwen2-MoE's shared expert `*_shexp`
     with its gate `ffn_gate_inp_shexp` (stored squeezed, [D]). llama.cpp renormalises the top-k
-    routing weights for qwen3moe and not for qwen2moe (`expert_weights_norm` overrides).
+    routing weights for qwen3moe and Mixtral, not for qwen2moe (`expert_weights_norm` overrides).
   * Activations llama.cpp hard-codes per architecture: GELU for gptneox and falcon (exact, as
     their transformers models), tanh-approximated GELU for phi2, starcoder and bloom, exact GELU
     for mpt, SiLU-gated MLPs for the rest.
@@ -358,7 +359,7 @@ def _filler(index: int, taken: set) -> str:
 # ---------------------------------------------------------------------------- config
 def _config(meta: GGUFMetadata, tensors: dict, vocab: List[str], special: Dict[str, object]) -> ModelConfig:
     arch = meta.architecture
-    if meta.arch_value("expert_count", 0) and arch not in MOE_ARCHITECTURES:
+    if meta.arch_value("expert_count", 0) and arch not in MOE_ARCHITECTURES + ("llama",):
         raise ValueError(f"mixture-of-experts GGUF models ({arch}.expert_count > 0) are not supported "
                          f"for architecture {arch!r}")
     hidden = int(meta.require("embedding_length"))
@@ -414,6 +415,8 @@ def _config(meta: GGUFMetadata, tensors: dict, vocab: List[str], special: Dict[s
     if arch in ("llama", "qwen2", "qwen3"):
         fields.update(activation="silu", mlp="gated",
                       qk_norm="head" if "blk.0.attn_q_norm.weight" in tensors else "none")
+        if meta.arch_value("expert_count", 0):  # Mixtral: llama with experts
+            fields.update(_moe_fields(meta, tensors, arch, layers))
     elif arch in LAYER_NORM_ARCHITECTURES:
         fields.update(_layer_norm_fields(meta, tensors, arch))
     elif arch in MOE_ARCHITECTURES:
@@ -475,8 +478,8 @@ def _layer_norm_fields(meta: GGUFMetadata, tensors: dict, arch: str) -> dict:
 
 
 def _moe_fields(meta: GGUFMetadata, tensors: dict, arch: str, layers: int) -> dict:
-    """The config of Qwen2-MoE / Qwen3-MoE: RMSNorm, SiLU-gated experts; layers without a router
-    (`ffn_gate_inp`) are dense."""
+    """The config of Qwen2-MoE / Qwen3-MoE / Mixtral (llama with experts): RMSNorm, SiLU-gated
+    experts; layers without a router (`ffn_gate_inp`) are dense."""
     experts = int(meta.require("expert_count"))
     used = int(meta.require("expert_used_count"))
     width = meta.arch_value("expert_feed_forward_length")
@@ -488,11 +491,11 @@ def _moe_fields(meta: GGUFMetadata, tensors: dict, arch: str, layers: int) -> di
     shared = meta.arch_value("expert_shared_feed_forward_length")
     if shared is None and "blk.0.ffn_up_shexp.weight" in tensors:
         shared = int(tensors["blk.0.ffn_up_shexp.weight"].shape[-1])
-    if arch == "qwen3moe" and shared:
-        raise ValueError("qwen3moe GGUF files with a shared expert are not supported")
+    if arch != "qwen2moe" and shared:
+        raise ValueError(f"{arch} GGUF files with a shared expert are not supported")
     return dict(activation="silu", mlp="experts", num_experts=experts, experts_per_token=used,
                 expert_intermediate_size=int(width), shared_expert_intermediate_size=int(shared or 0),
-                normalize_expert_weights=bool(meta.arch_value("expert_weights_norm", arch == "qwen3moe")),
+                normalize_expert_weights=bool(meta.arch_value("expert_weights_norm", arch != "qwen2moe")),
                 dense_layers=tuple(i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in tensors),
                 qk_norm="head" if "blk.0.attn_q_norm.weight" in tensors else "none")
 

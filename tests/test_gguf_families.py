@@ -116,6 +116,15 @@ def _qwen3():
     return Qwen3ForCausalLM(cfg)
 
 
+def _mixtral():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=64, rope_parameters={"rope_type": "default", "rope_theta": 500.0})
+    return MixtralForCausalLM(cfg)
+
+
 def _qwen2moe():
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
@@ -141,7 +150,7 @@ def _qwen3moe():
 MODELS = {"gptneox": ("gptneox", _gptneox), "falcon": ("falcon", _falcon), "falcon-7b": ("falcon", _falcon_7b),
           "phi2": ("phi2", _phi2), "starcoder": ("starcoder", _starcoder), "bloom": ("bloom", _bloom),
           "mpt": ("mpt", _mpt), "qwen2": ("qwen2", _qwen2), "qwen3": ("qwen3", _qwen3),
-          "qwen2moe": ("qwen2moe", _qwen2moe), "qwen3moe": ("qwen3moe", _qwen3moe)}
+          "qwen2moe": ("qwen2moe", _qwen2moe), "qwen3moe": ("qwen3moe", _qwen3moe), "mixtral": ("llama", _mixtral)}
 
 # HF tensor name (after the model prefix, layer part "L.") -> GGUF name (after "blk.N.")
 _TOP = {"embed_in": "token_embd", "embed_out": "output", "final_layer_norm": "output_norm",  # gptneox
@@ -204,6 +213,12 @@ def _gguf_tensors(model, arch: str):
             layout = "per_group" if arch == "falcon" else "per_head"
             out.append((name, _regroup_qkv(w, heads, kv, hd, layout), None))
             continue
+        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+            # llama.cpp's LlamaModel.permute: rotate-half pairs interleaved per head
+            n = heads if ".attn_q." in name else kv
+            w = w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+            out.append((name, w, None))
+            continue
         if name.endswith("ffn_gate_inp_shexp.weight"):
             w = w.reshape(-1)  # llama.cpp squeezes the [1, D] gate
         out.append((name, w, lambda a, p=param: p.copy_(a.reshape(p.shape))))
@@ -225,20 +240,23 @@ def _write_gguf(model, arch: str, path: str) -> None:
         writer.add_head_count_kv(1)
     else:
         writer.add_head_count_kv(getattr(cfg, "num_key_value_heads", None) or heads)
-    if arch.startswith("qwen"):
+    if arch.startswith("qwen") or arch == "llama":
         writer.add_feed_forward_length(cfg.intermediate_size)
         writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
         writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
         if getattr(cfg, "head_dim", None):
             writer.add_key_length(cfg.head_dim)
             writer.add_value_length(cfg.head_dim)
+    if arch == "llama":  # Mixtral: feed_forward_length is the experts' width, as llama.cpp writes it
+        writer.add_expert_count(cfg.num_local_experts)
+        writer.add_expert_used_count(cfg.num_experts_per_tok)
     if arch in ("qwen2moe", "qwen3moe"):
         writer.add_expert_count(cfg.num_experts)
         writer.add_expert_used_count(cfg.num_experts_per_tok)
         writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
         if arch == "qwen2moe":
             writer.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
-    elif not arch.startswith("qwen"):
+    elif not arch.startswith("qwen") and arch != "llama":
         eps = getattr(cfg, "layer_norm_eps", None) or getattr(cfg, "layer_norm_epsilon", None) or 1e-5
         writer.add_layer_norm_eps(eps)
         if arch != "falcon":  # llama.cpp derives Falcon's from the tensor shapes
@@ -295,9 +313,10 @@ def test_tiny_llama_cpp_files_match_transformers(name, tmp_path):
     out = GGUFConverter(path).convert(str(tmp_path / "jaxgen"))
     config = ModelConfig.load(out)
     assert config.architecture == arch
-    if arch in ("qwen2moe", "qwen3moe"):
+    if arch in ("qwen2moe", "qwen3moe", "llama"):
         assert config.mlp == "experts" and config.num_experts == 4 and config.experts_per_token == 2
-        assert config.normalize_expert_weights == (arch == "qwen3moe")
+        assert config.normalize_expert_weights == (arch != "qwen2moe")
+        assert config.expert_intermediate_size == 32
         assert config.dense_layers == ((1,) if arch == "qwen2moe" else ())
         assert config.shared_expert_intermediate_size == (48 if arch == "qwen2moe" else 0)
     if name == "falcon-7b":
