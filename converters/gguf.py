@@ -28,8 +28,8 @@ does:
     MPT's with `attention.max_alibi_bias`. For a head count that is not a power of two MPT's
     slopes are MPT's own (as transformers and MosaicML compute them), where llama.cpp would use
     BLOOM's. MPT files with `attention.clamp_kqv` are refused.
-  * qwen2moe, qwen3moe, and llama with `expert_count` (Mixtral): the experts are stacked ([E, out, in] in numpy order) and transposed to
-    jaxgen's [E, in, out]; the router is `ffn_gate_inp`, Qwen2-MoE's shared expert `*_shexp`
+  * qwen2moe, qwen3moe, and llama with `expert_count` (Mixtral): the experts are stacked
+    ([E, out, in] in numpy order) and transposed to jaxgen's [E, in, out]; the router is `ffn_gate_inp`, Qwen2-MoE's shared expert `*_shexp`
     with its gate `ffn_gate_inp_shexp` (stored squeezed, [D]). llama.cpp renormalises the top-k
     routing weights for qwen3moe and Mixtral, not for qwen2moe (`expert_weights_norm` overrides).
   * Activations llama.cpp hard-codes per architecture: GELU for gptneox and falcon (exact, as
