@@ -29,10 +29,9 @@ FALCON_DEFAULTS = dict(tie_word_embeddings=True, max_position_embeddings=2048, l
 OPT_POSITION_OFFSET = 2  # OPT's learned position table starts with 2 rows no position reads
 
 
-def _layer_norm(spec: Spec, canonical: str, hf_name: str, bias: bool = True) -> None:
+def _layer_norm(spec: Spec, canonical: str, hf_name: str) -> None:
     spec.add(canonical + ".weight", hf_name + ".weight")
-    if bias:
-        spec.add(canonical + ".bias", hf_name + ".bias")
+    spec.add(canonical + ".bias", hf_name + ".bias")
 
 
 def _tied(hf: HFConfig, weights: SafetensorsReader, spec: Spec, head: str = "lm_head.weight") -> bool:
