@@ -118,3 +118,33 @@ def test_alibi_tensor_parallel_matches_one_device(hf_tiny_model, jaxgen_tiny_mod
         for a, b in zip(report["single"]["logits"], report[f"tp{n}"]["logits"]):
             np.testing.assert_allclose(a, b, atol=1e-4, err_msg=f"tensor parallel over {n} devices")
         assert report[f"tp{n}"]["greedy"] == report["single"]["greedy"]
+
+
+@pytest.mark.parametrize("arch, old_style", [
+    ("falcon", {"model_type": "RefinedWeb", "n_head": 4, "n_head_kv": 2, "n_layer": 2}),
+    ("falcon-7b", {"model_type": "RefinedWebModel", "n_head": 4, "n_layer": 2, "multi_query": True,
+                   "parallel_attn": True}),
+    ("falcon-rw", {"model_type": "RefinedWebModel", "n_head": 8, "n_layer": 2, "alibi": True, "bias": True}),
+])
+def test_refined_web_configs_convert_like_falcon(arch, old_style, hf_tiny_model, jaxgen_tiny_model, tmp_path):
+    """Falcon checkpoints published with their remote code's config (model_type RefinedWeb /
+    RefinedWebModel, n_head, n_head_kv, n_layer; RefinedWeb always the new decoder architecture)
+    give the same model as transformers' falcon config."""
+    from safetensors.numpy import load_file
+
+    tiny = hf_tiny_model(arch)
+    path = str(tmp_path / "hf")
+    shutil.copytree(tiny.path, path)
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    for key in ("num_attention_heads", "num_kv_heads", "num_hidden_layers", "new_decoder_architecture",
+                "multi_query", "parallel_attn", "alibi", "bias", "num_ln_in_parallel_attn"):
+        config.pop(key, None)
+    config.update(old_style, tie_word_embeddings=config.get("tie_word_embeddings", True))
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f)
+    ours = TransformersConverter(path).convert(str(tmp_path / "out"))
+    reference = jaxgen_tiny_model(arch)
+    assert ModelConfig.load(ours).to_dict() == ModelConfig.load(reference).to_dict()
+    a, b = load_file(os.path.join(ours, "model.safetensors")), load_file(os.path.join(reference, "model.safetensors"))
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)

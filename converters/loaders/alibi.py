@@ -26,6 +26,11 @@ FALCON_DEFAULTS = dict(tie_word_embeddings=True, max_position_embeddings=2048, l
                        num_ln_in_parallel_attn=None, num_kv_heads=None, alibi=False, new_decoder_architecture=False,
                        multi_query=True, parallel_attn=True, bias=False, ffn_hidden_size=None, activation="gelu",
                        rope_theta=10000.0)
+# The falcon checkpoints published before transformers had the architecture (their remote code's
+# configs): "RefinedWebModel" (Falcon-7B, Falcon-RW) and "RefinedWeb" (Falcon-40B, always the new
+# decoder architecture), with n_head / n_head_kv / n_layer.
+REFINED_WEB_MODEL_DEFAULTS = dict(FALCON_DEFAULTS, multi_query=False, parallel_attn=False)
+REFINED_WEB_DEFAULTS = dict(FALCON_DEFAULTS, parallel_attn=True, new_decoder_architecture=True)
 OPT_POSITION_OFFSET = 2  # OPT's learned position table starts with 2 rows no position reads
 
 
@@ -198,7 +203,7 @@ def _falcon_qkv(hf: HFConfig, heads: int, hd: int) -> tuple:
     """(kv heads, fn: fused [out, in] weight or [out] bias -> q, k, v in [in, out] / [out]) for
     the three layouts of Falcon's query_key_value."""
     if hf.get("new_decoder_architecture"):
-        kv = int(hf.get("num_kv_heads") or heads)
+        kv = int(hf.get("num_kv_heads") or hf.get("n_head_kv") or heads)
         group = heads // kv
 
         def split(w: np.ndarray) -> List[np.ndarray]:
@@ -216,17 +221,21 @@ def _falcon_qkv(hf: HFConfig, heads: int, hd: int) -> tuple:
 
 
 @register_loader("falcon", defaults=FALCON_DEFAULTS)
+@register_loader("RefinedWebModel", defaults=REFINED_WEB_MODEL_DEFAULTS)
+@register_loader("RefinedWeb", defaults=REFINED_WEB_DEFAULTS)
 def falcon(hf: HFConfig, weights: SafetensorsReader) -> Spec:
     """Falcon's three block variants: the new decoder architecture (GQA, grouped fused qkv, a
     parallel block with ln_attn/ln_mlp or one input_layernorm), the 7B-style multi-query parallel
     block with one shared norm, and the RW-style block (ALiBi; sequential when parallel_attn is
     False)."""
+    if hf.get("apply_residual_connection_post_layernorm"):
+        raise ValueError("Falcon checkpoints with apply_residual_connection_post_layernorm are not supported")
     prefix = find_prefix(weights, ["transformer.", ""], "word_embeddings.weight")
     spec = Spec(weights, prefix + "word_embeddings.weight",
                 lambda n: n == "lm_head.weight" or n.endswith("rotary_emb.inv_freq"))
     hidden = int(hf.require("hidden_size", "n_embed"))
-    heads = int(hf.require("num_attention_heads"))
-    num_layers = int(hf.require("num_hidden_layers"))
+    heads = int(hf.require("num_attention_heads", "n_head"))
+    num_layers = int(hf.require("num_hidden_layers", "n_layer"))
     hd = hidden // heads
     new_arch = bool(hf.get("new_decoder_architecture"))
     parallel = new_arch or bool(hf.get("parallel_attn"))
