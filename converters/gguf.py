@@ -3,7 +3,10 @@
     GGUFConverter("model.gguf").convert("out_dir")             # float32 weights
     GGUFConverter("model.gguf").convert("out_dir", quantization="int8")
 
-Supported `general.architecture` values: `llama`, `gemma`, `gemma2`, `gemma3` (dense models).
+Supported `general.architecture` values: `llama`, `qwen2`, `qwen3`, `gemma`, `gemma2`, `gemma3`,
+`gptneox`, `falcon`, `phi2`, `starcoder`, `bloom`, `mpt`, `qwen2moe`, `qwen3moe` (and Mixtral, which
+llama.cpp writes as `llama` with experts); any other is a
+ValueError naming it.
 The key/values and tensor directory are parsed by `GGUFFile` (the layout `gguf.GGUFReader` reads,
 without its ~10 s of per-element overhead on a 262k-token vocabulary). Every tensor is dequantized
 to float32 with `gguf.quants.dequantize`, one tensor at a time (large ones in row blocks), and
@@ -17,6 +20,21 @@ does:
     rotate-half layout the decoder uses.
   * gemma, gemma2, gemma3: every norm weight (`*norm.weight`, q/k norms included) is stored as
     1 + w; we store w, and the config says norm_offset = 1.
+  * gptneox, falcon, starcoder, bloom, mpt, phi2 (older files): q, k and v are one `attn_qkv`
+    tensor whose rows llama.cpp lays out as all query heads, then the key heads, then the value
+    heads (it regroups GPT-NeoX's/BLOOM's per-head and Falcon's per-KV-group layouts); we split it
+    in three.
+  * bloom and mpt use ALiBi: BLOOM's slopes with a maximum bias of 8 (llama.cpp hard-codes it),
+    MPT's with `attention.max_alibi_bias`. For a head count that is not a power of two MPT's
+    slopes are MPT's own (as transformers and MosaicML compute them), where llama.cpp would use
+    BLOOM's. MPT files with `attention.clamp_kqv` are refused.
+  * qwen2moe, qwen3moe, and llama with `expert_count` (Mixtral): the experts are stacked
+    ([E, out, in] in numpy order) and transposed to jaxgen's [E, in, out]; the router is `ffn_gate_inp`, Qwen2-MoE's shared expert `*_shexp`
+    with its gate `ffn_gate_inp_shexp` (stored squeezed, [D]). llama.cpp renormalises the top-k
+    routing weights for qwen3moe and Mixtral, not for qwen2moe (`expert_weights_norm` overrides).
+  * Activations llama.cpp hard-codes per architecture: GELU for gptneox and falcon (exact, as
+    their transformers models), tanh-approximated GELU for phi2, starcoder and bloom, exact GELU
+    for mpt, SiLU-gated MLPs for the rest.
 
 Values llama.cpp hard-codes instead of writing to the file, used when the file has no key:
 Gemma 3 sliding layers use rope theta 10000 and every 6th layer is global; Gemma 2 alternates
@@ -50,12 +68,16 @@ import numpy as np
 
 from jaxgen.converters.base import ConvertedModel, Converter
 from jaxgen.converters.bpe_tokenizer import build_bpe_tokenizer
+from jaxgen.converters.hf_loader import alibi_slopes
 from jaxgen.converters.sentencepiece_model import build_sentencepiece_model, gemma_pieces, text_matched_types
 from jaxgen.model.config import ModelConfig
 
 GGUF_MAGIC = b"GGUF"
-SUPPORTED_ARCHITECTURES = ("llama", "gemma", "gemma2", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gptneox", "falcon", "phi2",
+                           "starcoder", "bloom", "mpt", "qwen2moe", "qwen3moe")
 GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
+LAYER_NORM_ARCHITECTURES = ("gptneox", "falcon", "phi2", "starcoder", "bloom", "mpt")  # LayerNorm, plain MLP
+MOE_ARCHITECTURES = ("qwen2moe", "qwen3moe")
 ROW_BLOCK_BYTES = 64 << 20  # dequantize large tensors this many source bytes at a time
 
 # llama.cpp tensor name (after "blk.N.") -> canonical module, and whether it is a linear weight
@@ -65,6 +87,16 @@ _LAYER_TENSORS = {
     "attn_k": ("k", True),
     "attn_v": ("v", True),
     "attn_output": ("o", True),
+    "attn_qkv": ("qkv", True),  # split into q, k, v
+    "attn_norm_2": ("mlp_norm", False),  # Falcon's ln_mlp
+    "ffn_gate_inp": ("router", True),
+    "ffn_gate_exps": ("expert_gate", True),
+    "ffn_up_exps": ("expert_up", True),
+    "ffn_down_exps": ("expert_down", True),
+    "ffn_gate_shexp": ("shared_gate", True),
+    "ffn_up_shexp": ("shared_up", True),
+    "ffn_down_shexp": ("shared_down", True),
+    "ffn_gate_inp_shexp": ("shared_expert_gate", True),
     "attn_q_norm": ("q_norm", False),
     "attn_k_norm": ("k_norm", False),
     "post_attention_norm": ("post_attn_norm", False),
@@ -76,6 +108,8 @@ _LAYER_TENSORS = {
 }
 _TOP_TENSORS = {
     "token_embd": ("embed", False),
+    "position_embd": ("pos_embed", False),
+    "token_embd_norm": ("embed_norm", False),
     "output_norm": ("final_norm", False),
     "output": ("lm_head", True),
 }
@@ -325,8 +359,9 @@ def _filler(index: int, taken: set) -> str:
 # ---------------------------------------------------------------------------- config
 def _config(meta: GGUFMetadata, tensors: dict, vocab: List[str], special: Dict[str, object]) -> ModelConfig:
     arch = meta.architecture
-    if meta.arch_value("expert_count", 0):
-        raise ValueError(f"mixture-of-experts GGUF models ({arch}.expert_count > 0) are not supported")
+    if meta.arch_value("expert_count", 0) and arch not in MOE_ARCHITECTURES + ("llama",):
+        raise ValueError(f"mixture-of-experts GGUF models ({arch}.expert_count > 0) are not supported "
+                         f"for architecture {arch!r}")
     hidden = int(meta.require("embedding_length"))
     layers = int(meta.require("block_count"))
     heads = int(meta.require("attention.head_count"))
@@ -344,7 +379,11 @@ def _config(meta: GGUFMetadata, tensors: dict, vocab: List[str], special: Dict[s
     if "token_embd.weight" not in tensors:
         raise ValueError("the GGUF file has no token_embd.weight tensor")
     vocab_size = int(tensors["token_embd.weight"].shape[-1])
-    ffn = meta.require("feed_forward_length")
+    ffn = meta.arch_value("feed_forward_length")
+    if ffn is None and "blk.0.ffn_up.weight" in tensors:  # a linear weight's GGUF shape is [in, out]
+        ffn = int(tensors["blk.0.ffn_up.weight"].shape[-1])
+    if ffn is None:
+        ffn = meta.require("feed_forward_length")
     if isinstance(ffn, list):
         if len(set(ffn)) != 1:
             raise ValueError(f"per-layer feed-forward sizes ({arch}.feed_forward_length) are not supported")
@@ -357,7 +396,7 @@ def _config(meta: GGUFMetadata, tensors: dict, vocab: List[str], special: Dict[s
         max_position_embeddings=int(meta.arch_value("context_length", 8192)),
         rope_theta=float(meta.arch_value("rope.freq_base", 10000.0)),
         tie_word_embeddings="output.weight" not in tensors,
-        attention_bias="blk.0.attn_q.bias" in tensors,
+        attention_bias="blk.0.attn_q.bias" in tensors or "blk.0.attn_qkv.bias" in tensors,
         attention_out_bias="blk.0.attn_output.bias" in tensors,
         mlp_bias="blk.0.ffn_up.bias" in tensors,
         weight_dtype="float32",
@@ -373,8 +412,15 @@ def _config(meta: GGUFMetadata, tensors: dict, vocab: List[str], special: Dict[s
     if scaling:
         fields["rope_scaling"] = scaling
 
-    if arch == "llama":
-        fields.update(activation="silu", mlp="gated")
+    if arch in ("llama", "qwen2", "qwen3"):
+        fields.update(activation="silu", mlp="gated",
+                      qk_norm="head" if "blk.0.attn_q_norm.weight" in tensors else "none")
+        if meta.arch_value("expert_count", 0):  # Mixtral: llama with experts
+            fields.update(_moe_fields(meta, tensors, arch, layers))
+    elif arch in LAYER_NORM_ARCHITECTURES:
+        fields.update(_layer_norm_fields(meta, tensors, arch))
+    elif arch in MOE_ARCHITECTURES:
+        fields.update(_moe_fields(meta, tensors, arch, layers))
     else:  # the Gemma family
         fields.update(norm_offset=1.0, activation="gelu_tanh", mlp="gated",
                       embedding_scale=math.sqrt(hidden))
@@ -396,6 +442,62 @@ def _config(meta: GGUFMetadata, tensors: dict, vocab: List[str], special: Dict[s
         fields["qk_norm"] = "head"
         fields["rope_local_theta"] = float(meta.arch_value("rope.freq_base_swa", 10000.0))
     return ModelConfig(**fields)
+
+
+def _layer_norm_fields(meta: GGUFMetadata, tensors: dict, arch: str) -> dict:
+    """The config of the LayerNorm architectures: GPT-NeoX (parallel or sequential residual,
+    partial rotary), Falcon (parallel; one shared norm unless the file has attn_norm_2), Phi-2
+    (parallel, one shared norm, partial rotary, a head with a bias) and StarCoder (sequential,
+    learned positions, multi-query)."""
+    fields = dict(norm_type="layer", norm_eps=float(meta.arch_value("attention.layer_norm_epsilon", 1e-5)),
+                  norm_bias="blk.0.attn_norm.bias" in tensors, mlp="plain",
+                  activation="gelu" if arch in ("gptneox", "falcon", "mpt") else "gelu_tanh",
+                  lm_head_bias="output.bias" in tensors)
+    if arch == "gptneox":
+        fields["block"] = "parallel" if meta.arch_value("use_parallel_residual", True) else "sequential"
+    elif arch == "falcon":
+        fields.update(block="parallel", shared_block_norm="blk.0.attn_norm_2.weight" not in tensors)
+    elif arch == "phi2":
+        fields.update(block="parallel", shared_block_norm=True)
+    elif arch in ("bloom", "mpt"):
+        heads = meta.require("attention.head_count")
+        heads = int(heads[0] if isinstance(heads, list) else heads)
+        if arch == "mpt" and meta.arch_value("attention.clamp_kqv"):
+            raise ValueError("mpt GGUF files with attention.clamp_kqv (clipped q, k, v) are not supported")
+        if arch == "mpt" and "position_embd.weight" in tensors:
+            raise ValueError("mpt GGUF files with learned positions (position_embd) are not supported")
+        max_bias = 8.0 if arch == "bloom" else float(meta.arch_value("attention.max_alibi_bias", 8.0))
+        fields.update(position_embedding="alibi", embedding_norm=arch == "bloom",
+                      alibi_slopes=alibi_slopes(heads, max_bias, interleave_extra=arch == "bloom"))
+    else:  # starcoder
+        if "position_embd.weight" not in tensors:
+            raise ValueError("the starcoder GGUF file has no position_embd.weight tensor")
+        fields.update(position_embedding="learned",
+                      max_position_embeddings=int(tensors["position_embd.weight"].shape[-1]))
+    return fields
+
+
+def _moe_fields(meta: GGUFMetadata, tensors: dict, arch: str, layers: int) -> dict:
+    """The config of Qwen2-MoE / Qwen3-MoE / Mixtral (llama with experts): RMSNorm, SiLU-gated
+    experts; layers without a router (`ffn_gate_inp`) are dense."""
+    experts = int(meta.require("expert_count"))
+    used = int(meta.require("expert_used_count"))
+    width = meta.arch_value("expert_feed_forward_length")
+    if width is None:
+        first = next((t for n, t in tensors.items() if n.endswith(".ffn_gate_exps.weight")), None)
+        if first is None:
+            raise ValueError(f"the {arch} GGUF file has no expert_feed_forward_length and no expert tensors")
+        width = int(first.shape[1])  # GGUF shape [D, F, E]
+    shared = meta.arch_value("expert_shared_feed_forward_length")
+    if shared is None and "blk.0.ffn_up_shexp.weight" in tensors:
+        shared = int(tensors["blk.0.ffn_up_shexp.weight"].shape[-1])
+    if arch != "qwen2moe" and shared:
+        raise ValueError(f"{arch} GGUF files with a shared expert are not supported")
+    return dict(activation="silu", mlp="experts", num_experts=experts, experts_per_token=used,
+                expert_intermediate_size=int(width), shared_expert_intermediate_size=int(shared or 0),
+                normalize_expert_weights=bool(meta.arch_value("expert_weights_norm", arch != "qwen2moe")),
+                dense_layers=tuple(i for i in range(layers) if f"blk.{i}.ffn_gate_inp.weight" not in tensors),
+                qk_norm="head" if "blk.0.attn_q_norm.weight" in tensors else "none")
 
 
 def _gemma_layer_types(meta: GGUFMetadata, layers: int, default_period: int) -> tuple:
@@ -494,9 +596,20 @@ def _weights(tensors: dict, config: ModelConfig, arch: str,
             w -= 1.0  # llama.cpp stores 1 + w
         if arch == "llama" and module in ("q", "k"):
             w = unpermute_rope_rows(w, config.num_heads if module == "q" else config.num_kv_heads)
+        if module == "shared_expert_gate":  # stored squeezed: [D] (or [1, D])
+            w = w.reshape(1, -1)
         if linear and kind == "weight":
-            w = np.ascontiguousarray(w.T)  # [out, in] -> [in, out] (lm_head: [V, D] -> [D, V])
-        flat[canonical] = w
+            # [out, in] -> [in, out] (lm_head: [V, D] -> [D, V]); experts [E, out, in] -> [E, in, out]
+            w = np.ascontiguousarray(np.swapaxes(w, -1, -2))
+        if module == "qkv":
+            q_out, kv_out = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+            if w.shape[-1] != q_out + 2 * kv_out:
+                raise ValueError(f"tensor {name} has {w.shape[-1]} outputs, expected {q_out + 2 * kv_out}")
+            prefix = canonical[:-len("qkv." + kind)]
+            for part, piece in zip("qkv", np.split(w, [q_out, q_out + kv_out], axis=-1)):
+                flat[f"{prefix}{part}.{kind}"] = np.ascontiguousarray(piece)
+        else:
+            flat[canonical] = w
         if progress is not None:
             progress(done, len(names))
     return flat
