@@ -250,11 +250,10 @@ class KernelChooser:
         by the summed time of the decode row classes. layouts: those allowed (a tied head: nk)."""
         if not self.measured(k, n):
             return layouts[0], False
-        best = {}
-        for lay in layouts:
-            best[("f32", lay)] = sum(self._best(c, k, n, (lay,), False)[1] for c in DECODE_CLASSES)
-            if int8:
-                best[("i8", lay)] = sum(self._best(c, k, n, (lay,), True)[1] for c in DECODE_CLASSES)
+        best = {}  # in order of preference on a tie: int8 before float32, the first layout first
+        for kind in ("i8", "f32") if int8 else ("f32",):
+            for lay in layouts:
+                best[(kind, lay)] = sum(self._best(c, k, n, (lay,), kind == "i8")[1] for c in DECODE_CLASSES)
         kind, lay = min(best, key=best.__getitem__)
         return lay, kind == "f32" and int8
 
@@ -297,10 +296,14 @@ def default_chooser() -> KernelChooser:
 
 
 def set_default_chooser(chooser: Optional[KernelChooser]) -> None:
-    """Replaces the process's chooser (tests: fake timings); None: a fresh one at the next use."""
+    """Replaces the process's chooser (tests: fake timings); None: a fresh one at the next use.
+    Clears JAX's caches: traced programs hold the previous chooser's choices."""
+    import jax
+
     global _default
     with _default_lock:
         _default = chooser
+    jax.clear_caches()
 
 
 # ---------------------------------------------------------------------------- the model
