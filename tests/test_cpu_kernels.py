@@ -194,3 +194,25 @@ def test_arrange_is_idempotent_and_keeps_small_weights(cli_tiny_model):
     out = arrange_for_cpu(params, config, ch)
     assert out["layers"][0]["q"].keys() == params["layers"][0]["q"].keys()
     assert arrange_for_cpu(out, config, ch)["layers"][1]["down"]["weight"] is out["layers"][1]["down"]["weight"]
+
+
+def test_slow_candidates_are_pruned_and_info_describes_the_choice():
+    def table(kind, layout, m, k, n):
+        return {"u8": 10.0, "f32": 2.0}.get(kind, 1.0 if layout == "nk" else 1.5)
+
+    ch = _chooser(table)
+    config = ModelConfig(architecture="test", vocab_size=4096, hidden_size=256, num_layers=2, num_heads=4,
+                         num_kv_heads=1, head_dim=64, intermediate_size=512, tie_word_embeddings=True)
+    assert "not measured yet" in cpu_kernels.describe(config, True, ch)
+    assert not ch.timer.calls  # describing measures nothing
+    assert int8_pays(config, ch)
+    assert ch.int8_kind(1, 256, 512, "nk") in ("a8", "a8t", "w8")
+    timed_at_1 = [c for cands, m, k, n in ch.timer.calls if m == 1 for c in cands]
+    assert timed_at_1 and not any(c.startswith("u8") for c in timed_at_1)  # 10x behind at 16 rows
+    line = cpu_kernels.describe(config, True, ch)
+    assert line.startswith("Fake CPU (avx2; 2 cores): int8 at 1 / 16 rows: ") and "256x512 a8/a8 nk" in line
+    assert "256x4096 a8/a8 nk" in line  # the tied head
+    f32 = _chooser(lambda kind, *a: 1.0)
+    for k, n, _, layouts in cpu_kernels.model_shapes(config):
+        assert f32.stored_layout(k, n, False, layouts) == (layouts[0], False)
+    assert "256x512 f32 kn" in cpu_kernels.describe(config, False, f32)

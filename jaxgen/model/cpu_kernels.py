@@ -57,6 +57,7 @@ MIN_ELEMENTS = 1 << 16
 MAX_MEASURED_COLUMNS = 1 << 16  # wider weights are timed on this many columns (still past the L3 cache)
 LAYER_MODULES = ("q", "k", "v", "o", "gate", "up", "down")
 INT8_KINDS = {"kn": ("a8", "u8", "w8"), "nk": ("a8", "a8t", "u8", "w8")}  # a8t/kn: 2-4x slower everywhere seen
+PRUNE = 2.5  # int8 candidates slower than this x the fastest at 16 rows are not timed at 1 and 512 rows
 
 Timer = Callable[[Sequence[str], int, int, int], Dict[str, float]]
 
@@ -128,10 +129,11 @@ def _candidate_fn(kind: str, layout: str):
     return lambda x, w, s: int8_matmul(x, w, s, nk, kind)
 
 
-def measure(candidates: Sequence[str], m: int, k: int, n: int, budget_s: float = 0.05,
-            max_rounds: int = 7) -> Dict[str, float]:
-    """Median seconds of each candidate ("kind/layout") on random x [m, k] and a weight of k x n:
-    compiled first, then timed in alternating rounds (at least 3, more while under budget_s each)."""
+def measure(candidates: Sequence[str], m: int, k: int, n: int, budget_s: float = 0.03,
+            max_rounds: int = 9) -> Dict[str, float]:
+    """Seconds of each candidate ("kind/layout") on random x [m, k] and a weight of k x n: compiled
+    first, then timed in alternating rounds (at least 5, more while a candidate is under budget_s
+    in all); the fastest round of each (other processes on the machine only ever add time)."""
     import jax
     import jax.numpy as jnp
 
@@ -161,9 +163,9 @@ def measure(candidates: Sequence[str], m: int, k: int, n: int, budget_s: float =
             t0 = time.perf_counter()
             fn(*args).block_until_ready()
             times[cand].append(time.perf_counter() - t0)
-        if r >= 2 and all(sum(t) > budget_s for t in times.values()):
+        if r >= 4 and all(sum(t) > budget_s for t in times.values()):
             break
-    return {c: float(np.median(t)) for c, t in times.items()}
+    return {c: float(np.min(t)) for c, t in times.items()}
 
 
 def _measure_outside_trace(timer: Timer, candidates, m, k, n) -> Dict[str, float]:
@@ -186,6 +188,7 @@ class KernelChooser:
         self.key = machine_key(self.fingerprint)
         self._lock = threading.RLock()
         self._timings: Optional[Dict[str, float]] = None
+        self.read_only = False  # True: a timing not known yet raises KeyError instead of being measured
 
     # -- storage
     def _load(self) -> Dict[str, float]:
@@ -228,6 +231,8 @@ class KernelChooser:
             known = self._load()
             name = f"{m}x{k}x{nm}"
             missing = [c for c in candidates if f"{name}:{c}" not in known]
+            if missing and self.read_only:
+                raise KeyError(f"{name}:{missing[0]} not measured")
             if missing:
                 got = _measure_outside_trace(self.timer, missing, m, k, nm)
                 known.update({f"{name}:{c}": float(got[c]) for c in missing})
@@ -238,8 +243,20 @@ class KernelChooser:
     def measured(k: int, n: int) -> bool:
         return k * n >= MIN_ELEMENTS
 
+    def _viable(self, k: int, n: int, cands: List[str]) -> List[str]:
+        """The candidates worth timing in other row classes: within PRUNE x the fastest at 16 rows
+        (timed first, every candidate of both layouts). The 16-row product separates the
+        formulations most (on the AVX2 EPYC uint8 x int8 is 3-10x behind there, and at 1 and 512
+        rows too), and pruning saves most of the first load's compilations."""
+        every = [f"{kind}/{lay}" for lay in ("kn", "nk") for kind in INT8_KINDS[lay] + ("f32",)]
+        t16 = self.timings("16", k, n, [c for c in every if c.split("/")[1] in {x.split("/")[1] for x in cands}])
+        best = min(t16[c] for c in cands)
+        return [c for c in cands if t16[c] <= PRUNE * best]
+
     def _best(self, rows_class, k, n, layouts, int8: bool) -> Tuple[str, float]:
         cands = [f"{kind}/{lay}" for lay in layouts for kind in (INT8_KINDS[lay] if int8 else ("f32",))]
+        if rows_class != "16" and int8:
+            cands = self._viable(k, n, cands)
         t = self.timings(rows_class, k, n, cands)
         best = min(cands, key=t.__getitem__)
         return best, t[best]
@@ -369,29 +386,31 @@ def arrange_for_cpu(params: dict, config, chooser: Optional[KernelChooser] = Non
 
 
 def describe(config, int8: bool, chooser: Optional[KernelChooser] = None) -> str:
-    """One line for `jaxgen info`: this CPU's measured choice per weight shape of the model, or
-    that it is measured at the first load."""
-    chooser = chooser or default_chooser()
+    """One line for `jaxgen info`: this CPU's measured choice per weight shape of the model (k x n,
+    the int8 formulation at 1 / 16 rows or f32, the stored layout), or that it is measured at the
+    first load. Measures nothing."""
+    base = chooser or default_chooser()
+    chooser = KernelChooser(base.path, base.timer, base.fingerprint)  # its own instance: read-only
+    chooser._timings = base.known()
     fp = chooser.fingerprint
-    cpu = f"{fp['cpu']} ({', '.join(i for i in fp['isa'] if i.startswith(('avx', 'amx', 'asimd', 'sve'))) or 'base ISA'}, {fp['cores']} cores)"
-    known = chooser.known()
+    isa = ", ".join(i for i in fp["isa"] if i.startswith(("avx", "amx", "asimd", "sve"))) or "base ISA"
+    cpu = f"{fp['cpu']} ({isa}; {fp['cores']} cores)"
     parts = []
-    for k, n, _, layouts in model_shapes(config):
-        if not chooser.measured(k, n):
-            continue
-        nm = min(n, MAX_MEASURED_COLUMNS)
-        needed = [f"{ROW_CLASSES[c]}x{k}x{nm}:{kind}/{lay}" for c in DECODE_CLASSES for lay in layouts
-                  for kind in ("f32",) + (INT8_KINDS[lay] if int8 else ())]
-        if any(key not in known for key in needed):
-            return f"{cpu}: not measured yet (timed at the first load, then cached in {chooser.path or 'memory'})"
-        layout, deq = chooser.stored_layout(k, n, int8, layouts)
-        if int8 and not deq:
-            kinds = "/".join(chooser.int8_kind(ROW_CLASSES[c], k, n, layout) for c in DECODE_CLASSES)
-            parts.append(f"{k}x{n} {kinds} {layout}")
-        else:
-            parts.append(f"{k}x{n} f32 {layout}")
-    label = "int8 (1 row / 16 rows)" if int8 else "float32"
-    return f"{cpu}: {label} " + ", ".join(parts)
+    chooser.read_only = True
+    try:
+        for k, n, _, layouts in model_shapes(config):
+            if not chooser.measured(k, n):
+                continue
+            layout, deq = chooser.stored_layout(k, n, int8, layouts)
+            if int8 and not deq:
+                kinds = "/".join(chooser.int8_kind(ROW_CLASSES[c], k, n, layout) for c in DECODE_CLASSES)
+                parts.append(f"{k}x{n} {kinds} {layout}")
+            else:
+                parts.append(f"{k}x{n} f32 {layout}")
+    except KeyError:
+        return f"{cpu}: not measured yet (timed at the first load, then kept in {chooser.path or 'memory'})"
+    label = "int8 at 1 / 16 rows" if int8 else "float32"
+    return f"{cpu}: {label}: " + ", ".join(parts)
 
 
 def info_rows(config, device: str, compute_type: str) -> List[Tuple[str, str]]:
