@@ -132,8 +132,9 @@ def _candidate_fn(kind: str, layout: str):
 def measure(candidates: Sequence[str], m: int, k: int, n: int, budget_s: float = 0.03,
             max_rounds: int = 9) -> Dict[str, float]:
     """Seconds of each candidate ("kind/layout") on random x [m, k] and a weight of k x n: compiled
-    first, then timed in alternating rounds (at least 5, more while a candidate is under budget_s
-    in all); the fastest round of each (other processes on the machine only ever add time)."""
+    first, then timed in alternating rounds (at least 3, up to max_rounds while a candidate has
+    spent under budget_s); the fastest round of each (other processes on the machine only ever
+    add time, so the minimum is the steadiest estimate on a shared machine)."""
     import jax
     import jax.numpy as jnp
 
@@ -163,7 +164,7 @@ def measure(candidates: Sequence[str], m: int, k: int, n: int, budget_s: float =
             t0 = time.perf_counter()
             fn(*args).block_until_ready()
             times[cand].append(time.perf_counter() - t0)
-        if r >= 4 and all(sum(t) > budget_s for t in times.values()):
+        if r >= 2 and all(sum(t) > budget_s for t in times.values()):
             break
     return {c: float(np.min(t)) for c, t in times.items()}
 

@@ -8,17 +8,23 @@ scale. Gradients pass straight through (the tangent is x's tangent times the deq
 Accuracy is CTranslate2 int8's: on the default model, mean |delta log-prob| against float32 0.21
 (CTranslate2 int8: 0.23; int8 weights with float32 activations, before: 0.09).
 
-Why not int8 weights converted to float inside the dot? On XLA:CPU that converts the whole
-weight to a float32 temporary on every call (4x the bytes of the int8 weight, then a float32
-product), so int8 was slower than float32. XLA:CPU routes int8 x int8 -> int32 dots of two or
-more rows to YNNPACK; uint8 x int8 runs 1.5-2x faster than int8 x int8 there (on this
-development machine's AVX-512 VNNI, `vpdpbusd` multiplies unsigned by signed bytes; on AVX2,
-`vpmaddubsw` does the same), but JAX promotes mixed-type dots to int32 first, so `int8_dot_p`
-lowers the uint8 x int8 dot itself (CPU): uint8 rows = int8 rows + 128, plus a row of ones
-whose product is each output channel's weight sum, to subtract 128 x that sum exactly. The ones
-row also makes a one-row product (batch-1 decode) two rows: XLA turns a one-row int dot into a
-matrix-vector product over an int32 copy of the weight (~20x slower). Other platforms lower the
-plain int8 x int8 -> int32 dot. Measured per shape: `benchmarks/bench_int8_kernels.py`.
+Which formulation runs is measured per CPU and shape (`jaxgen.model.cpu_kernels`; `kind`
+below), since the fastest differs by CPU by factors of 2-10:
+  a8   int8 x int8 -> int32 dot_general (on an AMD EPYC Zen 3, AVX2, the fastest at 16 rows);
+  u8   uint8 x int8 -> int32: XLA:CPU hands the dot to YNNPACK, whose `vpdpbusd` (AVX-512 VNNI)
+       multiplies unsigned by signed bytes, 1.5-2x faster than a8 on the Xeon this path was
+       written on, but 3-10x slower than a8 on the AVX2 EPYC. JAX promotes mixed-type dots to
+       int32, so `int8_dot_p` lowers it itself: uint8 rows = int8 rows + 128, plus a row of ones
+       whose product is each output channel's weight sum, to subtract 128 x that sum exactly;
+  a8t  a8 with the weight as the left operand (w [N, K] . x^T): a matrix-vector style product
+       over contiguous weight rows, the fastest at one row on the EPYC;
+  w8   weight-only: x stays float32, the weight is converted to float32 one block of columns at a
+       time (never the whole weight: XLA:CPU would convert all of it to a float32 temporary on
+       every call, 4x the bytes, which made int8 slower than float32 before).
+a8, u8 and a8t give identical int32 products. A one-row product (batch-1 decode) is padded to two
+rows: XLA turns a one-row int dot into a matrix-vector product over an int32 copy of the weight
+(~20x slower). Other platforms lower the plain int8 x int8 -> int32 dot. Measured per shape:
+`benchmarks/bench_int8_kernels.py`.
 """
 
 from __future__ import annotations
