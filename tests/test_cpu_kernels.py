@@ -24,7 +24,7 @@ from jaxgen.model.config import ModelConfig
 from jaxgen.model.cpu_kernels import KernelChooser, arrange_for_cpu, int8_pays, measure
 from jaxgen.model.loading import resolve_compute_type
 
-FP = {"cpu": "Fake CPU", "machine": "x86_64", "isa": ["avx2", "fma"], "cores": 2, "jax": "0", "jaxlib": "0",
+FP = {"cpu": "Fake CPU", "id": "family 25 model 1", "machine": "x86_64", "isa": ["avx2", "fma"], "cores": 2, "jax": "0", "jaxlib": "0",
       "xla_flags": ""}
 
 
@@ -109,14 +109,14 @@ def test_cache_is_keyed_by_machine(tmp_path):
     again = _chooser(lambda *a: pytest.fail("the same machine must not time again"), path)
     assert again.stored_layout(640, 1024, int8=True) == ("kn", False)
 
-    for change in ({"cpu": "Other CPU"}, {"isa": ["avx2", "avx512f", "avx512_vnni"]}, {"cores": 64},
+    for change in ({"cpu": "Other CPU"}, {"id": "family 25 model 17"}, {"isa": ["avx2", "avx512f", "avx512_vnni"]}, {"cores": 64},
                    {"jaxlib": "1"}, {"xla_flags": "--xla_cpu_max_isa=AVX2"}):
         other = _chooser(lambda kind, layout, m, k, n: {"u8": 1.0, "f32": 2.0}.get(kind, 3.0), path,
                          dict(FP, **change))
         assert other.key != first.key
         assert other.int8_kind(16, 640, 1024, "kn") == "u8"  # its own timings
         assert other.timer.calls
-    assert len(json.load(open(path))["machines"]) == 6
+    assert len(json.load(open(path))["machines"]) == 7
     assert _chooser(table, path).int8_kind(16, 640, 1024, "kn") == "a8"  # the first machine's are kept
 
 
@@ -210,7 +210,7 @@ def test_slow_candidates_are_pruned_and_info_describes_the_choice():
     timed_at_1 = [c for cands, m, k, n in ch.timer.calls if m == 1 for c in cands]
     assert timed_at_1 and not any(c.startswith("u8") for c in timed_at_1)  # 10x behind at 16 rows
     line = cpu_kernels.describe(config, True, ch)
-    assert line.startswith("Fake CPU (avx2; 2 cores): int8 at 1 / 16 rows: ") and "256x512 a8/a8 nk" in line
+    assert line.startswith("Fake CPU family 25 model 1 (avx2; 2 cores): int8 at 1 / 16 rows: ") and "256x512 a8/a8 nk" in line
     assert "256x4096 a8/a8 nk" in line  # the tied head
     f32 = _chooser(lambda kind, *a: 1.0)
     for k, n, _, layouts in cpu_kernels.model_shapes(config):

@@ -68,8 +68,9 @@ def row_class(rows: int) -> str:
 
 
 # ---------------------------------------------------------------------------- the machine
-def _cpuinfo() -> Tuple[str, List[str]]:
-    model, flags = "", []
+def _cpuinfo() -> Tuple[str, str, List[str]]:
+    """(model name, "family F model M stepping S" or an ARM part, ISA flags) of the first CPU."""
+    model, flags, ids = "", [], {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -79,12 +80,15 @@ def _cpuinfo() -> Tuple[str, List[str]]:
                     model = value.strip()
                 elif key in ("flags", "features") and not flags:
                     flags = value.split()
+                elif key in ("cpu family", "model", "stepping", "cpu implementer", "cpu part") and key not in ids:
+                    ids[key] = value.strip()
     except OSError:
         pass
-    return model or platform.processor() or platform.machine(), flags
+    ident = " ".join(f"{k.replace('cpu ', '')} {v}" for k, v in ids.items())
+    return model or platform.processor() or platform.machine(), ident, flags
 
 
-_ISA = re.compile(r"^(avx.*|fma|f16c|amx.*|sse4_2|asimd.*|sve.*|sme.*|i8mm|bf16|dotprod|neon|fphp)$")
+_ISA = re.compile(r"^(avx.*|fma|f16c|amx.*|sse4_2|asimd.*|sve\d?|sme\d?|i8mm|bf16|asimddp|neon|fphp)$")
 
 
 def machine_fingerprint() -> Dict[str, object]:
@@ -93,12 +97,12 @@ def machine_fingerprint() -> Dict[str, object]:
     import jax
     import jaxlib
 
-    model, flags = _cpuinfo()
+    model, ident, flags = _cpuinfo()
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    return {"cpu": model, "machine": platform.machine(), "isa": sorted(f for f in flags if _ISA.match(f)),
+    return {"cpu": model, "id": ident, "machine": platform.machine(), "isa": sorted(f for f in flags if _ISA.match(f)),
             "cores": cores, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
             "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
@@ -395,7 +399,7 @@ def describe(config, int8: bool, chooser: Optional[KernelChooser] = None) -> str
     chooser._timings = base.known()
     fp = chooser.fingerprint
     isa = ", ".join(i for i in fp["isa"] if i.startswith(("avx", "amx", "asimd", "sve"))) or "base ISA"
-    cpu = f"{fp['cpu']} ({isa}; {fp['cores']} cores)"
+    cpu = f"{fp['cpu']}{' ' + fp['id'] if fp.get('id') else ''} ({isa}; {fp['cores']} cores)"
     parts = []
     chooser.read_only = True
     try:
