@@ -191,6 +191,7 @@ def test_arrange_is_idempotent_and_keeps_small_weights(cli_tiny_model):
 
     config, params, _, _ = load_params(cli_tiny_model, "int8")
     ch = _chooser(lambda *a: pytest.fail("tiny weights are not timed"))
+    assert int8_pays(config, ch)  # nothing timed: auto keeps int8 on CPU
     out = arrange_for_cpu(params, config, ch)
     assert out["layers"][0]["q"].keys() == params["layers"][0]["q"].keys()
     assert arrange_for_cpu(out, config, ch)["layers"][1]["down"]["weight"] is out["layers"][1]["down"]["weight"]

@@ -287,15 +287,14 @@ class KernelChooser:
         return self._best(row_class(rows), k, n, (layout,), True)[0].split("/")[0]
 
     def int8_pays(self, shapes: Sequence[Tuple[int, int, int, Tuple[str, ...]]]) -> bool:
-        """Whether int8 products beat float32 ones over a model's weights at 1 and at 16 rows.
-        shapes: (k, n, how many, allowed layouts) per weight shape."""
-        for c in DECODE_CLASSES:
-            i8 = f32 = 0.0
-            for k, n, count, layouts in shapes:
-                if self.measured(k, n):
-                    i8 += count * self._best(c, k, n, layouts, True)[1]
-                    f32 += count * self._best(c, k, n, layouts, False)[1]
-            if i8 >= f32:
+        """Whether int8 products beat float32 ones over a model's weights at 1 and at 16 rows (True
+        when none of its weights is large enough to be timed). shapes: (k, n, how many, allowed
+        layouts) per weight shape."""
+        timed = [s for s in shapes if self.measured(s[0], s[1])]
+        for c in DECODE_CLASSES:  # nothing timed (a tiny model): no evidence against int8
+            i8 = sum(count * self._best(c, k, n, layouts, True)[1] for k, n, count, layouts in timed)
+            f32 = sum(count * self._best(c, k, n, layouts, False)[1] for k, n, count, layouts in timed)
+            if timed and i8 >= f32:
                 return False
         return True
 
