@@ -24,8 +24,8 @@ from jaxgen.model.config import ModelConfig
 from jaxgen.model.cpu_kernels import KernelChooser, arrange_for_cpu, int8_pays, measure
 from jaxgen.model.loading import resolve_compute_type
 
-FP = {"cpu": "Fake CPU", "id": "family 25 model 1", "machine": "x86_64", "isa": ["avx2", "fma"], "cores": 2, "jax": "0", "jaxlib": "0",
-      "xla_flags": ""}
+FP = {"cpu": "Fake CPU", "id": "family 25 model 1", "machine": "x86_64", "isa": ["avx2", "fma"], "cores": 2,
+      "jax": "0", "jaxlib": "0", "xla_flags": ""}
 
 
 class FakeTimer:
@@ -109,8 +109,8 @@ def test_cache_is_keyed_by_machine(tmp_path):
     again = _chooser(lambda *a: pytest.fail("the same machine must not time again"), path)
     assert again.stored_layout(640, 1024, int8=True) == ("kn", False)
 
-    for change in ({"cpu": "Other CPU"}, {"id": "family 25 model 17"}, {"isa": ["avx2", "avx512f", "avx512_vnni"]}, {"cores": 64},
-                   {"jaxlib": "1"}, {"xla_flags": "--xla_cpu_max_isa=AVX2"}):
+    for change in ({"cpu": "Other CPU"}, {"id": "family 25 model 17"}, {"isa": ["avx2", "avx512f", "avx512_vnni"]},
+                   {"cores": 64}, {"jaxlib": "1"}, {"xla_flags": "--xla_cpu_max_isa=AVX2"}):
         other = _chooser(lambda kind, layout, m, k, n: {"u8": 1.0, "f32": 2.0}.get(kind, 3.0), path,
                          dict(FP, **change))
         assert other.key != first.key
@@ -167,7 +167,8 @@ def test_arranged_int8_model_scores_identically(cli_tiny_model, monkeypatch, kin
 
 def test_fallback_and_layouts_within_float_rounding(cli_tiny_model, monkeypatch):
     monkeypatch.setattr(cpu_kernels, "MIN_ELEMENTS", 0)
-    ref, _, _ = _score(cli_tiny_model, "float32", _chooser(lambda kind, layout, m, k, n: 1.0 if layout == "kn" else 2.0))
+    ref, _, _ = _score(cli_tiny_model, "float32", _chooser(
+        lambda kind, layout, m, k, n: 1.0 if layout == "kn" else 2.0))
     f32_nk, layer, _ = _score(cli_tiny_model, "float32", _chooser(
         lambda kind, layout, m, k, n: 1.0 if layout == "nk" else 2.0))
     assert "weight_nk" in layer["up"] and str(layer["up"]["weight_nk"].dtype) == "float32"
@@ -211,7 +212,8 @@ def test_slow_candidates_are_pruned_and_info_describes_the_choice():
     timed_at_1 = [c for cands, m, k, n in ch.timer.calls if m == 1 for c in cands]
     assert timed_at_1 and not any(c.startswith("u8") for c in timed_at_1)  # 10x behind at 16 rows
     line = cpu_kernels.describe(config, True, ch)
-    assert line.startswith("Fake CPU family 25 model 1 (avx2; 2 cores): int8 at 1 / 16 rows: ") and "256x512 a8/a8 nk" in line
+    assert line.startswith("Fake CPU family 25 model 1 (avx2; 2 cores): int8 at 1 / 16 rows: ")
+    assert "256x512 a8/a8 nk" in line
     assert "256x4096 a8/a8 nk" in line  # the tied head
     f32 = _chooser(lambda kind, *a: 1.0)
     for k, n, _, layouts in cpu_kernels.model_shapes(config):

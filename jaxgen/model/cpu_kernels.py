@@ -122,7 +122,6 @@ def default_cache_path() -> Optional[str]:
 
 # ---------------------------------------------------------------------------- measuring
 def _candidate_fn(kind: str, layout: str):
-    import jax.numpy as jnp
     from jax import lax
 
     from jaxgen.model.int8 import int8_matmul
@@ -140,20 +139,20 @@ def measure(candidates: Sequence[str], m: int, k: int, n: int, budget_s: float =
     spent under budget_s); the fastest round of each (other processes on the machine only ever
     add time, so the minimum is the steadiest estimate on a shared machine)."""
     import jax
-    import jax.numpy as jnp
 
+    cpu = jax.devices("cpu")[0]  # committed inputs: the programs run on the CPU whatever the default device
     rng = np.random.default_rng(0)
     q = rng.integers(-127, 128, (k, n), dtype=np.int8)
     scale = (rng.random(n, dtype=np.float32) * 0.01 + 1e-3).astype(np.float32)
-    x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32))
-    s = jnp.asarray(scale)
+    x = jax.device_put(rng.standard_normal((m, k), dtype=np.float32), cpu)
+    s = jax.device_put(scale, cpu)
     weights: Dict[str, jax.Array] = {}
 
     def weight(kind: str, layout: str):
         key = ("f32" if kind == "f32" else "i8") + layout
         if key not in weights:
             a = q if kind != "f32" else q.astype(np.float32) * scale
-            weights[key] = jnp.asarray(np.ascontiguousarray(a.T) if layout == "nk" else a)
+            weights[key] = jax.device_put(np.ascontiguousarray(a.T) if layout == "nk" else a, cpu)
         return weights[key]
 
     runs = {}
