@@ -602,6 +602,7 @@ def _ppl(log_likelihood: float, n: int) -> float:
 
 # ============================================================================ info
 def cmd_info(args) -> int:
+    from jaxgen.model import cpu_kernels
     from jaxgen.model.checkpoint import active_parameter_count, parameter_count
     from jaxgen.model.config import ModelConfig
     from jaxgen.tokenizer import find_chat_template
@@ -634,6 +635,7 @@ def cmd_info(args) -> int:
         ("tokenizer", tokenizer_file or "none"),
         ("chat template", "yes" if find_chat_template(model_dir) else "no (base model?)"),
         *_memory_rows(config, args.device, args.compute_type),
+        *cpu_kernels.info_rows(config, args.device, args.compute_type),  # measured per CPU (issue 18)
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

@@ -20,6 +20,7 @@ from jaxgen.decoding.custom import as_processors, check_processors
 from jaxgen.decoding.scoring import LOGIT_ROWS, SCORE_CHUNK, forward_logits, pass_plan, target_log_probs
 from jaxgen.decoding.search import start_cache
 from jaxgen.model.decoder import init_cache
+from jaxgen.model.cpu_kernels import arrange_for_cpu
 from jaxgen.model.loading import load_params
 from jaxgen.results import ScoringResult
 from jaxgen.runtime.alternatives import generate_alternatives
@@ -113,6 +114,8 @@ class Generator:
         if self._tensor_parallel:
             self.config = tensor_parallel_layout(self.config, self._devices)  # with its mesh (replicas.py)
             return [shard_tensor_parallel(params, self.config, self._devices)]
+        if self._platform == "cpu":  # each weight in its measured layout (jaxgen.model.cpu_kernels)
+            params = arrange_for_cpu(params, self.config)
         return replicate(params, self._devices)
 
     # ------------------------------------------------------------------ unload / load

@@ -1,8 +1,12 @@
 """int8 compute (`jaxgen.model.int8`): int8 weights with float32 activations run as per-row
 quantized activations x int8 weights, accumulated in int32.
 
-* `int8_dot` is exact (int64 reference) in both weight layouts, for one row (batch-1 decode, which
-  the CPU lowering pads with its ones row), an odd number of rows and many; eager, jitted, vmapped.
+* `int8_dot` is exact (int64 reference) in every formulation the CPU chooser picks among (a8, u8,
+  a8t: `jaxgen.model.cpu_kernels`) and both weight layouts, for one row (batch-1 decode, which the
+  CPU lowering pads to two), an odd number of rows and many; eager, jitted, vmapped; so
+  `int8_matmul` gives the same result whichever exact formulation runs (up to 1 ulp of fusion).
+* the weight-only formulation (w8: the weight converted to float32 in blocks of columns) is within
+  float32 rounding of the dequantized weight's product, without converting the whole weight.
 * `int8_matmul` stays within the per-row quantization bound of the float32 product with the
   dequantized weight: |error[m, n]| <= (scale_x[m] / 2) * sum_k |w[k, n] * scale[n]| (+ float
   rounding), and its gradient is the straight-through one (the dequantized weight).
@@ -23,16 +27,17 @@ import pytest
 
 from jaxgen.model.config import ModelConfig
 from jaxgen.model.decoder import compute_logits, linear
-from jaxgen.model.int8 import int8_dot, int8_matmul, quantize_rows
+from jaxgen.model.int8 import EXACT_KINDS, int8_dot, int8_matmul, quantize_rows, weight_only_matmul
 
 
 def _int8(rng, shape):
     return rng.integers(-127, 128, shape, dtype=np.int8)
 
 
+@pytest.mark.parametrize("kind", EXACT_KINDS)
 @pytest.mark.parametrize("transpose_w", [False, True])
 @pytest.mark.parametrize("rows", [1, 3, 32])
-def test_int8_dot_is_exact(rows, transpose_w):
+def test_int8_dot_is_exact(rows, transpose_w, kind):
     rng = np.random.default_rng(rows)
     k, n = 96, 40
     xq, w = _int8(rng, (rows, k)), _int8(rng, (k, n))
@@ -40,15 +45,15 @@ def test_int8_dot_is_exact(rows, transpose_w):
     xq[-1, :3] = -127
     ref = xq.astype(np.int64) @ w.astype(np.int64)
     wj = jnp.asarray(np.ascontiguousarray(w.T) if transpose_w else w)
-    for fn in (int8_dot, jax.jit(int8_dot, static_argnums=2)):
-        got = fn(jnp.asarray(xq), wj, transpose_w)
+    for fn in (int8_dot, jax.jit(int8_dot, static_argnums=(2, 3))):
+        got = fn(jnp.asarray(xq), wj, transpose_w, kind)
         assert got.dtype == jnp.int32 and got.shape == (rows, n)
         np.testing.assert_array_equal(np.asarray(got), ref)
     # vmap over activations (folded into rows) and over weights (one product each)
     xb = jnp.asarray(np.stack([xq, xq[::-1]]))
-    got = jax.vmap(lambda a: int8_dot(a, wj, transpose_w))(xb)
+    got = jax.vmap(lambda a: int8_dot(a, wj, transpose_w, kind))(xb)
     np.testing.assert_array_equal(np.asarray(got), np.stack([ref, ref[::-1]]))
-    got = jax.vmap(lambda a, b: int8_dot(a, b, transpose_w))(xb, jnp.stack([wj, wj]))
+    got = jax.vmap(lambda a, b: int8_dot(a, b, transpose_w, kind))(xb, jnp.stack([wj, wj]))
     np.testing.assert_array_equal(np.asarray(got), np.stack([ref, ref[::-1]]))
 
 
@@ -121,12 +126,61 @@ def test_tied_int8_head_equals_untied_head():
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the CPU lowering")
+@pytest.mark.parametrize("kind", EXACT_KINDS)
 @pytest.mark.parametrize("rows", [1, 16])
-def test_cpu_product_never_widens_the_weight(rows):
+def test_cpu_product_never_widens_the_weight(rows, kind):
     k, n = 128, 512
-    compiled = jax.jit(lambda x, w, s: int8_matmul(x, w, s, True)).lower(
+    compiled = jax.jit(lambda x, w, s: int8_matmul(x, w, s, True, kind)).lower(
         jax.ShapeDtypeStruct((rows, k), jnp.float32), jax.ShapeDtypeStruct((n, k), jnp.int8),
         jax.ShapeDtypeStruct((n,), jnp.float32)).compile().as_text()
     widened = re.findall(rf"(?:s32|f32|s16|f16|bf16)\[(?:{n},{k}|{k},{n})\]", compiled)
     assert not widened, f"the {n}x{k} int8 weight is converted to a wider type: {widened}"
-    assert re.search(r"u8\[\d+,\d+\]", compiled), "the uint8 x int8 product is gone"
+    assert bool(re.search(r"u8\[\d+,\d+\]", compiled)) == (kind == "u8"), "the uint8 x int8 product"
+
+
+@pytest.mark.parametrize("transpose_w", [False, True])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_exact_kinds_give_identical_results(rows, transpose_w):
+    """Whichever exact formulation the CPU chooser picks, int8_matmul's result is the same (its
+    int32 products are identical; the float rescaling may differ by XLA's fusion: 1 ulp)."""
+    rng = np.random.default_rng(7)
+    k, n = 640, 256
+    x = jnp.asarray(rng.standard_normal((rows, k)).astype(np.float32))
+    w = _int8(rng, (k, n))
+    wj = jnp.asarray(np.ascontiguousarray(w.T) if transpose_w else w)
+    scale = jnp.asarray((rng.random(n) * 0.01 + 1e-3).astype(np.float32))
+    outs = {kind: np.asarray(jax.jit(int8_matmul, static_argnums=(3, 4))(x, wj, scale, transpose_w, kind))
+            for kind in EXACT_KINDS}
+    xq, _ = quantize_rows(x)
+    for kind in EXACT_KINDS:
+        np.testing.assert_array_equal(np.asarray(int8_dot(xq, wj, transpose_w, kind)),
+                                      np.asarray(int8_dot(xq, wj, transpose_w, "a8")))
+        np.testing.assert_allclose(outs[kind], outs["a8"], rtol=2e-7, atol=0)
+
+
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_weight_only_within_float_rounding(transpose_w):
+    """w8 (the weight converted to float32 in blocks of columns) is the float32 product with the
+    dequantized weight: |error| <= 1e-5 relative to the output's largest value (float32 sums of
+    K = 640 terms). n = 1,000 columns run as 10 blocks of 100 (K = 640: ~256 KiB per block)."""
+    rng = np.random.default_rng(3)
+    k, n = 640, 1000
+    x = rng.standard_normal((3, 2, k)).astype(np.float32)
+    w = _int8(rng, (k, n))
+    scale = (rng.random(n) * 0.01 + 1e-3).astype(np.float32)
+    wj = jnp.asarray(np.ascontiguousarray(w.T) if transpose_w else w)
+    got = np.asarray(jax.jit(int8_matmul, static_argnums=(3, 4))(jnp.asarray(x), wj, jnp.asarray(scale),
+                                                                 transpose_w, "w8"))
+    ref = x.astype(np.float64) @ (w.astype(np.float64) * scale)
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+    compiled = jax.jit(lambda a, b, c: weight_only_matmul(a, b, c, transpose_w)).lower(
+        jnp.asarray(x[0]), wj, jnp.asarray(scale)).compile().as_text()
+    assert not re.search(rf"f32\[(?:{n},{k}|{k},{n})\]", compiled), "the whole weight is converted at once"
+
+
+def test_unknown_kind_is_an_error():
+    with pytest.raises(ValueError, match="kind"):
+        int8_matmul(jnp.ones((2, 8)), jnp.ones((8, 4), jnp.int8), jnp.ones(4), False, "fp8")
+    with pytest.raises(ValueError, match="kind"):
+        int8_dot(jnp.ones((2, 8), jnp.int8), jnp.ones((8, 4), jnp.int8), False, "w8")

@@ -104,11 +104,16 @@ def pin(x: jax.Array, config: ModelConfig, *spec) -> jax.Array:
 
 
 def linear(x: jax.Array, p: dict, transposed: bool = False) -> jax.Array:
-    """x [..., in] @ weight [in, out] (+ bias); transposed: weight [out, in] (a tied head: the
-    embedding's rows). int8 weights carry a per-output `weight_scale`; with float32 activations
-    they run as int8 x int8 -> int32 products of per-row quantized activations
-    (`jaxgen.model.int8`), with other float types as weights converted to that type."""
-    w = p["weight"]
+    """x [..., in] @ weight [in, out] (+ bias); transposed, or the weight stored as "weight_nk":
+    weight [out, in] (a tied head: the embedding's rows; a layer weight whose measured CPU layout
+    is [out, in], see `jaxgen.model.cpu_kernels.arrange_for_cpu`). int8 weights carry a per-output
+    `weight_scale`; with float32 activations they run as int8 products in the formulation measured
+    fastest on this CPU for the shape (`jaxgen.model.int8`), with other float types as weights
+    converted to that type."""
+    if "weight_nk" in p:
+        w, transposed = p["weight_nk"], True
+    else:
+        w = p["weight"]
     if runs_int8_products(w.dtype, x.dtype):
         y = int8_matmul(x, w, p["weight_scale"], transposed)
     elif w.dtype == jnp.int8:

@@ -35,12 +35,14 @@ class ComputeType:
         return JNP_DTYPES[self.activations]
 
 
-def resolve_compute_type(requested: str, saved: str, platform: str) -> ComputeType:
+def resolve_compute_type(requested: str, saved: str, platform: str, config=None) -> ComputeType:
     """CTranslate2's compute-type names -> ComputeType, given the saved weight type.
 
     `default` keeps the saved type (unlike CTranslate2 on CPU, bfloat16/float16 are not promoted
-    to float32: XLA runs them). `auto` picks int8 weights with float32 (CPU) or bfloat16
-    (accelerators) activations.
+    to float32: XLA runs them). `auto` picks int8 weights with bfloat16 activations on
+    accelerators; on CPU int8 weights with float32 activations where this CPU's int8 products beat
+    its float32 ones for the model `config` (measured once per CPU: `cpu_kernels.int8_pays`),
+    else float32 (without a config: int8).
     """
     if not isinstance(requested, str):
         raise TypeError(f"compute_type must be a str, got {type(requested).__name__}")
@@ -51,7 +53,12 @@ def resolve_compute_type(requested: str, saved: str, platform: str) -> ComputeTy
     if name == "default":
         return ComputeType(saved, saved_float)
     if name == "auto":
-        return ComputeType("int8", "float32" if platform == "cpu" else "bfloat16")
+        if platform != "cpu":
+            return ComputeType("int8", "bfloat16")
+        from jaxgen.model.cpu_kernels import int8_pays
+
+        return ComputeType("int8", "float32") if config is None or int8_pays(config) else ComputeType(
+            "float32", "float32")
     if name == "float":
         name = "float32"
     if name == "int8":
@@ -69,7 +76,7 @@ def load_params(model_dir: str, compute_type: str = "default", platform: str = "
     stacked per layer; put them on devices with `jax.device_put`.
     """
     config, flat, vocabulary = load_model_dir(model_dir)
-    ctype = resolve_compute_type(compute_type, config.weight_dtype, platform)
+    ctype = resolve_compute_type(compute_type, config.weight_dtype, platform, config)
     flat = convert_flat(flat, config, ctype.weights)
     if ctype.weights == "int8" and ctype.activations != "float32":
         # int8 storage keeps float32 non-quantized tensors; cast them to the activation type.
