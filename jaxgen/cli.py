@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "are reported as FILE:LINE: ... on stderr and skipped; the exit status is "
                                    "then 1. Blank lines are skipped silently.")
     p.add_argument("prompt", metavar="PROMPT", nargs="?", default=None,
-                   help="the text to continue ('-' reads it from stdin); not with --input")
+                   help="the text to continue ('-' reads it from stdin, less one trailing newline); "
+                        "not with --input")
     p.add_argument("--input", metavar="FILE", default=None,
                    help="continue every prompt of FILE ('-' reads stdin) instead of PROMPT")
     p.add_argument("--input-format", choices=("txt", "jsonl"), default=None,
@@ -68,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decoding_options(p)
     p.add_argument("--end-token", metavar="TOKEN", action="append", default=None,
                    help="also stop at this token of the model's vocabulary (repeatable; besides the EOS token); "
-                        "\\n, \\t, \\r and \\\\ are read as escapes, so --end-token '\\n' stops at a newline")
+                        "\\n, \\t, \\r and \\\\ are read as escapes, so --end-token '\\n' stops at the token "
+                        "'\\n'. A token is matched whole: where the tokenizer merges a newline into a longer "
+                        "token (Gemma writes a blank line as the one token '\\n\\n'), name that token too, e.g. "
+                        "--end-token '\\n' --end-token '\\n\\n'")
     p.add_argument("--beam-size", type=_positive_int, default=1,
                    help="beam search with this many beams (printed at the end, not streamed); default 1")
     p.add_argument("--system", metavar="TEXT", default=None,
@@ -137,7 +141,9 @@ def _add_progress_option(p: argparse.ArgumentParser) -> None:
 
 def _add_decoding_options(p: argparse.ArgumentParser, max_length: int = 64) -> None:
     p.add_argument("--max-length", type=_positive_int, default=max_length,
-                   help=f"maximum number of generated tokens (default {max_length})")
+                   help=f"maximum number of new tokens, the prompt not counted (default {max_length}). "
+                        f"Unlike the Python API's max_length, which with include_prompt_in_result=True (its "
+                        f"default, as in CTranslate2) counts the prompt too")
     p.add_argument("--sampling-topk", type=_positive_int, default=1,
                    help="sample from the k most likely tokens; 1 is greedy decoding (default 1)")
     p.add_argument("--sampling-topp", type=float, default=1.0,
@@ -195,7 +201,15 @@ def _sampling_kwargs(args) -> dict:
 
 
 def _read_text_arg(text: str) -> str:
-    return sys.stdin.read() if text == "-" else text
+    """PROMPT, or for '-' the text of stdin less one trailing newline (which `echo` and editors add,
+    and which would change the continuation)."""
+    if text != "-":
+        return text
+    text = sys.stdin.read()
+    for end in ("\r\n", "\n"):
+        if text.endswith(end):
+            return text[:-len(end)]
+    return text
 
 
 def _stream(generator, tokenizer, prompt: List[str], kwargs: dict, end_ids: Sequence[int], out) -> str:

@@ -90,9 +90,28 @@ def test_generate_options(cli_tiny_model):
 
 
 def test_generate_prompt_from_stdin(cli_tiny_model):
-    proc = run_cli("generate", "--model", cli_tiny_model, "--max-length", "4", "-", stdin="jax runs")
+    """`echo TEXT | jaxgen generate -` continues TEXT, not TEXT + newline: same output as the argument."""
+    proc = run_cli("generate", "--model", cli_tiny_model, "--max-length", "4", "-", stdin="jax runs\n")
     assert proc.returncode == 0, proc.stderr
+    direct = run_cli("generate", "--model", cli_tiny_model, "--max-length", "4", "jax runs")
+    assert direct.returncode == 0, direct.stderr
+    assert proc.stdout == direct.stdout
     assert proc.stdout.startswith("jax runs")
+
+
+@pytest.mark.parametrize("given, prompt", [
+    ("jax runs\n", "jax runs"), ("jax runs\r\n", "jax runs"), ("jax runs", "jax runs"),
+    ("jax runs\n\n", "jax runs\n"),  # only one newline goes
+    ("line one\nline two\n", "line one\nline two"),
+])
+def test_stdin_prompt_loses_one_trailing_newline(monkeypatch, given, prompt):
+    import io
+
+    from jaxgen import cli
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(given))
+    assert cli._read_text_arg("-") == prompt
+    assert cli._read_text_arg(given) == given  # a PROMPT argument is taken as is
 
 
 PROMPTS = ["the quick brown fox", "hello world", "jax runs on cpu"]
