@@ -380,3 +380,18 @@ def test_info_default_model(default_model_dir):
     proc = run_cli("info")
     assert proc.returncode == 0, proc.stderr
     assert "gemma3" in proc.stdout and "262,144" in proc.stdout
+
+
+def test_start_up_imports(cli_tiny_model):
+    """`import jaxgen` and building the parser import no JAX; a whole `generate` imports none of
+    the reference libraries (torch, transformers, CTranslate2), which `make demo` does not install."""
+    script = (
+        "import sys, jaxgen, jaxgen.cli\n"
+        "jaxgen.cli.build_parser()\n"
+        "assert 'jax' not in sys.modules, 'jax imported early'\n"
+        f"assert jaxgen.cli.main(['generate', '--model', {cli_tiny_model!r}, '--max-length', '3', 'hello']) == 0\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'ctranslate2', 'flax'})\n"
+        "print('HEAVY', heavy)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stdout
