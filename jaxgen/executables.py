@@ -25,8 +25,12 @@ found"). So files are written only by a process that has loaded none (JAX report
 through `jax.monitoring`); after a load, a new shape compiles through plain `jax.jit` (and JAX's
 cache). A loaded executable that still fails that way is deleted and the call runs through
 `jax.jit`, unless it had already consumed donated inputs (then the error is raised; the next
-call recompiles). The cache is off with the compilation cache
+call recompiles).
+
+The cache is off with `JAXGEN_EXECUTABLE_CACHE=0` or with the compilation cache
 (`JAXGEN_COMPILATION_CACHE=0`), and a call with tracers (inside another `jit`) uses `jax.jit`.
+The key does not see module globals that traced code reads: code that monkeypatches them (block
+sizes, kernels; the tests do) must turn this cache off, as `jax.clear_caches()` does not reach it.
 Donation is kept: the executable is the one `jax.jit(...).lower(...).compile()` makes.
 """
 
@@ -43,6 +47,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 import jax
 
 _FORMAT = 1
+ENV_SWITCH = "JAXGEN_EXECUTABLE_CACHE"
 _loaded_any = False  # whether this process has loaded a serialized executable (module docstring)
 
 
@@ -193,7 +198,7 @@ def _cache_directory() -> Optional[str]:
     """`<jaxgen cache dir>/executables`, or None when jaxgen's compilation cache is off."""
     from jaxgen.runtime.compilation_cache import compilation_cache_disabled
 
-    if compilation_cache_disabled():
+    if compilation_cache_disabled() or os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
         return None
     from jaxgen.default_model import cache_dir
 

@@ -17,6 +17,16 @@ os.environ.setdefault("JAXGEN_HOME", os.path.join(os.path.dirname(os.path.dirnam
                                                   ".jaxgen_home"))
 
 
+@pytest.fixture(autouse=True)
+def _no_executable_cache_when_patching(request):
+    """A test that monkeypatches may change module globals that traced code reads, which the keys
+    of jaxgen.executables do not see (and jax.clear_caches() does not reach): such tests run
+    their decoding functions through plain jax.jit."""
+    if "monkeypatch" in request.fixturenames:
+        request.getfixturevalue("monkeypatch").setenv("JAXGEN_EXECUTABLE_CACHE", "0")
+    yield
+
+
 # ============================================================================ tiny HF checkpoints
 # (used by test_transformers_parity.py; see tests/hf_models.py)
 # `hf_tiny_model(arch)` builds a tiny random HF checkpoint once per session and returns its

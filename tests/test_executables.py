@@ -27,6 +27,7 @@ def _axpy(x, y, *, scale: int):
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXGEN_HOME", str(tmp_path))
     monkeypatch.delenv("JAXGEN_COMPILATION_CACHE", raising=False)
+    monkeypatch.delenv("JAXGEN_EXECUTABLE_CACHE", raising=False)  # conftest turns it off for patching tests
     monkeypatch.setattr(executables, "_loaded_any", False)  # as in a fresh process
     TRACES.clear()
     _axpy._compiled.clear()
@@ -118,8 +119,9 @@ def test_damaged_file_is_compiled_again(home):
     assert (home / "executables" / name).read_bytes() != b"not an executable"  # replaced
 
 
-def test_off_with_the_compilation_cache(home, monkeypatch):
-    monkeypatch.setenv("JAXGEN_COMPILATION_CACHE", "0")
+@pytest.mark.parametrize("switch", ["JAXGEN_COMPILATION_CACHE", "JAXGEN_EXECUTABLE_CACHE"])
+def test_switched_off(home, monkeypatch, switch):
+    monkeypatch.setenv(switch, "0")
     _axpy(jnp.ones(4), {"b": jnp.zeros(4)}, scale=2)
     assert _files(home) == []
 
