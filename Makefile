@@ -1,33 +1,49 @@
-# Every target creates/uses the local virtual environment in .venv.
+# Every target creates/uses the local virtual environment in .venv and installs what it needs:
+# `make demo` jaxgen and its runtime dependencies only (no torch, transformers or CTranslate2),
+# `make test` adds the `test` extra, `make bench` the `bench` extra. One stamp per extra, so a
+# target installs only what it lacks (and again after pyproject.toml changes).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+STAMP_RUN := $(VENV)/.installed-run
+STAMP_TEST := $(VENV)/.installed-test
+STAMP_BENCH := $(VENV)/.installed-bench
 
 .PHONY: install test test-fast demo bench clean
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+$(PY):
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,bench]'
-	touch $(STAMP)
 
-install: $(STAMP)
+$(STAMP_RUN): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
+	touch $@
 
-test: $(STAMP)
+$(STAMP_TEST): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+$(STAMP_BENCH): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[bench]'
+	touch $@
+
+install: $(STAMP_RUN) $(STAMP_TEST) $(STAMP_BENCH)
+
+test: $(STAMP_TEST)
 	$(PY) -m pytest -q -ra tests $(PYTEST_ARGS)
 
-test-fast: $(STAMP)
-	$(PY) -m pytest -q -ra -m "not slow" tests
+# The small-shape tests: everything not marked `slow` (the 270M default model, subprocesses, long runs).
+test-fast: $(STAMP_TEST)
+	$(PY) -m pytest -q -ra -m "not slow" tests $(PYTEST_ARGS)
 
-demo: $(STAMP)
+demo: $(STAMP_RUN)
 	$(VENV)/bin/jaxgen generate --max-length 48 "The three most important inventions in history are"
 
 # jaxgen vs CTranslate2 vs transformers on the default model (median of alternating runs; a full
 # run takes a while, `make bench BENCH_ARGS=--quick` is a smoke test). See also
 # benchmarks/bench_devices.py and benchmarks/bench_stream_close.py.
 BENCH_ARGS ?=
-bench: $(STAMP)
+bench: $(STAMP_BENCH)
 	$(PY) benchmarks/bench_compare.py $(BENCH_ARGS)
 
 clean:

@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "are reported as FILE:LINE: ... on stderr and skipped; the exit status is "
                                    "then 1. Blank lines are skipped silently.")
     p.add_argument("prompt", metavar="PROMPT", nargs="?", default=None,
-                   help="the text to continue ('-' reads it from stdin); not with --input")
+                   help="the text to continue ('-' reads it from stdin, less one trailing newline); "
+                        "not with --input")
     p.add_argument("--input", metavar="FILE", default=None,
                    help="continue every prompt of FILE ('-' reads stdin) instead of PROMPT")
     p.add_argument("--input-format", choices=("txt", "jsonl"), default=None,
@@ -68,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decoding_options(p)
     p.add_argument("--end-token", metavar="TOKEN", action="append", default=None,
                    help="also stop at this token of the model's vocabulary (repeatable; besides the EOS token); "
-                        "\\n, \\t, \\r and \\\\ are read as escapes, so --end-token '\\n' stops at a newline")
+                        "\\n, \\t, \\r and \\\\ are read as escapes, so --end-token '\\n' stops at the token "
+                        "'\\n'. A token is matched whole: where the tokenizer merges a newline into a longer "
+                        "token (Gemma writes a blank line as the one token '\\n\\n'), name that token too, e.g. "
+                        "--end-token '\\n' --end-token '\\n\\n'")
     p.add_argument("--beam-size", type=_positive_int, default=1,
                    help="beam search with this many beams (printed at the end, not streamed); default 1")
     p.add_argument("--system", metavar="TEXT", default=None,
@@ -80,8 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     # ------------------------------------------------------------------ chat
     p = sub.add_parser("chat", help="interactive chat with an instruction-tuned model",
                        description="Chat with an instruction-tuned model: type a message and press Enter; "
-                                   "'/exit' or end of input (Ctrl-D) quits, '/reset' starts over. Uses the "
-                                   "model's chat template when it has one (Gemma's turn format otherwise).")
+                                   "'/exit' or end of input (Ctrl-D) quits, '/reset' starts over. Turns are "
+                                   "written with the model directory's chat template (a model without one is an "
+                                   "error) and a reply ends at the model's end-of-turn tokens (the token the "
+                                   "template puts after a reply, generation_config.json's eos_token_id, EOS). "
+                                   "--max-length counts the reply's tokens.")
     _add_model_options(p)
     _add_decoding_options(p, max_length=256)
     p.add_argument("--system", metavar="TEXT", default=None, help="a system prompt (cached as a static prompt)")
@@ -137,7 +144,9 @@ def _add_progress_option(p: argparse.ArgumentParser) -> None:
 
 def _add_decoding_options(p: argparse.ArgumentParser, max_length: int = 64) -> None:
     p.add_argument("--max-length", type=_positive_int, default=max_length,
-                   help=f"maximum number of generated tokens (default {max_length})")
+                   help=f"maximum number of new tokens, the prompt not counted (default {max_length}). "
+                        f"Unlike the Python API's max_length, which with include_prompt_in_result=True (its "
+                        f"default, as in CTranslate2) counts the prompt too")
     p.add_argument("--sampling-topk", type=_positive_int, default=1,
                    help="sample from the k most likely tokens; 1 is greedy decoding (default 1)")
     p.add_argument("--sampling-topp", type=float, default=1.0,
@@ -195,7 +204,15 @@ def _sampling_kwargs(args) -> dict:
 
 
 def _read_text_arg(text: str) -> str:
-    return sys.stdin.read() if text == "-" else text
+    """PROMPT, or for '-' the text of stdin less one trailing newline (which `echo` and editors add,
+    and which would change the continuation)."""
+    if text != "-":
+        return text
+    text = sys.stdin.read()
+    for end in ("\r\n", "\n"):
+        if text.endswith(end):
+            return text[:-len(end)]
+    return text
 
 
 def _stream(generator, tokenizer, prompt: List[str], kwargs: dict, end_ids: Sequence[int], out) -> str:
@@ -504,19 +521,30 @@ def _progress_bar(total: Optional[int], unit: str, desc: str, show: Optional[boo
 
 # ============================================================================ chat
 def cmd_chat(args) -> int:
-    from jaxgen.tokenizer import GEMMA_END_OF_TURN
+    """Turns rendered with the model directory's chat template; a reply ends at one of the model's
+    end-of-turn tokens (`Tokenizer.end_of_turn_tokens`: the template's, generation_config.json's, EOS)."""
+    from jaxgen.tokenizer import find_chat_template, load_tokenizer
 
-    generator, tokenizer = _load(args)
+    model_dir = _model_dir(args.model)
+    if not find_chat_template(model_dir):
+        raise CLIError(f"the model in {model_dir} has no chat template (no chat_template.jinja, and no chat_template "
+                       f"in tokenizer_config.json or chat_template.json), so it is probably a base model, not "
+                       f"instruction-tuned; `jaxgen chat` needs one (the default model is a base model: use "
+                       f"`jaxgen generate`)")
+    tokenizer = load_tokenizer(model_dir)
+    end_tokens = tokenizer.end_of_turn_tokens()
+    if not end_tokens:
+        raise CLIError(f"the model in {model_dir} has no end-of-turn token in its vocabulary (none after an "
+                       f"assistant message in the chat template, no eos_token_id, no EOS token)")
+    from jaxgen.generator import Generator
+
+    generator = Generator(model_dir, device=args.device, compute_type=args.compute_type)
     interactive = sys.stdin.isatty()
-    if not tokenizer.chat_template:
-        print("jaxgen chat: note: this model has no chat template (it is probably a base model, not "
-              "instruction-tuned); using Gemma's turn format", file=sys.stderr)
-    end_tokens = [t for t in (GEMMA_END_OF_TURN, tokenizer.eos_token) if t and t in generator.vocabulary]
-    end_ids = _end_ids(generator, tokenizer, [GEMMA_END_OF_TURN])
+    end_ids = [generator.vocabulary.id_of(t) for t in end_tokens]
     base = [{"role": "system", "content": args.system}] if args.system else []
     prefix = _static_chat_prefix(tokenizer, base)
     kwargs = _sampling_kwargs(args)
-    kwargs["end_token"] = end_tokens or None
+    kwargs["end_token"] = end_tokens
     messages = list(base)
     if interactive:
         print("Type a message and press Enter; /exit or Ctrl-D quits, /reset starts over.", file=sys.stderr)

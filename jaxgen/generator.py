@@ -30,7 +30,7 @@ from jaxgen.runtime.devices import resolve_devices
 from jaxgen.runtime.generation import (assemble_results, plan_rows, prefill_sequences, run_beam, run_lookup_rows,
                                        run_rows)
 from jaxgen.runtime.memory import check_jobs_fit
-from jaxgen.runtime.options import GenerationOptions, validate_options
+from jaxgen.runtime.options import GenerationOptions, check_context, positions_fed, validate_options
 from jaxgen.runtime.replicas import ReplicaPool, replicate, shard_tensor_parallel, tensor_parallel_layout
 from jaxgen.runtime.scheduler import DEFAULT_WIDTHS, Call, SlotScheduler, schedulable
 from jaxgen.runtime.streaming import TokenStream, bridge_async, iterate_in_chunks
@@ -56,6 +56,14 @@ class Generator:
     `memory_limit` (an extension): bytes per device that one call may use for its KV cache and
     activations; None uses what the device reports as free. A call whose estimated need exceeds
     it raises ValueError before any work starts (see `jaxgen.runtime.memory`).
+
+    `context_length` (an extension): the most positions a call may feed the model; None is the
+    model's `max_position_embeddings`. A call that could go past it (static prompt + prompt +
+    max_length - 1 in generation, counting max_length as CTranslate2 does; the sequence less its
+    last token in `score_batch`; the sequence in `forward_batch`) raises ValueError naming both
+    lengths before any work, where CTranslate2 runs it (or, with learned positions, raises
+    RuntimeError once a position past the table is reached). Set it higher to run past the
+    trained positions on purpose (RoPE scaling experiments); learned position tables still end.
     Compiled programs are kept in JAX's persistent cache, `<jaxgen cache dir>/xla`
     (`JAXGEN_COMPILATION_CACHE=0` turns that off; see `jaxgen.runtime.compilation_cache`).
     """
@@ -64,8 +72,13 @@ class Generator:
                  compute_type: str = "default", inter_threads: int = 1, intra_threads: int = 0,
                  max_queued_batches: int = 0, tensor_parallel: bool = False,
                  static_prompt_cache_size: int = 16, memory_limit: Optional[int] = None,
-                 attention: str = "auto", prefill_chunk: Optional[int] = None, continuous_batching: bool = True):
+                 attention: str = "auto", prefill_chunk: Optional[int] = None, continuous_batching: bool = True,
+                 context_length: Optional[int] = None):
         enable_compilation_cache()
+        if context_length is not None and (not isinstance(context_length, int) or isinstance(context_length, bool)):
+            raise TypeError(f"context_length must be an int or None, got {type(context_length).__name__}")
+        if context_length is not None and context_length < 1:
+            raise ValueError(f"context_length must be >= 1, got {context_length}")
         for name, value in (("inter_threads", inter_threads), ("intra_threads", intra_threads),
                             ("max_queued_batches", max_queued_batches),
                             ("static_prompt_cache_size", static_prompt_cache_size)):
@@ -86,6 +99,7 @@ class Generator:
         self._device_index = [device_index] if isinstance(device_index, int) else list(device_index)
         config, params, tokens, ctype = load_params(model_path, compute_type, self._platform)
         self.config = config
+        self.context_length = config.max_position_embeddings if context_length is None else context_length
         self._ctype = ctype
         self._compute_type_requested = compute_type
         self._vocab = Vocabulary(tokens, config.unk_token)
@@ -255,6 +269,7 @@ class Generator:
         prompts = as_id_batch(start_tokens, self._vocab, "start_tokens", allow_ids=False)
         if any(len(p) == 0 for p in prompts):
             raise ValueError("One input has no decoder start token")
+        self._check_generation_context(prompts, resolved, first_index=0)
         if logits_processors:
             rows = len(prompts) * (beam_size if beam_size > 1 else num_hypotheses)
             check_processors(as_processors(logits_processors), rows, bucket(max_length, minimum=64),
@@ -368,10 +383,12 @@ class Generator:
                     first = index
                     for tokens in items:
                         try:
-                            block.append(self._prompt_ids(tokens, f"start_tokens[{index}]"))
+                            ids = self._prompt_ids(tokens, f"start_tokens[{index}]")
+                            self._check_generation_context([ids], call.resolved, first_index=index)
                         except (TypeError, ValueError) as exc:
                             error = exc
                             break
+                        block.append(ids)
                         index += 1
                         if len(pending) + len(block) >= read_ahead:
                             break
@@ -489,6 +506,8 @@ class Generator:
         self._check_loaded()
         ids, lens = self._forward_inputs(tokens, lengths)
         batch, max_len = len(ids), int(max(lens))
+        longest = lens.index(max_len)
+        check_context(max_len, self.context_length, f"inputs[{longest}] ({max_len} tokens)")
         self._check_memory("forward_batch", [dict(batch=batch, cache_length=max_len, chunk_tokens=max_len,
                                                   decode=False, vocab_rows=batch * max_len)], 1,
                            "pass fewer or shorter sequences at a time")
@@ -541,6 +560,9 @@ class Generator:
             return []
         eos = self._eos_ids()
         prepared = [_truncate_for_scoring(seq, max_input_length, eos) for seq in ids]
+        longest = max(range(len(prepared)), key=lambda i: len(prepared[i]))
+        check_context(len(prepared[longest]) - 1, self.context_length,
+                      f"tokens[{longest}] ({len(prepared[longest])} tokens after max_input_length)")
         groups = split_batches([max(len(seq) - 1, 0) for seq in prepared], max_batch_size, batch_type)
         groups = self._spread(groups)
         jobs = []
@@ -582,6 +604,18 @@ class Generator:
     def _resolve_options(self, **options):
         """generate_batch's decoding options, validated, with tokens resolved to ids."""
         return validate_options(GenerationOptions(**options), self._vocab, self._eos_ids())
+
+    def _check_generation_context(self, prompts: List[List[int]], resolved, first_index: int) -> None:
+        """ValueError when a prompt could feed the model more positions than the context length."""
+        opts, static = resolved.options, len(resolved.static_prompt_ids)
+        lengths = [positions_fed(len(p), opts, static) for p in prompts]
+        i = max(range(len(prompts)), key=lengths.__getitem__)
+        what = (f"start_tokens[{first_index + i}] ({len(prompts[i])} tokens"
+                + (f", after a static prompt of {static}" if static else "")
+                + f") with max_length={opts.max_length}"
+                + (" (which counts the prompt: include_prompt_in_result=True)" if opts.include_prompt_in_result
+                   else ""))
+        check_context(lengths[i], self.context_length, what)
 
     def _prompt_ids(self, tokens, what: str) -> List[int]:
         ids = as_ids(tokens, self._vocab, what, allow_ids=False)

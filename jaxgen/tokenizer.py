@@ -147,20 +147,50 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ chat
     def apply_chat_template(self, messages: List[Dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Renders a conversation ([{"role": "system"|"user"|"assistant", "content": ...}]) to text.
-
-        Uses the model's chat template with jinja2 when both are available, else the Gemma turn
-        format. The text contains special tokens: encode it with `parse_special=True`.
+        """Renders a conversation ([{"role": "system"|"user"|"assistant", "content": ...}]) to text
+        with the model directory's chat template (jinja2, as transformers renders it). The text
+        contains special tokens: encode it with `parse_special=True`. ValueError when the model
+        has no template (a base model; `gemma_chat_format` writes Gemma's turns by hand).
         """
+        if not self.chat_template:
+            raise ValueError(f"the model in {self.model_dir} has no chat template (no chat_template.jinja, and no "
+                             f"chat_template in tokenizer_config.json or chat_template.json): it is probably a "
+                             f"base model, not instruction-tuned")
+        return _render_jinja(self.chat_template, messages, add_generation_prompt,
+                             bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+    def end_of_turn_tokens(self) -> List[str]:
+        """Tokens that end the assistant's turn, for `end_token`: the token the chat template
+        writes right after an assistant message (Gemma's '<end_of_turn>', ChatML's '<|im_end|>',
+        Llama 3's '<|eot_id|>'), the eos ids of the directory's generation_config.json, and the
+        EOS token; each once, in that order, only those of the vocabulary."""
+        tokens: List[str] = []
         if self.chat_template:
-            try:
-                import jinja2  # noqa: F401
-            except ImportError:
-                pass
-            else:
-                return _render_jinja(self.chat_template, messages, add_generation_prompt,
-                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
-        return gemma_chat_format(messages, add_generation_prompt, self.bos_token if self.add_bos_token else "")
+            tokens.extend(self._template_turn_end())
+        generation = _read_json(os.path.join(self.model_dir, "generation_config.json"))
+        eos_ids = generation.get("eos_token_id") if isinstance(generation, dict) else None
+        for i in eos_ids if isinstance(eos_ids, list) else [eos_ids]:
+            if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(self.vocabulary):
+                tokens.append(self.vocabulary[i])
+        if self.eos_token:
+            tokens.append(self.eos_token)
+        return [t for t in dict.fromkeys(tokens) if t in self._vocab]
+
+    def _template_turn_end(self) -> List[str]:
+        """The first token after an assistant message's text in the rendered template, when it is
+        a special or marker token (not text such as a newline)."""
+        reply = "jaxgen-reply-7"
+        try:
+            text = self.apply_chat_template([{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": reply}], add_generation_prompt=False)
+        except ValueError:
+            return []
+        after = text[text.rfind(reply) + len(reply):] if reply in text else ""
+        ids = self.encode_ids(after, parse_special=True)
+        if not ids:
+            return []
+        first = self.vocabulary[ids[0]]
+        return [first] if self._backend.is_marker(ids[0], first) else []
 
 
 class IncrementalDecoder:
@@ -245,6 +275,9 @@ def _render_jinja(template: str, messages, add_generation_prompt: bool, **variab
 
 
 # ---------------------------------------------------------------------------- backends
+_MARKER = re.compile(r"<[^<>\s]+>|\[[^\[\]\s]+\]")
+
+
 class _Backend:
     name = ""
     size = 0
@@ -255,6 +288,11 @@ class _Backend:
     @property
     def special_tokens(self) -> List[str]:
         return list(self.special_ids)
+
+    def is_marker(self, token_id: int, token: str) -> bool:
+        """A special token, or a token written like a marker ('<end_of_turn>', '[INST]'), which a
+        SentencePiece model holds as a user-defined piece."""
+        return token_id in self.special_ids.values() or bool(_MARKER.fullmatch(token))
 
     def encode(self, text: str) -> List[int]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -278,8 +316,16 @@ class _SentencePieceBackend(_Backend):
         self.size = sp.get_piece_size()
         self.bos_token = sp.id_to_piece(sp.bos_id()) if sp.bos_id() >= 0 else None
         self.eos_token = sp.id_to_piece(sp.eos_id()) if sp.eos_id() >= 0 else None
-        self.special_ids = {sp.id_to_piece(i): i for i in range(self.size)
-                            if sp.is_control(i) or sp.is_unknown(i)}
+        self._special_ids: Optional[Dict[str, int]] = None
+
+    @property
+    def special_ids(self) -> Dict[str, int]:
+        """Control and unknown pieces, found on first use (a 262K-piece model takes ~0.5 s)."""
+        if self._special_ids is None:
+            sp = self._sp
+            self._special_ids = {sp.id_to_piece(i): i for i in range(self.size)
+                                 if sp.is_control(i) or sp.is_unknown(i)}
+        return self._special_ids
 
     def encode(self, text: str) -> List[int]:
         return self._sp.encode(text)
@@ -305,12 +351,17 @@ class _TokenizersBackend(_Backend):
         self.size = self._tok.get_vocab_size(with_added_tokens=True)
         added = self._tok.get_added_tokens_decoder() if hasattr(self._tok, "get_added_tokens_decoder") else {}
         self.special_ids = {tok.content: i for i, tok in added.items() if getattr(tok, "special", False)}
+        self._added = set(added)
         config = _read_json(os.path.join(model_dir, "tokenizer_config.json")) or {}
         self.bos_token = _token_content(config.get("bos_token"))
         self.eos_token = _token_content(config.get("eos_token"))
 
     def encode(self, text: str) -> List[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def is_marker(self, token_id: int, token: str) -> bool:
+        return super().is_marker(token_id, token) or token_id in self._added
+
 
     def decode(self, ids: List[int], skip_special_tokens: bool) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -12,9 +12,8 @@ class Vocabulary:
 
     def __init__(self, tokens: List[str], unk_token: Optional[str]):
         self.tokens = list(tokens)
-        self._ids: Dict[str, int] = {}
-        for i, token in enumerate(self.tokens):
-            self._ids.setdefault(token, i)
+        # Built from the last id down, so that a repeated token keeps its first id (C-speed for 262K tokens).
+        self._ids: Dict[str, int] = dict(zip(reversed(self.tokens), range(len(self.tokens) - 1, -1, -1)))
         self.unk_id = self._ids.get(unk_token) if unk_token is not None else None
 
     def __len__(self) -> int:

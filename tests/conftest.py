@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Optional
 
 import pytest
 
@@ -14,6 +15,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # .jaxgen_home/ (as `default_model_home` below does), never the user's ~/.cache/jaxgen.
 os.environ.setdefault("JAXGEN_HOME", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                   ".jaxgen_home"))
+
+
+@pytest.fixture(autouse=True)
+def _no_executable_cache_when_patching(request):
+    """A test that monkeypatches may change module globals that traced code reads, which the keys
+    of jaxgen.executables do not see (and jax.clear_caches() does not reach): such tests run
+    their decoding functions through plain jax.jit."""
+    if "monkeypatch" in request.fixturenames:
+        request.getfixturevalue("monkeypatch").setenv("JAXGEN_EXECUTABLE_CACHE", "0")
+    yield
 
 
 # ============================================================================ tiny HF checkpoints
@@ -73,8 +84,15 @@ CLI_TINY_CHAT_TEMPLATE = (
     "{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 
 
-def build_cli_tiny_model(directory: str) -> str:
-    """Writes a random tiny gemma3-like model directory with a SentencePiece tokenizer."""
+CLI_CHATML_TEMPLATE = (  # ChatML (Qwen's turns), for chat tests on a template that is not Gemma's
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_cli_tiny_model(directory: str, chat_template: Optional[str] = CLI_TINY_CHAT_TEMPLATE,
+                         turn_markers=("<start_of_turn>", "<end_of_turn>"), extra_json=None) -> str:
+    """Writes a random tiny gemma3-like model directory with a SentencePiece tokenizer whose control
+    pieces are `turn_markers`, `chat_template` (None: none) and the files of `extra_json`."""
     import io
 
     import numpy as np
@@ -87,7 +105,7 @@ def build_cli_tiny_model(directory: str) -> str:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(CLI_TINY_CORPUS * 4), model_writer=buf, vocab_size=100, model_type="bpe",
         unk_id=3, bos_id=2, eos_id=1, pad_id=0, unk_piece="<unk>", bos_piece="<bos>", eos_piece="<eos>",
-        pad_piece="<pad>", control_symbols=["<start_of_turn>", "<end_of_turn>"], hard_vocab_limit=False,
+        pad_piece="<pad>", control_symbols=list(turn_markers), hard_vocab_limit=False,
         byte_fallback=False, minloglevel=2)
     sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
     vocabulary = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
@@ -104,15 +122,31 @@ def build_cli_tiny_model(directory: str) -> str:
             flat[name] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
         else:
             flat[name] = (0.2 * rng.standard_normal(shape)).astype(np.float32)
+    tokenizer_config = {"bos_token": "<bos>", "eos_token": "<eos>"}
+    if chat_template is not None:
+        tokenizer_config["chat_template"] = chat_template
     save_model_dir(directory, config, flat, vocabulary, [("tokenizer.model", buf.getvalue())],
-                   {"tokenizer_config.json": {"chat_template": CLI_TINY_CHAT_TEMPLATE, "bos_token": "<bos>",
-                                              "eos_token": "<eos>"}})
+                   {"tokenizer_config.json": tokenizer_config, **(extra_json or {})})
     return directory
 
 
 @pytest.fixture(scope="session")
 def cli_tiny_model(tmp_path_factory) -> str:
     return build_cli_tiny_model(str(tmp_path_factory.mktemp("cli-tiny") / "model"))
+
+
+@pytest.fixture(scope="session")
+def cli_chatml_model(tmp_path_factory) -> str:
+    """The tiny CLI model with ChatML turns (<|im_start|>, <|im_end|>) and no Gemma markers; its
+    generation_config.json ends on <eos> (id 1)."""
+    return build_cli_tiny_model(str(tmp_path_factory.mktemp("cli-chatml") / "model"), CLI_CHATML_TEMPLATE,
+                                ("<|im_start|>", "<|im_end|>"), {"generation_config.json": {"eos_token_id": [1]}})
+
+
+@pytest.fixture(scope="session")
+def cli_base_model(tmp_path_factory) -> str:
+    """The tiny CLI model without a chat template (a base model)."""
+    return build_cli_tiny_model(str(tmp_path_factory.mktemp("cli-base") / "model"), chat_template=None)
 
 
 @pytest.fixture(scope="session")

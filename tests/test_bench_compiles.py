@@ -17,6 +17,9 @@ import sys
 
 import pytest
 
+# Not in `make test-fast` (compiles the benchmark scripts' programs); `make test` runs it.
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "bench_compiles.py")
 

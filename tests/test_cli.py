@@ -90,9 +90,28 @@ def test_generate_options(cli_tiny_model):
 
 
 def test_generate_prompt_from_stdin(cli_tiny_model):
-    proc = run_cli("generate", "--model", cli_tiny_model, "--max-length", "4", "-", stdin="jax runs")
+    """`echo TEXT | jaxgen generate -` continues TEXT, not TEXT + newline: same output as the argument."""
+    proc = run_cli("generate", "--model", cli_tiny_model, "--max-length", "4", "-", stdin="jax runs\n")
     assert proc.returncode == 0, proc.stderr
+    direct = run_cli("generate", "--model", cli_tiny_model, "--max-length", "4", "jax runs")
+    assert direct.returncode == 0, direct.stderr
+    assert proc.stdout == direct.stdout
     assert proc.stdout.startswith("jax runs")
+
+
+@pytest.mark.parametrize("given, prompt", [
+    ("jax runs\n", "jax runs"), ("jax runs\r\n", "jax runs"), ("jax runs", "jax runs"),
+    ("jax runs\n\n", "jax runs\n"),  # only one newline goes
+    ("line one\nline two\n", "line one\nline two"),
+])
+def test_stdin_prompt_loses_one_trailing_newline(monkeypatch, given, prompt):
+    import io
+
+    from jaxgen import cli
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(given))
+    assert cli._read_text_arg("-") == prompt
+    assert cli._read_text_arg(given) == given  # a PROMPT argument is taken as is
 
 
 PROMPTS = ["the quick brown fox", "hello world", "jax runs on cpu"]
@@ -361,3 +380,18 @@ def test_info_default_model(default_model_dir):
     proc = run_cli("info")
     assert proc.returncode == 0, proc.stderr
     assert "gemma3" in proc.stdout and "262,144" in proc.stdout
+
+
+def test_start_up_imports(cli_tiny_model):
+    """`import jaxgen` and building the parser import no JAX; a whole `generate` imports none of
+    the reference libraries (torch, transformers, CTranslate2), which `make demo` does not install."""
+    script = (
+        "import sys, jaxgen, jaxgen.cli\n"
+        "jaxgen.cli.build_parser()\n"
+        "assert 'jax' not in sys.modules, 'jax imported early'\n"
+        f"assert jaxgen.cli.main(['generate', '--model', {cli_tiny_model!r}, '--max-length', '3', 'hello']) == 0\n"
+        "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'ctranslate2', 'flax'})\n"
+        "print('HEAVY', heavy)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stdout

@@ -222,12 +222,19 @@ def test_failing_sub_batch_fails_only_its_futures(pair, reference):
 ])
 def test_position_past_learned_table(gen_pair, kwargs):
     """Spec §5.6/§7: GPT-2 (128 learned positions) raises RuntimeError when fed position 128, and
-    only then (one step less is fine)."""
+    only then (one step less is fine). jaxgen refuses such a call before any work (ValueError, its
+    context-length check); with the check lifted (Generator(context_length=...)) it raises
+    CTranslate2's RuntimeError."""
+    import jaxgen
+
     pair = gen_pair("gpt2")
     prompt = [pair.prompt(80, 100, bos=False)]
     message = "No position encodings are defined for positions >= 128, but got position 128"
     ok = dict(kwargs, max_length=kwargs["max_length"] - 1)
-    for engine in (pair.ct2, pair.jaxgen):
+    with pytest.raises(ValueError, match="feeds the model 129 positions, past its context length of 128"):
+        pair.jaxgen.generate_batch(prompt, end_token=[], **kwargs)
+    extended = jaxgen.Generator(pair.jaxgen.model_path, context_length=256)
+    for engine in (pair.ct2, extended):
         with pytest.raises(RuntimeError, match=message):
             engine.generate_batch(prompt, end_token=[], **kwargs)
         engine.generate_batch(prompt, end_token=[], **ok)

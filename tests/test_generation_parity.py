@@ -37,6 +37,9 @@ from generation_fixtures import (DECISIVE_MARGIN, EOS, SCORE_TOLERANCE, UNK, Mod
                                  gen_pair, ids_of, top2_margin)  # noqa: F401 (gen_pair is a fixture)
 from jaxgen.runtime.batching import split_batches
 
+# Not in `make test-fast` (147 comparisons against CTranslate2 on converted test models); `make test` runs it.
+pytestmark = pytest.mark.slow
+
 MAX_LENGTH = 24
 
 

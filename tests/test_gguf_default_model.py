@@ -223,7 +223,7 @@ def test_tokenizer_matches_transformers_on_corpus(sp_model, gguf_hf_tokenizer):
 def test_jaxgen_tokenizer_matches_transformers_on_chat_corpus(gguf_jaxgen_dir, sp_model, gguf_hf_tokenizer):
     """`jaxgen.tokenizer`: plain encode is sp.encode; parse_special=True is transformers' default
     encoding on every text, the bos/eos/pad/unk strings included."""
-    from jaxgen.tokenizer import load_tokenizer
+    from jaxgen.tokenizer import gemma_chat_format, load_tokenizer
 
     tokenizer = load_tokenizer(gguf_jaxgen_dir)
     assert tokenizer.backend == "sentencepiece"
@@ -233,7 +233,7 @@ def test_jaxgen_tokenizer_matches_transformers_on_chat_corpus(gguf_jaxgen_dir, s
         assert tokenizer.encode_ids(text, parse_special=True) == _hf_ids(gguf_hf_tokenizer, text, False), repr(text)
     assert tokenizer.encode("<start_of_turn>user\nhi<end_of_turn>") == \
         ["<start_of_turn>", "user", "\n", "hi", "<end_of_turn>"]
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+    chat = gemma_chat_format([{"role": "user", "content": "hi"}], bos="<bos>")  # the base model has no template
     assert tokenizer.encode_ids(chat, parse_special=True) == _hf_ids(gguf_hf_tokenizer, chat, False)
 
 

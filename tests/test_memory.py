@@ -138,7 +138,8 @@ def test_check_jobs_fit_uses_the_least_free_device_and_concurrency():
 def limited(cli_tiny_model):
     import jaxgen
 
-    return jaxgen.Generator(cli_tiny_model, memory_limit=1 << 20)  # 1 MiB per device
+    # 1 MiB per device; the context check (512 positions) is lifted so that the memory check is what fails
+    return jaxgen.Generator(cli_tiny_model, memory_limit=1 << 20, context_length=1 << 20)
 
 
 def test_memory_limit_validation(cli_tiny_model):

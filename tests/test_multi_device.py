@@ -12,6 +12,9 @@ import sys
 import numpy as np
 import pytest
 
+# Not in `make test-fast` (subprocess workers with simulated devices); `make test` runs it.
+pytestmark = pytest.mark.slow
+
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multidevice_worker.py")
 
 

@@ -32,6 +32,9 @@ from jaxgen.converters import TransformersConverter  # noqa: E402
 from jaxgen.model.checkpoint import load_model_dir  # noqa: E402
 from jaxgen.model.config import ModelConfig  # noqa: E402
 
+# Not in `make test-fast` (every architecture against transformers in torch); `make test` runs it.
+pytestmark = pytest.mark.slow
+
 ARCHS = list(hf_models.ARCHITECTURES)
 FLOAT32_TOLERANCE = 1e-4
 # compute_type -> (max abs logit error, decisive top-2 margin)

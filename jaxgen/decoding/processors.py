@@ -7,11 +7,12 @@ Every option is a traced array, so a new value never recompiles:
 
 from __future__ import annotations
 
-from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from jaxgen.executables import cached_jit
 
 LOWEST = float(jnp.finfo(jnp.float32).min)
 
@@ -40,7 +41,7 @@ class History(NamedTuple):
     presence: jax.Array  # [B, V] bool: token occurred in the history
 
 
-@partial(jax.jit, static_argnames=("vocab_size",))
+@cached_jit(static_argnames=("vocab_size",))
 def init_history(tokens: jax.Array, length: jax.Array, vocab_size: int) -> History:
     """tokens [B, H] (valid up to length [B]) -> History with its presence mask."""
     b, h = tokens.shape

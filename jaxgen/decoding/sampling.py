@@ -7,6 +7,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxgen.executables import cached_jit
+
 
 class SamplingOptions(NamedTuple):
     """Traced sampling options; a new value never recompiles."""
@@ -50,7 +52,7 @@ def sample(keys: jax.Array, scores: jax.Array, opts: SamplingOptions, k_static: 
     return jnp.take_along_axis(ids, choice[:, None], axis=1)[:, 0].astype(jnp.int32)
 
 
-@jax.jit
+@cached_jit
 def row_keys(seeds: jax.Array, batch_ids: jax.Array, hypothesis_ids: jax.Array) -> jax.Array:
     """The sampling key of each row: PRNGKey(seed) folded with the row's prompt index, then with
     its hypothesis index. seeds, batch_ids, hypothesis_ids [B] -> keys [B, 2] uint32.

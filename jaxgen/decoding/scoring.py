@@ -7,12 +7,12 @@ SCORE_CHUNK x vocabulary slice per row at a time while scoring.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
+from jaxgen.executables import cached_jit
 from jaxgen.model.attention import resolve_attention
 from jaxgen.model.config import ModelConfig
 from jaxgen.model.decoder import DEFAULT_CHUNKS, PassPlan, chunked_pass, compute_logits
@@ -74,7 +74,7 @@ def target_log_prob(params: dict, config: ModelConfig, hidden: jax.Array, target
     return picked - (running_max + jnp.log(running_sum))
 
 
-@partial(jax.jit, static_argnames=("config", "dtype", "log_probs", "chunk", "impl"))
+@cached_jit(static_argnames=("config", "dtype", "log_probs", "chunk", "impl"))
 def forward_logits(params: dict, tokens: Optional[jax.Array], lengths: jax.Array, *, config: ModelConfig, dtype,
                    log_probs: bool, chunk: int, impl: str = "flash",
                    embeddings: Optional[jax.Array] = None) -> jax.Array:
@@ -101,7 +101,7 @@ def pad_for_pass(x: jax.Array, chunk: int, multiple: int = 1) -> jax.Array:
     return jnp.pad(x, [(0, 0), (0, width - t)] + [(0, 0)] * (x.ndim - 2))
 
 
-@partial(jax.jit, static_argnames=("config", "dtype", "chunk", "impl"))
+@cached_jit(static_argnames=("config", "dtype", "chunk", "impl"))
 def target_log_probs(params: dict, inputs: jax.Array, targets: jax.Array, lengths: jax.Array, *,
                      config: ModelConfig, dtype, chunk: int, impl: str = "flash") -> jax.Array:
     """log p(targets[b, t] | inputs[b, :t+1]) as float32 [B, T].

@@ -9,7 +9,6 @@ scheduler refills finished slots, see `insert_rows`). Shapes: B rows, N output s
 
 from __future__ import annotations
 
-from functools import partial
 from typing import NamedTuple, Optional
 
 import jax
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 from jaxgen.decoding.custom import apply_processors, generated_tokens
 from jaxgen.decoding.processors import History, ProcessorOptions, append_history, process_logits
 from jaxgen.decoding.sampling import SamplingOptions, greedy, sample, split_rows
+from jaxgen.executables import cached_jit
 from jaxgen.model.config import ModelConfig
 from jaxgen.model.decoder import KVCache, compute_logits, forward, init_cache
 
@@ -54,7 +54,7 @@ class DecodeState(NamedTuple):
     logits: jax.Array  # [B, N, V] float32 when spec.return_logits, else [B, 0, V]
 
 
-@partial(jax.jit, static_argnames=("config", "batch", "length"))
+@cached_jit(static_argnames=("config", "batch", "length"))
 def start_cache(prefix: KVCache, *, config: ModelConfig, batch: int, length: int) -> KVCache:
     """A cache of `length` positions per row whose first positions hold a batch-1 `prefix` (tiled).
 
@@ -75,7 +75,7 @@ def start_cache(prefix: KVCache, *, config: ModelConfig, batch: int, length: int
                    tuple(place(d, s) for d, s in zip(cache.v, prefix.v)), length)
 
 
-@partial(jax.jit, static_argnames=("config", "impl", "fresh"), donate_argnums=(1,))
+@cached_jit(static_argnames=("config", "impl", "fresh"), donate_argnums=(1,))
 def prefill(params: dict, cache: KVCache, tokens: jax.Array, positions: jax.Array, write_index: jax.Array,
             *, config: ModelConfig, impl: str = "flash", fresh: bool = False) -> KVCache:
     """Writes the keys/values of a chunk of tokens [B, T] (positions -1 = padding) at positions
@@ -133,7 +133,7 @@ def _step(params: dict, state: DecodeState, consts: DecodeConsts, spec: LoopSpec
     )
 
 
-@partial(jax.jit, static_argnames=("spec",), donate_argnums=(1,))
+@cached_jit(static_argnames=("spec",), donate_argnums=(1,))
 def decode(params: dict, state: DecodeState, consts: DecodeConsts, until: jax.Array, stop_done: jax.Array, *,
            spec: LoopSpec) -> DecodeState:
     """Runs decoder steps while step < until, some row is not done, fewer than `stop_done` rows

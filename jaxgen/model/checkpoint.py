@@ -292,9 +292,12 @@ def load_model_dir(model_dir: str) -> Tuple[ModelConfig, Dict[str, np.ndarray], 
     if not os.path.isfile(weights_path):
         raise ValueError(f"model directory {model_dir!r} has no {WEIGHTS_FILE}")
     try:
-        flat = load_file(weights_path)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"{weights_path} cannot be read: {exc}") from None
+        flat = map_safetensors(weights_path)
+    except Exception:  # noqa: BLE001 - a file this reader does not handle: safetensors' own reader decides
+        try:
+            flat = load_file(weights_path)
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ValueError(f"{weights_path} cannot be read: {exc}") from None
     check_flat_shapes(flat, config)
     vocabulary = load_vocabulary(model_dir)
     if len(vocabulary) != config.vocab_size:
@@ -302,9 +305,38 @@ def load_model_dir(model_dir: str) -> Tuple[ModelConfig, Dict[str, np.ndarray], 
     return config, flat, vocabulary
 
 
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def map_safetensors(path: str) -> Dict[str, np.ndarray]:
+    """The tensors of a safetensors file as read-only views of one memory map: no copy is made
+    until they are converted or put on a device (safetensors' `load_file` reads a copy first).
+    Raises on anything unexpected (the caller falls back to `load_file`)."""
+    import ml_dtypes
+
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    mapped = np.memmap(path, dtype=np.uint8, mode="r")
+    base = 8 + size
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        kind = _SAFETENSORS_DTYPES[info["dtype"]]
+        dtype = np.dtype(ml_dtypes.bfloat16) if kind == "bfloat16" else np.dtype(kind)
+        shape = tuple(info["shape"])
+        if base + end > mapped.size or end - start != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+            raise ValueError(f"tensor {name} does not fit its offsets")
+        out[name] = mapped[base + start:base + end].view(dtype).reshape(shape)
+    return out
+
+
 def load_vocabulary(model_dir: str) -> List[str]:
     path = os.path.join(model_dir, VOCABULARY_FILE)
     vocabulary = read_json_file(path)
-    if not isinstance(vocabulary, list) or not all(isinstance(t, str) for t in vocabulary):
+    if not isinstance(vocabulary, list) or not set(map(type, vocabulary)) <= {str}:
         raise ValueError(f"{path} must be a JSON list of token strings")
     return vocabulary

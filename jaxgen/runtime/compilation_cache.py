@@ -15,7 +15,10 @@ Opting out, or choosing another place:
   keeps it.
 
 Programs that compile faster than 0.5 s are not written, unless the user chose the threshold
-(`JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`, or a value other than JAX's default).
+(`JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`, or a value other than JAX's default). (Loading
+them would be cheaper, but a process that has loaded an executable cannot write correct ones
+for `jaxgen.executables`, which keeps the main decoding functions' executables in
+`<cache dir>/executables` and so skips their tracing and lowering too.)
 """
 
 from __future__ import annotations

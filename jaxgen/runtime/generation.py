@@ -10,7 +10,6 @@ per row so that they count exactly what CTranslate2 counts (spec §5.1-§5.3).
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 from typing import Callable, List, Optional, Sequence
 
 import jax
@@ -24,6 +23,7 @@ from jaxgen.decoding.sampling import SamplingOptions, candidate_count, row_keys
 from jaxgen.decoding.search import (DecodeConsts, DecodeState, LoopSpec, decode, live_length, prefill, set_done,
                                     start_cache)
 from jaxgen.decoding.speculative import LookupSpec, LookupState, lookup_decode, max_draft
+from jaxgen.executables import cached_jit
 from jaxgen.model.decoder import KVCache, PassPlan
 from jaxgen.results import GenerationResult, GenerationStepResult
 from jaxgen.runtime.batching import bucket, pass_width
@@ -50,7 +50,7 @@ class Row:
     length_offset: int  # tokens counted in the score's length L before the generated ones
 
 
-@partial(jax.jit, static_argnums=(0,))
+@cached_jit(static_argnums=(0,))
 def _device_zeros(shape) -> jax.Array:
     return jnp.zeros(shape, jnp.float32)
 

@@ -187,3 +187,27 @@ def _resolve_suppress(seqs, vocabulary: Vocabulary) -> List[List[int]]:
         if seq:
             out.append([vocabulary.id_of(t) for t in seq])
     return out
+
+
+
+def positions_fed(prompt_length: int, opts: GenerationOptions, static_length: int = 0) -> int:
+    """The positions one prompt can feed the model in generation: static prompt + prompt + the steps
+    max_length allows, less the last token, which is never fed. As CTranslate2 counts max_length
+    (§5.2): with include_prompt_in_result=True it counts the prompt but its first token, so a prompt
+    shorter than max_length + 1 is extended to that length."""
+    if opts.include_prompt_in_result:
+        return static_length + max(prompt_length, opts.max_length + 1) - 1
+    return static_length + prompt_length + opts.max_length - 1
+
+
+def check_context(positions: int, context_length: int, what: str) -> None:
+    """Raises ValueError when a call would feed the model `positions` positions, more than
+    `context_length` (the model's max_position_embeddings, or the Generator's `context_length`).
+
+    `what` names the input, e.g. "start_tokens[0] (40000 tokens) with max_length=512".
+    """
+    if positions > context_length:
+        raise ValueError(
+            f"{what} feeds the model {positions} positions, past its context length of {context_length} "
+            f"(max_position_embeddings); shorten the input, or pass Generator(..., context_length=N) "
+            f"to run past the trained positions on purpose (e.g. with RoPE scaling)")
