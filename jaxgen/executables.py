@@ -27,8 +27,10 @@ cache). A loaded executable that still fails that way is deleted and the call ru
 `jax.jit`, unless it had already consumed donated inputs (then the error is raised; the next
 call recompiles).
 
-The cache is off with `JAXGEN_EXECUTABLE_CACHE=0` or with the compilation cache
-(`JAXGEN_COMPILATION_CACHE=0`), and a call with tracers (inside another `jit`) uses `jax.jit`.
+The cache is experimental and off unless `JAXGEN_EXECUTABLE_CACHE=1` (because of the caveat
+above: a failure after donated inputs were consumed reaches the caller); it is also off with the
+compilation cache (`JAXGEN_COMPILATION_CACHE=0`), and a call with tracers (inside another `jit`)
+uses `jax.jit`.
 The key does not see module globals that traced code reads: code that monkeypatches them (block
 sizes, kernels; the tests do) must turn this cache off, as `jax.clear_caches()` does not reach it.
 Donation is kept: the executable is the one `jax.jit(...).lower(...).compile()` makes.
@@ -198,7 +200,7 @@ def _cache_directory() -> Optional[str]:
     """`<jaxgen cache dir>/executables`, or None when jaxgen's compilation cache is off."""
     from jaxgen.runtime.compilation_cache import compilation_cache_disabled
 
-    if compilation_cache_disabled() or os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+    if compilation_cache_disabled() or os.environ.get(ENV_SWITCH, "0").strip().lower() not in ("1", "true", "yes", "on"):
         return None
     from jaxgen.default_model import cache_dir
 

@@ -27,7 +27,7 @@ def _axpy(x, y, *, scale: int):
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXGEN_HOME", str(tmp_path))
     monkeypatch.delenv("JAXGEN_COMPILATION_CACHE", raising=False)
-    monkeypatch.delenv("JAXGEN_EXECUTABLE_CACHE", raising=False)  # conftest turns it off for patching tests
+    monkeypatch.setenv("JAXGEN_EXECUTABLE_CACHE", "1")  # opt-in (experimental); conftest turns it off otherwise
     monkeypatch.setattr(executables, "_loaded_any", False)  # as in a fresh process
     TRACES.clear()
     _axpy._compiled.clear()
@@ -117,6 +117,12 @@ def test_damaged_file_is_compiled_again(home):
     out = _axpy(jnp.ones(4), {"b": jnp.zeros(4)}, scale=7)
     np.testing.assert_array_equal(np.asarray(out), [7] * 4)
     assert (home / "executables" / name).read_bytes() != b"not an executable"  # replaced
+
+
+def test_off_by_default(home, monkeypatch):
+    monkeypatch.delenv("JAXGEN_EXECUTABLE_CACHE")
+    _axpy(jnp.ones(4), {"b": jnp.zeros(4)}, scale=2)
+    assert _files(home) == []
 
 
 @pytest.mark.parametrize("switch", ["JAXGEN_COMPILATION_CACHE", "JAXGEN_EXECUTABLE_CACHE"])
