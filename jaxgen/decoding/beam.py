@@ -15,11 +15,11 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from jaxgen.decoding.custom import apply_processors, generated_tokens
-from jaxgen.decoding.processors import History, ProcessorOptions, append_history, process_logits
+from jaxgen.decoding.processors import History, ProcessorOptions, append_history
 from jaxgen.decoding.sampling import SamplingOptions, filtered_candidates
+from jaxgen.decoding.step import next_logits
 from jaxgen.model.config import ModelConfig
-from jaxgen.model.decoder import KVCache, compute_logits, forward
+from jaxgen.model.decoder import KVCache
 
 DISABLED_SCORE = -1e10  # CTranslate2's score for candidates it rules out
 
@@ -88,14 +88,10 @@ def _beam_step(params: dict, s: BeamState, c: BeamConsts, spec: BeamSpec) -> Bea
     config, k = spec.config, spec.beam_size
     b = s.cum.shape[0]
     v = config.vocab_size
-    hidden, cache = forward(params, config, s.last_token[:, None], s.position[:, None], s.cache,
-                            attend_len=spec.attend_len)
-    logits = compute_logits(params, config, hidden[:, 0])
-    ban_end = jnp.repeat(s.step < c.min_new, k)
-    processed = process_logits(logits, s.history, c.proc, ban_end)
-    if spec.processors:
-        generated = generated_tokens(s.seqs.reshape(b * k, -1), s.step)
-        processed = apply_processors(spec.processors, processed, generated, s.step)
+    processed, cache = next_logits(params, config, s.last_token, s.position, s.cache, s.history, c.proc,
+                                   jnp.repeat(s.step < c.min_new, k), attend_len=spec.attend_len,
+                                   processors=spec.processors, outputs=(s.seqs.reshape(b * k, -1), s.step),
+                                   step=s.step)
     log_probs = jax.nn.log_softmax(processed, axis=-1)
     total = (log_probs + s.cum.reshape(b * k, 1)).reshape(b, k * v)
     if spec.sampling:

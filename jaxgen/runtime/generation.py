@@ -212,6 +212,21 @@ def prepare(params: dict, config, rows: List[Row], resolved: ResolvedOptions, pr
     )
 
 
+def loop_state(*, last: np.ndarray, position: np.ndarray, done: np.ndarray, n_out: int, history, cache: KVCache,
+               keys: jax.Array, logits: jax.Array) -> DecodeState:
+    """A greedy/sampling (or prompt-lookup) loop state at step 0 for rows starting from their last
+    prompt token `last` [B] at `position` [B]; done [B] marks rows with nothing to generate (or
+    free slots). Host zeros (a transfer, not one small compiled program per shape); `logits` is
+    the [B, N or 0, V] buffer of stored logits, made on the device by the caller."""
+    b = len(last)
+    zeros = lambda shape, dtype: jnp.asarray(np.zeros(shape, dtype))  # noqa: E731
+    return DecodeState(
+        step=jnp.int32(0), last_token=jnp.asarray(np.asarray(last, np.int32)),
+        position=jnp.asarray(np.asarray(position, np.int32)), done=jnp.asarray(np.asarray(done, bool)),
+        out_tokens=zeros((b, n_out), np.int32), out_log_probs=zeros((b, n_out), np.float32),
+        gen_len=zeros((b,), np.int32), history=history, cache=cache, key=keys, logits=logits)
+
+
 def run_in_segments(loop, state, until: int, first_position: int, cache_len: int):
     """Runs `loop(state, attend_len)` (a jitted decoding loop that stops before a running row's
     position reaches attend_len) with the smallest live bound that fits, growing it until the
@@ -240,17 +255,9 @@ def run_rows(params: dict, config, rows: List[Row], resolved: ResolvedOptions, p
     bp, n_out, max_new = p.bp, p.n_out, p.max_new
     consts = DecodeConsts(proc=p.proc, samp=p.samp, max_new=jnp.asarray(max_new), min_new=jnp.asarray(p.min_new))
     spec = loop_spec(config, opts)
-    state = DecodeState(
-        step=jnp.int32(0), last_token=jnp.asarray(p.last), position=jnp.asarray(p.position),
-        done=jnp.asarray(max_new <= 0),
-        # Host zeros (a transfer, not one small compiled program per shape); the [B, N, V] logits
-        # buffer is made on the device.
-        out_tokens=jnp.asarray(np.zeros((bp, n_out), np.int32)),
-        out_log_probs=jnp.asarray(np.zeros((bp, n_out), np.float32)),
-        gen_len=jnp.asarray(np.zeros((bp,), np.int32)), history=p.history, cache=p.cache,
-        key=keys_of(rows, [seed] * b, bp),
-        logits=_device_zeros((bp, n_out if opts.return_logits_vocab else 0, config.vocab_size)),
-    )
+    state = loop_state(last=p.last, position=p.position, done=max_new <= 0, n_out=n_out, history=p.history,
+                       cache=p.cache, keys=keys_of(rows, [seed] * b, bp),
+                       logits=_device_zeros((bp, n_out if opts.return_logits_vocab else 0, config.vocab_size)))
     total = int(max_new.max())
     first_position = int(p.position[:b].max())
 
@@ -312,24 +319,24 @@ def run_lookup_rows(params: dict, config, rows: List[Row], resolved: ResolvedOpt
     contexts = [static + r.prompt for r in rows]
     width = bucket(max(len(c) for c in contexts) + p.n_out, minimum=64)
     consts = DecodeConsts(proc=p.proc, samp=p.samp, max_new=jnp.asarray(p.max_new), min_new=jnp.asarray(p.min_new))
-    zeros = lambda shape, dtype: jnp.asarray(np.zeros(shape, dtype))  # noqa: E731
+    base = loop_state(last=p.last, position=p.position, done=p.max_new <= 0, n_out=p.n_out, history=p.history,
+                      cache=p.cache, keys=jnp.asarray(np.zeros((p.bp, 2), np.uint32)),
+                      logits=_device_zeros((p.bp, 0, config.vocab_size)))
     state = LookupState(
-        step=jnp.int32(0), last_token=jnp.asarray(p.last), position=jnp.asarray(p.position),
-        done=jnp.asarray(p.max_new <= 0), out_tokens=zeros((p.bp, p.n_out), np.int32),
-        out_log_probs=zeros((p.bp, p.n_out), np.float32), gen_len=zeros((p.bp,), np.int32), history=p.history,
-        cache=p.cache, context=jnp.asarray(_pad2(contexts, width, 0, p.bp)),
+        rows=base, context=jnp.asarray(_pad2(contexts, width, 0, p.bp)),
         context_len=jnp.asarray(np.array([len(c) for c in contexts] + [1] * (p.bp - b), np.int32)),
-        accepted=zeros((p.bp,), np.int32))
+        accepted=jnp.asarray(np.zeros((p.bp,), np.int32)))
     spec = LookupSpec(config=config, draft=draft)
     while True:  # grow the live bound of the cache reads as positions advance (see run_in_segments)
-        position, done = jax.device_get((state.position, state.done))
+        position, done = jax.device_get((state.rows.position, state.rows.done))
         if bool(np.all(done)):
             break
         attend_len = live_length(int(position[~done].max()) + spec.draft + 1, p.cache_len)
         state = lookup_decode(params, state, consts, spec=spec._replace(attend_len=attend_len))
         if attend_len >= p.cache_len:
             break
-    tokens, log_probs, gen_len = jax.device_get((state.out_tokens, state.out_log_probs, state.gen_len))
+    tokens, log_probs, gen_len = jax.device_get((state.rows.out_tokens, state.rows.out_log_probs,
+                                                 state.rows.gen_len))
     check_positions(config, prefix_len, rows, [int(n) for n in gen_len[:b]], opts.max_length)
     return [{"ids": tokens[i, :n].tolist(), "log_probs": log_probs[i, :n].astype(np.float64), "logits": None}
             for i, n in enumerate(int(x) for x in gen_len[:b])]
