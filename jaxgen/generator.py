@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import os
 import threading
 from typing import Iterable, List, Optional, Sequence, Union
@@ -32,6 +33,7 @@ from jaxgen.runtime.memory import check_jobs_fit
 from jaxgen.runtime.options import GenerationOptions, validate_options
 from jaxgen.runtime.replicas import ReplicaPool, replicate, shard_tensor_parallel, tensor_parallel_layout
 from jaxgen.runtime.scheduler import DEFAULT_WIDTHS, Call, SlotScheduler, schedulable
+from jaxgen.runtime.stops import StopTables
 from jaxgen.runtime.streaming import TokenStream, bridge_async, iterate_in_chunks
 from jaxgen.vocabulary import Vocabulary, as_id_batch, as_ids
 
@@ -58,6 +60,8 @@ class Generator:
     Compiled programs are kept in JAX's persistent cache, `<jaxgen cache dir>/xla`
     (`JAXGEN_COMPILATION_CACHE=0` turns that off; see `jaxgen.runtime.compilation_cache`).
     """
+
+    _stop_tables: Optional[StopTables] = None  # the vocabulary's stop-string tables, made on first use
 
     def __init__(self, model_path: str, device: str = "cpu", *, device_index: Union[int, Sequence[int]] = 0,
                  compute_type: str = "default", inter_threads: int = 1, intra_threads: int = 0,
@@ -214,7 +218,8 @@ class Generator:
                        return_logits_vocab: bool = False, return_alternatives: bool = False,
                        min_alternative_expansion_prob: float = 0, sampling_topk: int = 1,
                        sampling_topp: float = 1, sampling_temperature: float = 1, callback=None,
-                       random_seed: Optional[int] = None, logits_processors=None, prompt_lookup_tokens: int = 0):
+                       random_seed: Optional[int] = None, logits_processors=None, prompt_lookup_tokens: int = 0,
+                       stop_strings=None):
         """Generates continuations of prompts given as lists of token strings (CTranslate2 §2).
 
         Returns one GenerationResult per prompt (or futures with `asynchronous=True`).
@@ -230,6 +235,10 @@ class Generator:
         drafts up to K tokens per step from an earlier occurrence of the text's last n-gram in
         the prompt (static prompt included) and the text generated so far, and verifies them in
         one pass; the output is exactly greedy search's (`jaxgen.decoding.speculative`).
+        `stop_strings`: a string or a list of strings; a hypothesis ends at the first generated
+        token whose text completes one of them (matched on the generated text, across tokens or
+        inside one, in the decoding loop), and that token is its last token (cut the decoded text
+        at the string yourself: `text[:text.find(s) + len(s)]`). See `jaxgen.runtime.stops`.
         """
         if isinstance(start_tokens, list) and not start_tokens:
             return []  # nothing is validated for an empty batch (spec §2.1)
@@ -248,7 +257,7 @@ class Generator:
             min_alternative_expansion_prob=min_alternative_expansion_prob, sampling_topk=sampling_topk,
             sampling_topp=sampling_topp, sampling_temperature=sampling_temperature, callback=callback,
             random_seed=random_seed, logits_processors=logits_processors,
-            prompt_lookup_tokens=prompt_lookup_tokens)
+            prompt_lookup_tokens=prompt_lookup_tokens, stop_strings=stop_strings)
         prompts = as_id_batch(start_tokens, self._vocab, "start_tokens", allow_ids=False)
         if any(len(p) == 0 for p in prompts):
             raise ValueError("One input has no decoder start token")
@@ -300,12 +309,13 @@ class Generator:
                         repetition_penalty: float = 1, no_repeat_ngram_size: int = 0, disable_unk: bool = False,
                         suppress_sequences=None, end_token=None, static_prompt=None,
                         cache_static_prompt: bool = True, callback=None, random_seed: Optional[int] = None,
-                        logits_processors=None) -> TokenStream:
+                        logits_processors=None, stop_strings=None) -> TokenStream:
         """Streams GenerationStepResult for one prompt (list of str) or a batch (list of lists).
 
         The end token is yielded as the last step of an entry that stops on it. Options are
         validated before this returns; `close()` stops the decoding within a few steps.
-        `logits_processors`: as for `generate_batch`.
+        `logits_processors`, `stop_strings`: as for `generate_batch` (the token that completes a
+        stop string is the entry's last step, `is_last=True`).
         """
         batch = [prompt] if prompt and isinstance(prompt[0], str) else prompt
         options = dict(max_batch_size=max_batch_size, batch_type=batch_type, asynchronous=True, beam_size=1,
@@ -315,7 +325,7 @@ class Generator:
                        no_repeat_ngram_size=no_repeat_ngram_size, disable_unk=disable_unk,
                        suppress_sequences=suppress_sequences, end_token=end_token, static_prompt=static_prompt,
                        cache_static_prompt=cache_static_prompt, random_seed=random_seed,
-                       logits_processors=logits_processors)
+                       logits_processors=logits_processors, stop_strings=stop_strings)
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
         return TokenStream(lambda cb: self.generate_batch(batch, callback=cb, **options), callback)
@@ -578,7 +588,15 @@ class Generator:
     # ------------------------------------------------------------------ helpers
     def _resolve_options(self, **options):
         """generate_batch's decoding options, validated, with tokens resolved to ids."""
-        return validate_options(GenerationOptions(**options), self._vocab, self._eos_ids())
+        resolved = validate_options(GenerationOptions(**options), self._vocab, self._eos_ids())
+        if not resolved.stop_strings:
+            return resolved
+        with self._static_lock:
+            if self._stop_tables is None:
+                self._stop_tables = StopTables(self._vocab.tokens, [] if self._vocab.unk_id is None
+                                               else [self._vocab.unk_id])
+        tables = self._stop_tables.tables(resolved.stop_strings, resolved.end_ids)
+        return dataclasses.replace(resolved, stop_tables=tables)
 
     def _prompt_ids(self, tokens, what: str) -> List[int]:
         ids = as_ids(tokens, self._vocab, what, allow_ids=False)

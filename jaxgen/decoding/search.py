@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jaxgen.decoding.processors import History, ProcessorOptions, append_history
 from jaxgen.decoding.sampling import SamplingOptions, greedy, sample, split_rows
 from jaxgen.decoding.step import next_logits
+from jaxgen.decoding.stops import StopStrings, advance, completed
 from jaxgen.model.config import ModelConfig
 from jaxgen.model.decoder import KVCache, forward, init_cache
 
@@ -38,6 +39,7 @@ class DecodeConsts(NamedTuple):
     samp: SamplingOptions
     max_new: jax.Array  # [B] int32: tokens a row may generate
     min_new: jax.Array  # [B] int32: end ids are forbidden while the row has generated fewer
+    stops: StopStrings  # stop strings: a row ends at the token that completes one (kept in its output)
 
 
 class DecodeState(NamedTuple):
@@ -57,6 +59,7 @@ class DecodeState(NamedTuple):
     cache: KVCache
     key: jax.Array  # [B, 2] uint32: each row's sampling key (see sampling.row_keys)
     logits: jax.Array  # [B, N, V] float32 when spec.return_logits, else [B, 0, V]
+    stop: jax.Array  # [B, S] int32 progress on each stop string (jaxgen.decoding.stops)
 
 
 @partial(jax.jit, static_argnames=("config", "batch", "length"))
@@ -117,9 +120,10 @@ def zip_rows(fn: Callable[[jax.Array, jax.Array], jax.Array], state: DecodeState
 
 
 def blank_state(config: ModelConfig, *, batch: int, length: int, n_out: int, hist_len: int, cache_dtype,
-                logits_steps: int) -> DecodeState:
+                logits_steps: int, stop_count: int) -> DecodeState:
     """A state of `batch` free rows (done) with `length` cache positions, `n_out` output slots,
-    `hist_len` history tokens and `logits_steps` stored logits per row (traceable: shapes static)."""
+    `hist_len` history tokens, `logits_steps` stored logits and `stop_count` stop strings per row
+    (traceable: shapes static)."""
     zeros = lambda shape, dtype: jnp.zeros(shape, dtype)  # noqa: E731
     return DecodeState(
         step=jnp.int32(0), last_token=zeros((batch,), jnp.int32), position=zeros((batch,), jnp.int32),
@@ -128,7 +132,8 @@ def blank_state(config: ModelConfig, *, batch: int, length: int, n_out: int, his
         history=History(zeros((batch, hist_len), jnp.int32), zeros((batch,), jnp.int32),
                         zeros((batch, config.vocab_size), bool)),
         cache=init_cache(config, batch, length, cache_dtype), key=zeros((batch, 2), jnp.uint32),
-        logits=zeros((batch, logits_steps, config.vocab_size), jnp.float32))
+        logits=zeros((batch, logits_steps, config.vocab_size), jnp.float32),
+        stop=zeros((batch, stop_count), jnp.int32))
 
 
 def _step(params: dict, state: DecodeState, consts: DecodeConsts, spec: LoopSpec) -> DecodeState:
@@ -151,7 +156,8 @@ def _step(params: dict, state: DecodeState, consts: DecodeConsts, spec: LoopSpec
     out_log_probs = state.out_log_probs.at[rows, column].set(chosen_log_prob, mode="drop")
     out_logits = state.logits.at[rows, column].set(processed, mode="drop") if spec.return_logits else state.logits
     is_end = jnp.any(token[:, None] == consts.proc.end_ids[None, :], axis=-1)
-    finished = active & (is_end | (state.gen_len + 1 >= consts.max_new))
+    stop = jnp.where(active[:, None], advance(consts.stops, state.stop, token), state.stop)
+    finished = active & (is_end | completed(consts.stops, stop) | (state.gen_len + 1 >= consts.max_new))
     return DecodeState(
         step=state.step + 1,
         last_token=token,
@@ -164,6 +170,7 @@ def _step(params: dict, state: DecodeState, consts: DecodeConsts, spec: LoopSpec
         cache=cache,
         key=key,
         logits=out_logits,
+        stop=stop,
     )
 
 

@@ -45,6 +45,7 @@ def grow_state(state: DecodeState, *, config: ModelConfig, batch: int, length: i
     at its end (full layers index by position, and a sliding layer's ring that grows was shorter
     than its window, so it held every position at its own slot, which stays valid in the larger ring)."""
     blank = blank_state(config, batch=batch, length=length, n_out=n_out, hist_len=hist_len,
-                        cache_dtype=state.cache.dtype, logits_steps=state.logits.shape[1])
+                        cache_dtype=state.cache.dtype, logits_steps=state.logits.shape[1],
+                        stop_count=state.stop.shape[1])
     corner = lambda dst, src: dst.at[tuple(slice(0, n) for n in src.shape)].set(src)  # noqa: E731
     return zip_rows(corner, blank, state)._replace(step=state.step)

@@ -33,6 +33,7 @@ from jaxgen.decoding.processors import History, append_history
 from jaxgen.decoding.sampling import greedy
 from jaxgen.decoding.search import DecodeConsts, DecodeState
 from jaxgen.decoding.step import model_logits, process
+from jaxgen.decoding.stops import advance, completed
 from jaxgen.model.config import ModelConfig
 from jaxgen.model.decoder import KVCache, layer_slots
 
@@ -150,6 +151,11 @@ def _verify(params: dict, s: LookupState, consts: DecodeConsts, spec: LookupSpec
     agree = (draft[:, :width - 1] == chosen[:, :width - 1]) & (offsets[None, :width - 1] < draft_len[:, None])
     accepted = jnp.sum(jnp.cumprod(agree.astype(jnp.int32), axis=1), axis=1)  # [B] in [0, W - 1]
     is_end = jnp.any(chosen[..., None] == consts.proc.end_ids[None, None, :], axis=-1)  # [B, W]
+    progress = [r.stop]  # stop-string progress after each chosen token: a completion ends the row there
+    for j in range(width):
+        progress.append(advance(consts.stops, progress[-1], chosen[:, j]))
+    progress = jnp.stack(progress, axis=1)  # [B, W + 1, S]
+    is_end = is_end | completed(consts.stops, progress[:, 1:])
     first_end = jnp.min(jnp.where(is_end, offsets[None, :], width), axis=1)
     emit = jnp.minimum(jnp.minimum(accepted + 1, first_end + 1), consts.max_new - r.gen_len)
     emit = jnp.where(active, jnp.maximum(emit, 0), 0)  # [B] tokens emitted by each row
@@ -178,6 +184,7 @@ def _verify(params: dict, s: LookupState, consts: DecodeConsts, spec: LookupSpec
         out_log_probs=out_log_probs,
         gen_len=gen_len,
         history=history,
+        stop=jnp.take_along_axis(progress, emit[:, None, None], axis=1)[:, 0],
         cache=cache,
     )
     return LookupState(rows=rows_state, context=context, context_len=s.context_len + emit,

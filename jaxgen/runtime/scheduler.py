@@ -34,7 +34,7 @@ from jaxgen.results import GenerationResult
 from jaxgen.runtime.batching import bucket
 from jaxgen.runtime.generation import (Row, _device_zeros, assemble_results, check_positions, keys_of, loop_spec,
                                        loop_state, plan_rows, prefill_rows, processor_options, prompt_width,
-                                       row_history, sampling_options)
+                                       row_history, sampling_options, stop_options)
 from jaxgen.runtime.options import ResolvedOptions
 
 # Decode steps per dispatch: between two chunks finished rows are retired, waiting prompts
@@ -79,7 +79,8 @@ def session_key(resolved: ResolvedOptions, width: int) -> tuple:
     return (tuple(resolved.static_prompt_ids), opts.cache_static_prompt, tuple(resolved.end_ids),
             opts.repetition_penalty, opts.no_repeat_ngram_size, resolved.unk_id,
             tuple(tuple(s) for s in resolved.suppress_ids), opts.is_sampling,
-            (opts.sampling_topk, opts.sampling_topp, opts.sampling_temperature) if opts.is_sampling else None, width)
+            (opts.sampling_topk, opts.sampling_topp, opts.sampling_temperature) if opts.is_sampling else None, width,
+            resolved.stop_strings)
 
 
 class Call:
@@ -281,6 +282,7 @@ class _Session:
         self.spec = loop_spec(config, opts)
         self.proc = processor_options(call.resolved)
         self.samp = sampling_options(opts)
+        self.stops = stop_options(call.resolved, config.vocab_size)
         self.slots: List[Optional[Tuple[Request, int]]] = []  # (request, row index) or None (free)
         self.state: Optional[DecodeState] = None
         self.max_new = np.zeros((0,), np.int32)
@@ -308,7 +310,7 @@ class _Session:
                 done=np.ones((batch,), bool), n_out=n0, history=row_history([], batch, h0, config.vocab_size),
                 cache=init_cache(config, batch, l0, self.prefix.dtype),
                 keys=jnp.asarray(np.zeros((batch, 2), np.uint32)),
-                logits=_device_zeros((batch, 0, config.vocab_size)))
+                logits=_device_zeros((batch, 0, config.vocab_size)), stop_count=self.stops.lengths.shape[0])
         else:
             state = self.state
             l0, n0, h0 = state.cache.length, state.out_tokens.shape[1], state.history.tokens.shape[1]
@@ -356,7 +358,8 @@ class _Session:
                            position=np.array(positions + pad, np.int32), done=np.zeros((n,), bool),
                            n_out=self.state.out_tokens.shape[1], history=history, cache=cache,
                            keys=keys_of(rows, [req.call.seed for req, _ in pending], n),
-                           logits=_device_zeros((n, 0, config.vocab_size)))
+                           logits=_device_zeros((n, 0, config.vocab_size)),
+                           stop_count=self.stops.lengths.shape[0])
         self.state = insert_rows(self.state, jnp.asarray(slots), fresh)
         self.s.count(refills=1)
         for slot, (req, j), row, pos in zip(free, pending, rows, positions):
@@ -462,6 +465,6 @@ class _Session:
         free = self.batch - len(occupied)
         stop_done = max(min(self.refill_rows, waiting), free + 1) if waiting else self.batch + 1
         consts = DecodeConsts(proc=self.proc, samp=self.samp, max_new=jnp.asarray(self.max_new),
-                              min_new=jnp.asarray(self.min_new))
+                              min_new=jnp.asarray(self.min_new), stops=self.stops)
         self.state = decode(self.replica.params, state, consts, jnp.int32(self.step + CHUNK_STEPS), jnp.int32(stop_done),
                             spec=self.spec._replace(attend_len=attend_len))
