@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--end-token", metavar="TOKEN", action="append", default=None,
                    help="also stop at this token of the model's vocabulary (repeatable; besides the EOS token); "
                         "\\n, \\t, \\r and \\\\ are read as escapes, so --end-token '\\n' stops at a newline")
+    p.add_argument("--stop", metavar="TEXT", action="append", default=None,
+                   help="stop once the generated text contains TEXT (repeatable; the token that completes it is "
+                        "the last one printed); escapes as for --end-token, e.g. --stop '\\nQ:'")
     p.add_argument("--beam-size", type=_positive_int, default=1,
                    help="beam search with this many beams (printed at the end, not streamed); default 1")
     p.add_argument("--system", metavar="TEXT", default=None,
@@ -269,6 +272,8 @@ def _generation_kwargs(args, generator, tokenizer) -> dict:
             raise CLIError(f"--end-token {missing[0]!r} is not a token of this model's vocabulary")
         eos = [tokenizer.eos_token] if tokenizer.eos_token in generator.vocabulary else []
         kwargs["end_token"] = eos + extra
+    if getattr(args, "stop", None):
+        kwargs["stop_strings"] = _end_token_args(argparse.Namespace(end_token=args.stop))  # same escapes
     if args.system is not None:
         system = args.system if args.system[-1:].isspace() else args.system + "\n"
         kwargs["static_prompt"] = tokenizer.encode(system, add_special_tokens=True)

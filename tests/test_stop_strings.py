@@ -246,3 +246,20 @@ def test_default_model_stops_on_text(default_model_dir):
     beam = gen.generate_batch([prompt], stop_strings=strings, beam_size=2, **opts)[0].sequences_ids[0]
     k = _reference_hit(texts, strings, beam)
     assert k is None or k == len(beam) - 1
+
+
+def test_cli_stop(cli_tiny_model):
+    """`jaxgen generate --stop` (repeatable, escapes read): the printed continuation is the
+    streamed one cut after the token that completes the earliest string."""
+    from test_cli import run_cli
+
+    args = ("generate", "--model", cli_tiny_model, "--max-length", "24", "--no-echo", "the quick brown fox")
+    free = run_cli(*args)
+    assert free.returncode == 0, free.stderr
+    text = free.stdout.rstrip("\n")
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    cut = run_cli(*args, "--stop", stop, "--stop", "\\nzzz")
+    assert cut.returncode == 0, cut.stderr
+    out = cut.stdout.rstrip("\n")
+    assert stop in out and text.startswith(out) and len(out) < len(text)
+    assert len(out) - (out.index(stop) + len(stop)) < 10  # at most the rest of the completing token follows
