@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=run_convert)
 
     # ------------------------------------------------------------------ info
+    sub.add_parser("eval", add_help=False, help="lm-evaluation-harness's command line with the jaxgen backend "
+                   "registered (jaxgen eval --model jaxgen --model_args model=DIR --tasks ...; needs jaxgen[eval])")
     p = sub.add_parser("info", help="describe a model directory",
                        description="Print a model's architecture, parameter count, size on disk, weight "
                                    "type, vocabulary size, special tokens, KV-cache size and attention "
@@ -689,6 +691,11 @@ def _human(value: float, base: int, units: List[str]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the `jaxgen` command; returns (and, as a console script, exits with) its status."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["eval"]:  # lm-eval's own flags, passed on untouched (jaxgen.eval_cli)
+        from jaxgen.eval_cli import run_eval
+
+        return run_eval(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     from jaxgen.runtime.compilation_cache import enable_compilation_cache

@@ -531,12 +531,15 @@ class Generator:
         return ids, lens
 
     def score_batch(self, tokens, *, max_batch_size: int = 0, batch_type: str = "examples",
-                    max_input_length: int = 1024, offset: int = 0, asynchronous: bool = False):
+                    max_input_length: int = 1024, offset: int = 0, asynchronous: bool = False,
+                    return_greedy: bool = False):
         """Log-likelihood of each token given its prefix (CTranslate2 §4.1).
 
         Returns one ScoringResult(tokens=input[1:], log_probs) per sequence; sequences shorter
         than 2 tokens get empty results. Sequences longer than `max_input_length` are truncated,
         keeping a final end token. `offset` drops the first `offset` scored tokens.
+        `return_greedy` (an extension): ScoringResult.greedy[t] tells whether token t has the
+        highest logit at its position (what greedy search would choose; lm-eval's `is_greedy`).
         """
         _check_batch_options(max_batch_size, batch_type)
         self._check_loaded()
@@ -560,19 +563,24 @@ class Generator:
 
         def job(replica, _: int, group: List[int]) -> List[ScoringResult]:
             todo = [i for i in group if len(prepared[i]) >= 2]
-            scored = dict(zip(todo, self._score_rows(replica, [prepared[i] for i in todo]) if todo else []))
+            scored = dict(zip(todo, self._score_rows(replica, [prepared[i] for i in todo], bool(return_greedy))
+                              if todo else []))
             out = []
             for i in group:
                 if i not in scored:
-                    out.append(ScoringResult([], []))
+                        out.append(ScoringResult([], []))
                 else:
                     targets = prepared[i][1:]
-                    out.append(ScoringResult(self._vocab.to_tokens(targets[offset:]), scored[i][offset:]))
+                    log_probs, greedy = scored[i]
+                    out.append(ScoringResult(self._vocab.to_tokens(targets[offset:]), log_probs[offset:],
+                                             greedy[offset:] if return_greedy else []))
             return out
 
         return self._run_jobs(groups, job, len(prepared), asynchronous)
 
-    def _score_rows(self, replica, seqs: List[List[int]]) -> List[List[float]]:
+    def _score_rows(self, replica, seqs: List[List[int]], greedy: bool = False) -> List[tuple]:
+        """Per sequence (log-probs of its tokens but the first, and with `greedy` whether each is
+        the most likely token there, else [])."""
         inputs = [s[:-1] for s in seqs]
         targets = [s[1:] for s in seqs]
         lens = [len(s) for s in inputs]
@@ -581,9 +589,11 @@ class Generator:
         b = bucket(len(seqs), minimum=1)
         inp, lengths = self._pad(inputs, lens, t, b)
         tgt, _ = self._pad(targets, lens, t, b)
-        out = np.asarray(target_log_probs(replica.params, inp, tgt, lengths, config=self.config,
-                                          dtype=self._ctype.dtype, chunk=self._plan.chunk, impl=self._plan.impl))
-        return [out[i, :n].astype(np.float32).tolist() for i, n in enumerate(lens)]
+        out = target_log_probs(replica.params, inp, tgt, lengths, config=self.config, dtype=self._ctype.dtype,
+                               chunk=self._plan.chunk, impl=self._plan.impl, **({"greedy": True} if greedy else {}))
+        out, flags = (np.asarray(out[0]), np.asarray(out[1])) if greedy else (np.asarray(out), None)
+        return [(out[i, :n].astype(np.float32).tolist(), flags[i, :n].tolist() if greedy else [])
+                for i, n in enumerate(lens)]
 
     # ------------------------------------------------------------------ helpers
     def _resolve_options(self, **options):
