@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "'\\n'. A token is matched whole: where the tokenizer merges a newline into a longer "
                         "token (Gemma writes a blank line as the one token '\\n\\n'), name that token too, e.g. "
                         "--end-token '\\n' --end-token '\\n\\n'")
+    p.add_argument("--stop", metavar="TEXT", action="append", default=None,
+                   help="stop once the generated text contains TEXT (repeatable; the token that completes it is "
+                        "the last one printed); escapes as for --end-token, e.g. --stop '\\nQ:'")
     p.add_argument("--beam-size", type=_positive_int, default=1,
                    help="beam search with this many beams (printed at the end, not streamed); default 1")
     p.add_argument("--system", metavar="TEXT", default=None,
@@ -113,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=run_convert)
 
     # ------------------------------------------------------------------ info
+    sub.add_parser("eval", add_help=False, help="lm-evaluation-harness's command line with the jaxgen backend "
+                   "registered (jaxgen eval --model jaxgen --model_args model=DIR --tasks ...; needs jaxgen[eval])")
     p = sub.add_parser("info", help="describe a model directory",
                        description="Print a model's architecture, parameter count, size on disk, weight "
                                    "type, vocabulary size, special tokens, KV-cache size and attention "
@@ -286,6 +291,8 @@ def _generation_kwargs(args, generator, tokenizer) -> dict:
             raise CLIError(f"--end-token {missing[0]!r} is not a token of this model's vocabulary")
         eos = [tokenizer.eos_token] if tokenizer.eos_token in generator.vocabulary else []
         kwargs["end_token"] = eos + extra
+    if getattr(args, "stop", None):
+        kwargs["stop_strings"] = _end_token_args(argparse.Namespace(end_token=args.stop))  # same escapes
     if args.system is not None:
         system = args.system if args.system[-1:].isspace() else args.system + "\n"
         kwargs["static_prompt"] = tokenizer.encode(system, add_special_tokens=True)
@@ -715,6 +722,11 @@ def _human(value: float, base: int, units: List[str]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Runs the `jaxgen` command; returns (and, as a console script, exits with) its status."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["eval"]:  # lm-eval's own flags, passed on untouched (jaxgen.eval_cli)
+        from jaxgen.eval_cli import run_eval
+
+        return run_eval(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     from jaxgen.runtime.compilation_cache import enable_compilation_cache

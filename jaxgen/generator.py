@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import os
 import threading
 from typing import Iterable, List, Optional, Sequence, Union
@@ -33,6 +34,7 @@ from jaxgen.runtime.memory import check_jobs_fit
 from jaxgen.runtime.options import GenerationOptions, check_context, positions_fed, validate_options
 from jaxgen.runtime.replicas import ReplicaPool, replicate, shard_tensor_parallel, tensor_parallel_layout
 from jaxgen.runtime.scheduler import DEFAULT_WIDTHS, Call, SlotScheduler, schedulable
+from jaxgen.runtime.stops import StopTables
 from jaxgen.runtime.streaming import TokenStream, bridge_async, iterate_in_chunks
 from jaxgen.vocabulary import Vocabulary, as_id_batch, as_ids
 
@@ -67,6 +69,8 @@ class Generator:
     Compiled programs are kept in JAX's persistent cache, `<jaxgen cache dir>/xla`
     (`JAXGEN_COMPILATION_CACHE=0` turns that off; see `jaxgen.runtime.compilation_cache`).
     """
+
+    _stop_tables: Optional[StopTables] = None  # the vocabulary's stop-string tables, made on first use
 
     def __init__(self, model_path: str, device: str = "cpu", *, device_index: Union[int, Sequence[int]] = 0,
                  compute_type: str = "default", inter_threads: int = 1, intra_threads: int = 0,
@@ -231,7 +235,8 @@ class Generator:
                        return_logits_vocab: bool = False, return_alternatives: bool = False,
                        min_alternative_expansion_prob: float = 0, sampling_topk: int = 1,
                        sampling_topp: float = 1, sampling_temperature: float = 1, callback=None,
-                       random_seed: Optional[int] = None, logits_processors=None, prompt_lookup_tokens: int = 0):
+                       random_seed: Optional[int] = None, logits_processors=None, prompt_lookup_tokens: int = 0,
+                       stop_strings=None):
         """Generates continuations of prompts given as lists of token strings (CTranslate2 §2).
 
         Returns one GenerationResult per prompt (or futures with `asynchronous=True`).
@@ -247,6 +252,10 @@ class Generator:
         drafts up to K tokens per step from an earlier occurrence of the text's last n-gram in
         the prompt (static prompt included) and the text generated so far, and verifies them in
         one pass; the output is exactly greedy search's (`jaxgen.decoding.speculative`).
+        `stop_strings`: a string or a list of strings; a hypothesis ends at the first generated
+        token whose text completes one of them (matched on the generated text, across tokens or
+        inside one, in the decoding loop), and that token is its last token (cut the decoded text
+        at the string yourself: `text[:text.find(s) + len(s)]`). See `jaxgen.runtime.stops`.
         """
         if isinstance(start_tokens, list) and not start_tokens:
             return []  # nothing is validated for an empty batch (spec §2.1)
@@ -265,7 +274,7 @@ class Generator:
             min_alternative_expansion_prob=min_alternative_expansion_prob, sampling_topk=sampling_topk,
             sampling_topp=sampling_topp, sampling_temperature=sampling_temperature, callback=callback,
             random_seed=random_seed, logits_processors=logits_processors,
-            prompt_lookup_tokens=prompt_lookup_tokens)
+            prompt_lookup_tokens=prompt_lookup_tokens, stop_strings=stop_strings)
         prompts = as_id_batch(start_tokens, self._vocab, "start_tokens", allow_ids=False)
         if any(len(p) == 0 for p in prompts):
             raise ValueError("One input has no decoder start token")
@@ -318,12 +327,13 @@ class Generator:
                         repetition_penalty: float = 1, no_repeat_ngram_size: int = 0, disable_unk: bool = False,
                         suppress_sequences=None, end_token=None, static_prompt=None,
                         cache_static_prompt: bool = True, callback=None, random_seed: Optional[int] = None,
-                        logits_processors=None) -> TokenStream:
+                        logits_processors=None, stop_strings=None) -> TokenStream:
         """Streams GenerationStepResult for one prompt (list of str) or a batch (list of lists).
 
         The end token is yielded as the last step of an entry that stops on it. Options are
         validated before this returns; `close()` stops the decoding within a few steps.
-        `logits_processors`: as for `generate_batch`.
+        `logits_processors`, `stop_strings`: as for `generate_batch` (the token that completes a
+        stop string is the entry's last step, `is_last=True`).
         """
         batch = [prompt] if prompt and isinstance(prompt[0], str) else prompt
         options = dict(max_batch_size=max_batch_size, batch_type=batch_type, asynchronous=True, beam_size=1,
@@ -333,7 +343,7 @@ class Generator:
                        no_repeat_ngram_size=no_repeat_ngram_size, disable_unk=disable_unk,
                        suppress_sequences=suppress_sequences, end_token=end_token, static_prompt=static_prompt,
                        cache_static_prompt=cache_static_prompt, random_seed=random_seed,
-                       logits_processors=logits_processors)
+                       logits_processors=logits_processors, stop_strings=stop_strings)
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
         return TokenStream(lambda cb: self.generate_batch(batch, callback=cb, **options), callback)
@@ -543,12 +553,15 @@ class Generator:
         return ids, lens
 
     def score_batch(self, tokens, *, max_batch_size: int = 0, batch_type: str = "examples",
-                    max_input_length: int = 1024, offset: int = 0, asynchronous: bool = False):
+                    max_input_length: int = 1024, offset: int = 0, asynchronous: bool = False,
+                    return_greedy: bool = False):
         """Log-likelihood of each token given its prefix (CTranslate2 §4.1).
 
         Returns one ScoringResult(tokens=input[1:], log_probs) per sequence; sequences shorter
         than 2 tokens get empty results. Sequences longer than `max_input_length` are truncated,
         keeping a final end token. `offset` drops the first `offset` scored tokens.
+        `return_greedy` (an extension): ScoringResult.greedy[t] tells whether token t has the
+        highest logit at its position (what greedy search would choose; lm-eval's `is_greedy`).
         """
         _check_batch_options(max_batch_size, batch_type)
         self._check_loaded()
@@ -575,19 +588,24 @@ class Generator:
 
         def job(replica, _: int, group: List[int]) -> List[ScoringResult]:
             todo = [i for i in group if len(prepared[i]) >= 2]
-            scored = dict(zip(todo, self._score_rows(replica, [prepared[i] for i in todo]) if todo else []))
+            scored = dict(zip(todo, self._score_rows(replica, [prepared[i] for i in todo], bool(return_greedy))
+                              if todo else []))
             out = []
             for i in group:
                 if i not in scored:
-                    out.append(ScoringResult([], []))
+                        out.append(ScoringResult([], []))
                 else:
                     targets = prepared[i][1:]
-                    out.append(ScoringResult(self._vocab.to_tokens(targets[offset:]), scored[i][offset:]))
+                    log_probs, greedy = scored[i]
+                    out.append(ScoringResult(self._vocab.to_tokens(targets[offset:]), log_probs[offset:],
+                                             greedy[offset:] if return_greedy else []))
             return out
 
         return self._run_jobs(groups, job, len(prepared), asynchronous)
 
-    def _score_rows(self, replica, seqs: List[List[int]]) -> List[List[float]]:
+    def _score_rows(self, replica, seqs: List[List[int]], greedy: bool = False) -> List[tuple]:
+        """Per sequence (log-probs of its tokens but the first, and with `greedy` whether each is
+        the most likely token there, else [])."""
         inputs = [s[:-1] for s in seqs]
         targets = [s[1:] for s in seqs]
         lens = [len(s) for s in inputs]
@@ -596,14 +614,24 @@ class Generator:
         b = bucket(len(seqs), minimum=1)
         inp, lengths = self._pad(inputs, lens, t, b)
         tgt, _ = self._pad(targets, lens, t, b)
-        out = np.asarray(target_log_probs(replica.params, inp, tgt, lengths, config=self.config,
-                                          dtype=self._ctype.dtype, chunk=self._plan.chunk, impl=self._plan.impl))
-        return [out[i, :n].astype(np.float32).tolist() for i, n in enumerate(lens)]
+        out = target_log_probs(replica.params, inp, tgt, lengths, config=self.config, dtype=self._ctype.dtype,
+                               chunk=self._plan.chunk, impl=self._plan.impl, **({"greedy": True} if greedy else {}))
+        out, flags = (np.asarray(out[0]), np.asarray(out[1])) if greedy else (np.asarray(out), None)
+        return [(out[i, :n].astype(np.float32).tolist(), flags[i, :n].tolist() if greedy else [])
+                for i, n in enumerate(lens)]
 
     # ------------------------------------------------------------------ helpers
     def _resolve_options(self, **options):
         """generate_batch's decoding options, validated, with tokens resolved to ids."""
-        return validate_options(GenerationOptions(**options), self._vocab, self._eos_ids())
+        resolved = validate_options(GenerationOptions(**options), self._vocab, self._eos_ids())
+        if not resolved.stop_strings:
+            return resolved
+        with self._static_lock:
+            if self._stop_tables is None:
+                self._stop_tables = StopTables(self._vocab.tokens, [] if self._vocab.unk_id is None
+                                               else [self._vocab.unk_id])
+        tables = self._stop_tables.tables(resolved.stop_strings, resolved.end_ids)
+        return dataclasses.replace(resolved, stop_tables=tables)
 
     def _check_generation_context(self, prompts: List[List[int]], resolved, first_index: int) -> None:
         """ValueError when a prompt could feed the model more positions than the context length."""

@@ -30,3 +30,4 @@ class GenerationStepResult:
 class ScoringResult:
     tokens: List[str]
     log_probs: List[float]
+    greedy: List[bool] = dataclasses.field(default_factory=list)  # with score_batch(return_greedy=True)

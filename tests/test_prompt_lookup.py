@@ -105,6 +105,6 @@ def test_drafts_are_accepted(pair, monkeypatch):
                                       prompt_lookup_tokens=6)
     assert fast[0].sequences_ids == plain[0].sequences_ids
     final = states[-1]
-    assert int(final.gen_len[0]) == 40
-    assert int(final.accepted[0]) > 0 and int(final.step) < 40
-    assert int(final.step) + int(final.accepted[0]) == 40
+    assert int(final.rows.gen_len[0]) == 40
+    assert int(final.accepted[0]) > 0 and int(final.rows.step) < 40
+    assert int(final.rows.step) + int(final.accepted[0]) == 40

@@ -15,11 +15,12 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from jaxgen.decoding.custom import apply_processors, generated_tokens
-from jaxgen.decoding.processors import History, ProcessorOptions, append_history, process_logits
+from jaxgen.decoding.processors import History, ProcessorOptions, append_history
 from jaxgen.decoding.sampling import SamplingOptions, filtered_candidates
+from jaxgen.decoding.step import next_logits
+from jaxgen.decoding.stops import StopStrings, advance, completed
 from jaxgen.model.config import ModelConfig
-from jaxgen.model.decoder import KVCache, compute_logits, forward
+from jaxgen.model.decoder import KVCache
 
 DISABLED_SCORE = -1e10  # CTranslate2's score for candidates it rules out
 
@@ -43,6 +44,7 @@ class BeamConsts(NamedTuple):
     length_penalty: jax.Array  # [] float32
     finish_target: jax.Array  # [] int32: round(K * patience)
     disable_first_eos: jax.Array  # [] bool: rule out secondary end candidates at step 0
+    stops: StopStrings  # a candidate that completes a stop string ends its hypothesis, like an end token
 
 
 class BeamState(NamedTuple):
@@ -60,6 +62,7 @@ class BeamState(NamedTuple):
     fin_score: jax.Array  # [B, F] normalised scores, -inf = empty
     fin_count: jax.Array  # [B]
     key: jax.Array
+    stop: jax.Array  # [B*K, S] int32 each beam's progress on the stop strings
 
 
 def _gather_rows(tree, rows: jax.Array, axis: int):
@@ -88,14 +91,10 @@ def _beam_step(params: dict, s: BeamState, c: BeamConsts, spec: BeamSpec) -> Bea
     config, k = spec.config, spec.beam_size
     b = s.cum.shape[0]
     v = config.vocab_size
-    hidden, cache = forward(params, config, s.last_token[:, None], s.position[:, None], s.cache,
-                            attend_len=spec.attend_len)
-    logits = compute_logits(params, config, hidden[:, 0])
-    ban_end = jnp.repeat(s.step < c.min_new, k)
-    processed = process_logits(logits, s.history, c.proc, ban_end)
-    if spec.processors:
-        generated = generated_tokens(s.seqs.reshape(b * k, -1), s.step)
-        processed = apply_processors(spec.processors, processed, generated, s.step)
+    processed, cache = next_logits(params, config, s.last_token, s.position, s.cache, s.history, c.proc,
+                                   jnp.repeat(s.step < c.min_new, k), attend_len=spec.attend_len,
+                                   processors=spec.processors, outputs=(s.seqs.reshape(b * k, -1), s.step),
+                                   step=s.step)
     log_probs = jax.nn.log_softmax(processed, axis=-1)
     total = (log_probs + s.cum.reshape(b * k, 1)).reshape(b, k * v)
     if spec.sampling:
@@ -114,7 +113,9 @@ def _beam_step(params: dict, s: BeamState, c: BeamConsts, spec: BeamSpec) -> Bea
     rule_out = c.disable_first_eos & (s.step == 0) & secondary & is_end
     cand_tok = jnp.where(rule_out, 0, cand_tok)
     cand_score = jnp.where(rule_out, DISABLED_SCORE, cand_score)
-    is_end = is_end & ~rule_out
+    # Each candidate's progress on the stop strings (its beam's, then its token): completing one ends it.
+    cand_stop = advance(c.stops, s.stop.reshape(b, k, -1)[jnp.arange(b)[:, None], cand_beam], cand_tok)  # [B, 2K, S]
+    is_end = (is_end | completed(c.stops, cand_stop)) & ~rule_out
 
     active = ~s.done
     last_step = s.step + 1 >= c.max_new  # [B]
@@ -150,6 +151,7 @@ def _beam_step(params: dict, s: BeamState, c: BeamConsts, spec: BeamSpec) -> Bea
     rows = (jnp.arange(b)[:, None] * k + sel_beam).reshape(-1)
     seqs = jnp.take_along_axis(s.seqs, sel_beam[:, :, None], axis=1).at[:, :, s.step].set(sel_tok)
     history = append_history(_gather_rows(s.history, rows, 0), sel_tok.reshape(-1), jnp.ones((b * k,), bool))
+    stop = jnp.take_along_axis(cand_stop, sel[:, :, None], axis=1).reshape(b * k, -1)
     cache = reorder_beams(cache, rows, s.position - s.step, s.seqs.shape[2])
     lp_zero = c.length_penalty == 0
     done_now = last_step | jnp.where(lp_zero, top_finished & (fin_count >= spec.num_keep),
@@ -170,6 +172,7 @@ def _beam_step(params: dict, s: BeamState, c: BeamConsts, spec: BeamSpec) -> Bea
         fin_score=keep(best_scores, s.fin_score),
         fin_count=keep(fin_count, s.fin_count),
         key=key,
+        stop=jnp.where(jnp.repeat(active, k)[:, None], stop, s.stop),
     )
 
 

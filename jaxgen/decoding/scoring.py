@@ -39,8 +39,10 @@ def score_piece(batch: int, width: int) -> int:
     return piece
 
 
-def target_log_prob(params: dict, config: ModelConfig, hidden: jax.Array, targets: jax.Array) -> jax.Array:
-    """log softmax(logits(hidden))[targets]: hidden [..., D], targets [...] int -> float32 [...].
+def target_log_prob(params: dict, config: ModelConfig, hidden: jax.Array, targets: jax.Array,
+                    greedy: bool = False):
+    """log softmax(logits(hidden))[targets]: hidden [..., D], targets [...] int -> float32 [...];
+    with `greedy`, also bool [...]: the target has the highest logit (greedy decoding's choice, ties included).
 
     The vocabulary is visited in blocks of VOCAB_BLOCK columns (VOCAB_BLOCK_INT8 for an int8 head
     with float32 activations) with a running log-sum-exp, so only one block's logits exist at a
@@ -71,7 +73,8 @@ def target_log_prob(params: dict, config: ModelConfig, hidden: jax.Array, target
 
     init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
     running_max, running_sum, picked = jax.lax.fori_loop(0, -(-v // block), one_block, init)
-    return picked - (running_max + jnp.log(running_sum))
+    log_prob = picked - (running_max + jnp.log(running_sum))
+    return (log_prob, picked >= running_max) if greedy else log_prob
 
 
 @cached_jit(static_argnames=("config", "dtype", "log_probs", "chunk", "impl"))
@@ -101,10 +104,11 @@ def pad_for_pass(x: jax.Array, chunk: int, multiple: int = 1) -> jax.Array:
     return jnp.pad(x, [(0, 0), (0, width - t)] + [(0, 0)] * (x.ndim - 2))
 
 
-@cached_jit(static_argnames=("config", "dtype", "chunk", "impl"))
+@cached_jit(static_argnames=("config", "dtype", "chunk", "impl", "greedy"))
 def target_log_probs(params: dict, inputs: jax.Array, targets: jax.Array, lengths: jax.Array, *,
-                     config: ModelConfig, dtype, chunk: int, impl: str = "flash") -> jax.Array:
-    """log p(targets[b, t] | inputs[b, :t+1]) as float32 [B, T].
+                     config: ModelConfig, dtype, chunk: int, impl: str = "flash", greedy: bool = False):
+    """log p(targets[b, t] | inputs[b, :t+1]) as float32 [B, T]; with `greedy`, a pair with bool
+    [B, T]: each target is the most likely token there (see target_log_prob).
 
     T must divide by SCORE_CHUNK and be <= chunk or a multiple of it (chunk a multiple of
     SCORE_CHUNK). Logits are computed `score_piece` positions at a time so that [B, T, V] never
@@ -123,10 +127,9 @@ def target_log_probs(params: dict, inputs: jax.Array, targets: jax.Array, length
 
         def one_piece(_, xs):
             h, tg = xs
-            return None, target_log_prob(params, config, h, tg)
-
+            return None, target_log_prob(params, config, h, tg, greedy)
         _, out = jax.lax.scan(one_piece, None, (pieces, target_pieces))
-        return out.swapaxes(0, 1).reshape(b, width)
+        return jax.tree_util.tree_map(lambda a: a.swapaxes(0, 1).reshape(b, width), out)
 
     return chunked_pass(params, config, inputs, lengths, dtype, width, per_chunk, impl)
 

@@ -9,17 +9,18 @@ scheduler refills finished slots, see `insert_rows`). Shapes: B rows, N output s
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
-from jaxgen.decoding.custom import apply_processors, generated_tokens
-from jaxgen.decoding.processors import History, ProcessorOptions, append_history, process_logits
+from jaxgen.decoding.processors import History, ProcessorOptions, append_history
 from jaxgen.decoding.sampling import SamplingOptions, greedy, sample, split_rows
+from jaxgen.decoding.step import next_logits
+from jaxgen.decoding.stops import StopStrings, advance, completed
 from jaxgen.executables import cached_jit
 from jaxgen.model.config import ModelConfig
-from jaxgen.model.decoder import KVCache, compute_logits, forward, init_cache
+from jaxgen.model.decoder import KVCache, forward, init_cache
 
 
 class LoopSpec(NamedTuple):
@@ -38,9 +39,15 @@ class DecodeConsts(NamedTuple):
     samp: SamplingOptions
     max_new: jax.Array  # [B] int32: tokens a row may generate
     min_new: jax.Array  # [B] int32: end ids are forbidden while the row has generated fewer
+    stops: StopStrings  # stop strings: a row ends at the token that completes one (kept in its output)
 
 
 class DecodeState(NamedTuple):
+    """The loop state. Every field but `step` is batch-major (axis 0 = row, pytrees included), so
+    the row operations (`map_rows`; `jaxgen.decoding.slots`: insert, keep, grow) are written once
+    over the fields: a new per-row feature adds a field here and in `blank_state`, and moves with
+    its row. The prompt-lookup loop carries the same state (`speculative.LookupState`)."""
+
     step: jax.Array  # [] int32 loop iterations run
     last_token: jax.Array  # [B] token fed at the next step
     position: jax.Array  # [B] its absolute position (frozen once the row is done)
@@ -52,6 +59,7 @@ class DecodeState(NamedTuple):
     cache: KVCache
     key: jax.Array  # [B, 2] uint32: each row's sampling key (see sampling.row_keys)
     logits: jax.Array  # [B, N, V] float32 when spec.return_logits, else [B, 0, V]
+    stop: jax.Array  # [B, S] int32 progress on each stop string (jaxgen.decoding.stops)
 
 
 @cached_jit(static_argnames=("config", "batch", "length"))
@@ -93,15 +101,46 @@ def live_length(needed: int, length: int, minimum: int = 512) -> int:
     return min(size, length)
 
 
+ROW_FIELDS = tuple(f for f in DecodeState._fields if f != "step")
+
+
+def map_rows(fn: Callable[[jax.Array], jax.Array], state: DecodeState) -> DecodeState:
+    """fn applied to every batch-major array of the state (the rows' axis is axis 0)."""
+    return state._replace(**{f: jax.tree_util.tree_map(fn, getattr(state, f)) for f in ROW_FIELDS})
+
+
+def zip_rows(fn: Callable[[jax.Array, jax.Array], jax.Array], state: DecodeState, other: DecodeState) -> DecodeState:
+    """fn(a, b) over the matching batch-major arrays of two states (state's `step` is kept). The
+    result keeps `state`'s static metadata (a cache's length) where the two differ."""
+    def zipped(a, b):
+        leaves, treedef = jax.tree_util.tree_flatten(a)
+        return jax.tree_util.tree_unflatten(treedef, [fn(x, y) for x, y in zip(leaves, jax.tree_util.tree_leaves(b))])
+
+    return state._replace(**{f: zipped(getattr(state, f), getattr(other, f)) for f in ROW_FIELDS})
+
+
+def blank_state(config: ModelConfig, *, batch: int, length: int, n_out: int, hist_len: int, cache_dtype,
+                logits_steps: int, stop_count: int) -> DecodeState:
+    """A state of `batch` free rows (done) with `length` cache positions, `n_out` output slots,
+    `hist_len` history tokens, `logits_steps` stored logits and `stop_count` stop strings per row
+    (traceable: shapes static)."""
+    zeros = lambda shape, dtype: jnp.zeros(shape, dtype)  # noqa: E731
+    return DecodeState(
+        step=jnp.int32(0), last_token=zeros((batch,), jnp.int32), position=zeros((batch,), jnp.int32),
+        done=jnp.ones((batch,), bool), out_tokens=zeros((batch, n_out), jnp.int32),
+        out_log_probs=zeros((batch, n_out), jnp.float32), gen_len=zeros((batch,), jnp.int32),
+        history=History(zeros((batch, hist_len), jnp.int32), zeros((batch,), jnp.int32),
+                        zeros((batch, config.vocab_size), bool)),
+        cache=init_cache(config, batch, length, cache_dtype), key=zeros((batch, 2), jnp.uint32),
+        logits=zeros((batch, logits_steps, config.vocab_size), jnp.float32),
+        stop=zeros((batch, stop_count), jnp.int32))
+
+
 def _step(params: dict, state: DecodeState, consts: DecodeConsts, spec: LoopSpec) -> DecodeState:
-    config = spec.config
-    hidden, cache = forward(params, config, state.last_token[:, None], state.position[:, None], state.cache,
-                            attend_len=spec.attend_len)
-    logits = compute_logits(params, config, hidden[:, 0])
-    processed = process_logits(logits, state.history, consts.proc, ban_end=state.gen_len < consts.min_new)
-    if spec.processors:
-        processed = apply_processors(spec.processors, processed, generated_tokens(state.out_tokens, state.gen_len),
-                                     state.step)
+    processed, cache = next_logits(params, spec.config, state.last_token, state.position, state.cache,
+                                   state.history, consts.proc, state.gen_len < consts.min_new,
+                                   attend_len=spec.attend_len, processors=spec.processors,
+                                   outputs=(state.out_tokens, state.gen_len), step=state.step)
     log_probs = jax.nn.log_softmax(processed, axis=-1)
     key, draw_keys = split_rows(state.key)
     if spec.sampling:
@@ -117,7 +156,8 @@ def _step(params: dict, state: DecodeState, consts: DecodeConsts, spec: LoopSpec
     out_log_probs = state.out_log_probs.at[rows, column].set(chosen_log_prob, mode="drop")
     out_logits = state.logits.at[rows, column].set(processed, mode="drop") if spec.return_logits else state.logits
     is_end = jnp.any(token[:, None] == consts.proc.end_ids[None, :], axis=-1)
-    finished = active & (is_end | (state.gen_len + 1 >= consts.max_new))
+    stop = jnp.where(active[:, None], advance(consts.stops, state.stop, token), state.stop)
+    finished = active & (is_end | completed(consts.stops, stop) | (state.gen_len + 1 >= consts.max_new))
     return DecodeState(
         step=state.step + 1,
         last_token=token,
@@ -130,6 +170,7 @@ def _step(params: dict, state: DecodeState, consts: DecodeConsts, spec: LoopSpec
         cache=cache,
         key=key,
         logits=out_logits,
+        stop=stop,
     )
 
 

@@ -29,11 +29,13 @@ from typing import NamedTuple, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from jaxgen.decoding.processors import History, append_history, process_logits
+from jaxgen.decoding.processors import History, append_history
 from jaxgen.decoding.sampling import greedy
-from jaxgen.decoding.search import DecodeConsts
+from jaxgen.decoding.search import DecodeConsts, DecodeState
+from jaxgen.decoding.step import model_logits, process
+from jaxgen.decoding.stops import advance, completed
 from jaxgen.model.config import ModelConfig
-from jaxgen.model.decoder import KVCache, compute_logits, forward, layer_slots
+from jaxgen.model.decoder import KVCache, layer_slots
 
 
 class LookupSpec(NamedTuple):
@@ -47,15 +49,7 @@ class LookupSpec(NamedTuple):
 
 
 class LookupState(NamedTuple):
-    step: jax.Array  # [] int32 passes run
-    last_token: jax.Array  # [B] int32 token fed first at the next pass (its keys are not cached yet)
-    position: jax.Array  # [B] int32 its position
-    done: jax.Array  # [B] bool
-    out_tokens: jax.Array  # [B, N] int32 generated tokens
-    out_log_probs: jax.Array  # [B, N] float32 log p of each (processed logits, as greedy's)
-    gen_len: jax.Array  # [B] int32 tokens generated
-    history: History
-    cache: KVCache
+    rows: DecodeState  # the greedy loop's state (its `key` and `logits` are unused here)
     context: jax.Array  # [B, C] int32 static prompt + prompt + generated tokens (last_token last)
     context_len: jax.Array  # [B] int32
     accepted: jax.Array  # [B] int32 draft tokens accepted so far (tokens emitted beyond one per pass)
@@ -131,71 +125,75 @@ def find_draft(context: jax.Array, length: jax.Array, k: int, max_ngram: int,
 def _verify(params: dict, s: LookupState, consts: DecodeConsts, spec: LookupSpec, draft: jax.Array,
             draft_len: jax.Array, width: int) -> LookupState:
     """One pass over [last token, draft[:, :width - 1]]; emits the agreeing prefix + one token."""
-    config = spec.config
-    b, n_out = s.out_tokens.shape
-    active = ~s.done
+    r = s.rows
+    b, n_out = r.out_tokens.shape
+    active = ~r.done
     offsets = jnp.arange(width, dtype=jnp.int32)
-    fed = jnp.concatenate([s.last_token[:, None], draft[:, :width - 1]], axis=1)  # [B, W]
-    positions = s.position[:, None] + offsets[None, :]
-    positions = jnp.where(positions < s.cache.length, positions, -1)  # past the cache: padding (never emitted)
-    saved = _save_rings(s.cache, s.position, width) if width > 1 else None
-    hidden, cache = forward(params, config, fed, positions, s.cache, attend_len=spec.attend_len)
-    logits = compute_logits(params, config, hidden)  # [B, W, V]
+    fed = jnp.concatenate([r.last_token[:, None], draft[:, :width - 1]], axis=1)  # [B, W]
+    positions = r.position[:, None] + offsets[None, :]
+    positions = jnp.where(positions < r.cache.length, positions, -1)  # past the cache: padding (never emitted)
+    saved = _save_rings(r.cache, r.position, width) if width > 1 else None
+    logits, cache = model_logits(params, spec.config, fed, positions, r.cache, spec.attend_len)  # [B, W, V]
 
     def choose(history: History, j):
-        processed = process_logits(logits[:, j], history, consts.proc, ban_end=s.gen_len + j < consts.min_new)
+        processed = process(logits[:, j], history, consts.proc, r.gen_len + j < consts.min_new)
         token = greedy(processed)
         log_prob = jnp.take_along_axis(jax.nn.log_softmax(processed, axis=-1), token[:, None], axis=1)[:, 0]
         following = jnp.take_along_axis(draft, jnp.minimum(j, draft.shape[1] - 1)[None, None].repeat(b, 0), axis=1)
         return append_history(history, following[:, 0], active), (token, log_prob)
 
     if width == 1:
-        _, (chosen, log_probs) = choose(s.history, jnp.int32(0))
+        _, (chosen, log_probs) = choose(r.history, jnp.int32(0))
         chosen, log_probs = chosen[:, None], log_probs[:, None]
     else:
-        _, (chosen, log_probs) = jax.lax.scan(choose, s.history, offsets)
+        _, (chosen, log_probs) = jax.lax.scan(choose, r.history, offsets)
         chosen, log_probs = chosen.T, log_probs.T  # [B, W]
     agree = (draft[:, :width - 1] == chosen[:, :width - 1]) & (offsets[None, :width - 1] < draft_len[:, None])
     accepted = jnp.sum(jnp.cumprod(agree.astype(jnp.int32), axis=1), axis=1)  # [B] in [0, W - 1]
     is_end = jnp.any(chosen[..., None] == consts.proc.end_ids[None, None, :], axis=-1)  # [B, W]
+    progress = [r.stop]  # stop-string progress after each chosen token: a completion ends the row there
+    for j in range(width):
+        progress.append(advance(consts.stops, progress[-1], chosen[:, j]))
+    progress = jnp.stack(progress, axis=1)  # [B, W + 1, S]
+    is_end = is_end | completed(consts.stops, progress[:, 1:])
     first_end = jnp.min(jnp.where(is_end, offsets[None, :], width), axis=1)
-    emit = jnp.minimum(jnp.minimum(accepted + 1, first_end + 1), consts.max_new - s.gen_len)
+    emit = jnp.minimum(jnp.minimum(accepted + 1, first_end + 1), consts.max_new - r.gen_len)
     emit = jnp.where(active, jnp.maximum(emit, 0), 0)  # [B] tokens emitted by each row
 
     rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, width))
     keep = offsets[None, :] < emit[:, None]
-    column = jnp.where(keep, s.gen_len[:, None] + offsets[None, :], n_out)  # dropped when not kept
-    out_tokens = s.out_tokens.at[rows, column].set(chosen, mode="drop")
-    out_log_probs = s.out_log_probs.at[rows, column].set(log_probs, mode="drop")
+    column = jnp.where(keep, r.gen_len[:, None] + offsets[None, :], n_out)  # dropped when not kept
+    out_tokens = r.out_tokens.at[rows, column].set(chosen, mode="drop")
+    out_log_probs = r.out_log_probs.at[rows, column].set(log_probs, mode="drop")
     ctx_column = jnp.where(keep, s.context_len[:, None] + offsets[None, :], s.context.shape[1])
     context = s.context.at[rows, ctx_column].set(chosen, mode="drop")
     if saved is not None:
-        cache = _restore_rings(cache, saved, s.position, keep)
-    history = s.history
+        cache = _restore_rings(cache, saved, r.position, keep)
+    history = r.history
     for j in range(width):
         history = append_history(history, chosen[:, j], keep[:, j])
     last = jnp.take_along_axis(chosen, jnp.maximum(emit - 1, 0)[:, None], axis=1)[:, 0]
-    gen_len = s.gen_len + emit
+    gen_len = r.gen_len + emit
     ended = active & ((first_end < emit) | (gen_len >= consts.max_new))
-    return LookupState(
-        step=s.step + 1,
-        last_token=jnp.where(emit > 0, last, s.last_token),
-        position=s.position + emit,
-        done=s.done | ended,
+    rows_state = r._replace(
+        step=r.step + 1,
+        last_token=jnp.where(emit > 0, last, r.last_token),
+        position=r.position + emit,
+        done=r.done | ended,
         out_tokens=out_tokens,
         out_log_probs=out_log_probs,
         gen_len=gen_len,
         history=history,
+        stop=jnp.take_along_axis(progress, emit[:, None, None], axis=1)[:, 0],
         cache=cache,
-        context=context,
-        context_len=s.context_len + emit,
-        accepted=s.accepted + jnp.maximum(emit - 1, 0),
     )
+    return LookupState(rows=rows_state, context=context, context_len=s.context_len + emit,
+                       accepted=s.accepted + jnp.maximum(emit - 1, 0))
 
 
 def _pass(params: dict, s: LookupState, consts: DecodeConsts, spec: LookupSpec) -> LookupState:
     draft, draft_len = find_draft(s.context, s.context_len, spec.draft, spec.max_ngram, spec.min_ngram)
-    draft_len = jnp.where(s.done, 0, draft_len)
+    draft_len = jnp.where(s.rows.done, 0, draft_len)
     return jax.lax.cond(jnp.any(draft_len > 0),
                         lambda st: _verify(params, st, consts, spec, draft, draft_len, spec.draft + 1),
                         lambda st: _verify(params, st, consts, spec, draft, draft_len, 1), s)
@@ -205,12 +203,13 @@ def _pass(params: dict, s: LookupState, consts: DecodeConsts, spec: LookupSpec) 
 def lookup_decode(params: dict, state: LookupState, consts: DecodeConsts, *, spec: LookupSpec) -> LookupState:
     """Runs passes until every row is done, or (spec.attend_len below the cache length) a
     running row's next pass would reach spec.attend_len (the host then continues with a larger bound)."""
-    bounded = spec.attend_len is not None and spec.attend_len < state.cache.length
+    bounded = spec.attend_len is not None and spec.attend_len < state.rows.cache.length
 
     def cond(s: LookupState):
-        go = ~jnp.all(s.done)
+        r = s.rows
+        go = ~jnp.all(r.done)
         if bounded:
-            go = go & (jnp.max(jnp.where(s.done, 0, s.position)) + spec.draft < spec.attend_len)
+            go = go & (jnp.max(jnp.where(r.done, 0, r.position)) + spec.draft < spec.attend_len)
         return go
 
     return jax.lax.while_loop(cond, lambda s: _pass(params, s, consts, spec), state)

@@ -23,6 +23,7 @@ from jaxgen.decoding.sampling import SamplingOptions, candidate_count, row_keys
 from jaxgen.decoding.search import (DecodeConsts, DecodeState, LoopSpec, decode, live_length, prefill, set_done,
                                     start_cache)
 from jaxgen.decoding.speculative import LookupSpec, LookupState, lookup_decode, max_draft
+from jaxgen.decoding.stops import StopStrings
 from jaxgen.executables import cached_jit
 from jaxgen.model.decoder import KVCache, PassPlan
 from jaxgen.results import GenerationResult, GenerationStepResult
@@ -145,6 +146,14 @@ def processor_options(resolved: ResolvedOptions) -> ProcessorOptions:
                             jnp.asarray(sup_arr), jnp.asarray(sup_lens))
 
 
+def stop_options(resolved: ResolvedOptions, vocab_size: int) -> StopStrings:
+    """The call's stop-string tables as traced arrays (S = 0 without stop strings)."""
+    if resolved.stop_tables is None:
+        return StopStrings(jnp.asarray(np.zeros((0, 1, vocab_size), np.int8)), jnp.asarray(np.zeros((0,), np.int32)))
+    table, lengths = resolved.stop_tables
+    return StopStrings(jnp.asarray(table), jnp.asarray(lengths))
+
+
 def sampling_options(opts) -> SamplingOptions:
     return SamplingOptions(jnp.int32(opts.sampling_topk), jnp.float32(opts.sampling_topp),
                            jnp.float32(opts.sampling_temperature if opts.is_sampling else 1.0))
@@ -212,6 +221,23 @@ def prepare(params: dict, config, rows: List[Row], resolved: ResolvedOptions, pr
     )
 
 
+def loop_state(*, last: np.ndarray, position: np.ndarray, done: np.ndarray, n_out: int, history, cache: KVCache,
+               keys: jax.Array, logits: jax.Array, stop_count: int) -> DecodeState:
+    """A greedy/sampling (or prompt-lookup) loop state at step 0 for rows starting from their last
+    prompt token `last` [B] at `position` [B]; done [B] marks rows with nothing to generate (or
+    free slots). Host zeros (a transfer, not one small compiled program per shape); `logits` is
+    the [B, N or 0, V] buffer of stored logits, made on the device by the caller; stop_count: the
+    stop strings followed (S of the call's StopStrings)."""
+    b = len(last)
+    zeros = lambda shape, dtype: jnp.asarray(np.zeros(shape, dtype))  # noqa: E731
+    return DecodeState(
+        step=jnp.int32(0), last_token=jnp.asarray(np.asarray(last, np.int32)),
+        position=jnp.asarray(np.asarray(position, np.int32)), done=jnp.asarray(np.asarray(done, bool)),
+        out_tokens=zeros((b, n_out), np.int32), out_log_probs=zeros((b, n_out), np.float32),
+        gen_len=zeros((b,), np.int32), history=history, cache=cache, key=keys, logits=logits,
+        stop=zeros((b, stop_count), np.int32))
+
+
 def run_in_segments(loop, state, until: int, first_position: int, cache_len: int):
     """Runs `loop(state, attend_len)` (a jitted decoding loop that stops before a running row's
     position reaches attend_len) with the smallest live bound that fits, growing it until the
@@ -238,19 +264,14 @@ def run_rows(params: dict, config, rows: List[Row], resolved: ResolvedOptions, p
     b = len(rows)
     p = prepare(params, config, rows, resolved, prefix, prefix_len, plan)
     bp, n_out, max_new = p.bp, p.n_out, p.max_new
-    consts = DecodeConsts(proc=p.proc, samp=p.samp, max_new=jnp.asarray(max_new), min_new=jnp.asarray(p.min_new))
+    stops = stop_options(resolved, config.vocab_size)
+    consts = DecodeConsts(proc=p.proc, samp=p.samp, max_new=jnp.asarray(max_new), min_new=jnp.asarray(p.min_new),
+                          stops=stops)
     spec = loop_spec(config, opts)
-    state = DecodeState(
-        step=jnp.int32(0), last_token=jnp.asarray(p.last), position=jnp.asarray(p.position),
-        done=jnp.asarray(max_new <= 0),
-        # Host zeros (a transfer, not one small compiled program per shape); the [B, N, V] logits
-        # buffer is made on the device.
-        out_tokens=jnp.asarray(np.zeros((bp, n_out), np.int32)),
-        out_log_probs=jnp.asarray(np.zeros((bp, n_out), np.float32)),
-        gen_len=jnp.asarray(np.zeros((bp,), np.int32)), history=p.history, cache=p.cache,
-        key=keys_of(rows, [seed] * b, bp),
-        logits=_device_zeros((bp, n_out if opts.return_logits_vocab else 0, config.vocab_size)),
-    )
+    state = loop_state(last=p.last, position=p.position, done=max_new <= 0, n_out=n_out, history=p.history,
+                       cache=p.cache, keys=keys_of(rows, [seed] * b, bp),
+                       logits=_device_zeros((bp, n_out if opts.return_logits_vocab else 0, config.vocab_size)),
+                       stop_count=stops.lengths.shape[0])
     total = int(max_new.max())
     first_position = int(p.position[:b].max())
 
@@ -270,12 +291,12 @@ def run_rows(params: dict, config, rows: List[Row], resolved: ResolvedOptions, p
             steps = STREAM_CHUNKS[min(chunk, len(STREAM_CHUNKS) - 1)]
             chunk += 1
             state = run_until(state, seen + steps)
-            tokens, log_probs, gen_len, step = jax.device_get(
-                (state.out_tokens, state.out_log_probs, state.gen_len, state.step))
+            tokens, log_probs, gen_len, step, done = jax.device_get(
+                (state.out_tokens, state.out_log_probs, state.gen_len, state.step, state.done))
             # Each row gets its own [V] processed logits (spec §11 Q4), not the first row only.
             logits = state.logits[:b, seen:int(step)] if opts.return_logits_vocab else None
             new_stops = _emit_steps(rows, resolved, vocabulary, callback, stopped, tokens, log_probs, gen_len,
-                                    seen, int(step), logits)
+                                    seen, int(step), logits, done)
             seen = int(step)
             if new_stops:
                 done = np.zeros((bp,), bool)
@@ -311,25 +332,27 @@ def run_lookup_rows(params: dict, config, rows: List[Row], resolved: ResolvedOpt
     static = list(resolved.static_prompt_ids)
     contexts = [static + r.prompt for r in rows]
     width = bucket(max(len(c) for c in contexts) + p.n_out, minimum=64)
-    consts = DecodeConsts(proc=p.proc, samp=p.samp, max_new=jnp.asarray(p.max_new), min_new=jnp.asarray(p.min_new))
-    zeros = lambda shape, dtype: jnp.asarray(np.zeros(shape, dtype))  # noqa: E731
+    stops = stop_options(resolved, config.vocab_size)
+    consts = DecodeConsts(proc=p.proc, samp=p.samp, max_new=jnp.asarray(p.max_new), min_new=jnp.asarray(p.min_new),
+                          stops=stops)
+    base = loop_state(last=p.last, position=p.position, done=p.max_new <= 0, n_out=p.n_out, history=p.history,
+                      cache=p.cache, keys=jnp.asarray(np.zeros((p.bp, 2), np.uint32)),
+                      logits=_device_zeros((p.bp, 0, config.vocab_size)), stop_count=stops.lengths.shape[0])
     state = LookupState(
-        step=jnp.int32(0), last_token=jnp.asarray(p.last), position=jnp.asarray(p.position),
-        done=jnp.asarray(p.max_new <= 0), out_tokens=zeros((p.bp, p.n_out), np.int32),
-        out_log_probs=zeros((p.bp, p.n_out), np.float32), gen_len=zeros((p.bp,), np.int32), history=p.history,
-        cache=p.cache, context=jnp.asarray(_pad2(contexts, width, 0, p.bp)),
+        rows=base, context=jnp.asarray(_pad2(contexts, width, 0, p.bp)),
         context_len=jnp.asarray(np.array([len(c) for c in contexts] + [1] * (p.bp - b), np.int32)),
-        accepted=zeros((p.bp,), np.int32))
+        accepted=jnp.asarray(np.zeros((p.bp,), np.int32)))
     spec = LookupSpec(config=config, draft=draft)
     while True:  # grow the live bound of the cache reads as positions advance (see run_in_segments)
-        position, done = jax.device_get((state.position, state.done))
+        position, done = jax.device_get((state.rows.position, state.rows.done))
         if bool(np.all(done)):
             break
         attend_len = live_length(int(position[~done].max()) + spec.draft + 1, p.cache_len)
         state = lookup_decode(params, state, consts, spec=spec._replace(attend_len=attend_len))
         if attend_len >= p.cache_len:
             break
-    tokens, log_probs, gen_len = jax.device_get((state.out_tokens, state.out_log_probs, state.gen_len))
+    tokens, log_probs, gen_len = jax.device_get((state.rows.out_tokens, state.rows.out_log_probs,
+                                                 state.rows.gen_len))
     check_positions(config, prefix_len, rows, [int(n) for n in gen_len[:b]], opts.max_length)
     return [{"ids": tokens[i, :n].tolist(), "log_probs": log_probs[i, :n].astype(np.float64), "logits": None}
             for i, n in enumerate(int(x) for x in gen_len[:b])]
@@ -349,7 +372,7 @@ def run_beam(params: dict, config, rows: List[Row], resolved: ResolvedOptions, p
         length_offset=jnp.asarray(np.array([r.length_offset for r in rows] + [0] * (p.bp - b), np.int32)),
         length_penalty=jnp.float32(opts.length_penalty),
         finish_target=jnp.int32(max_candidates(k, opts.patience)),
-        disable_first_eos=jnp.bool_(has_prefix))
+        disable_first_eos=jnp.bool_(has_prefix), stops=stop_options(resolved, config.vocab_size))
     sampling = opts.sampling_topk != 1 and opts.sampling_temperature != 0
     spec = BeamSpec(config=config, beam_size=k, num_keep=opts.num_hypotheses, sampling=sampling,
                     k_static=candidate_count(opts.sampling_topk, k * config.vocab_size) if sampling else 0,
@@ -365,7 +388,8 @@ def run_beam(params: dict, config, rows: List[Row], resolved: ResolvedOptions, p
         fin_tokens=jnp.asarray(np.zeros((p.bp, f, p.n_out), np.int32)),
         fin_len=jnp.asarray(np.zeros((p.bp, f), np.int32)),
         fin_score=jnp.asarray(np.full((p.bp, f), -np.inf, np.float32)),
-        fin_count=jnp.asarray(np.zeros((p.bp,), np.int32)), key=key)
+        fin_count=jnp.asarray(np.zeros((p.bp,), np.int32)), key=key,
+        stop=jnp.asarray(np.zeros((p.bp * k, consts.stops.lengths.shape[0]), np.int32)))
     state = run_in_segments(lambda s, attend_len: beam_decode(params, s, consts,
                                                               spec=spec._replace(attend_len=attend_len)),
                             state, p.n_out, int(p.position[:b].max()), p.cache_len)
@@ -418,9 +442,11 @@ def _emit_forced(rows, resolved, vocabulary, callback, stopped) -> None:
 
 
 def _emit_steps(rows, resolved, vocabulary, callback, stopped, tokens, log_probs, gen_len, start, end,
-                logits=None) -> List[int]:
+                logits=None, done=None) -> List[int]:
     """Callbacks for generated steps [start, end); returns rows newly stopped by the callback.
-    logits: [rows, end - start, V] processed logits when return_logits_vocab, else None."""
+    logits: [rows, end - start, V] processed logits when return_logits_vocab, else None; done
+    [rows]: rows the loop finished (their last generated token is the last step, e.g. one that
+    completed a stop string)."""
     opts = resolved.options
     end_ids = set(resolved.end_ids)
     newly = []
@@ -429,7 +455,7 @@ def _emit_steps(rows, resolved, vocabulary, callback, stopped, tokens, log_probs
             if stopped[i] is not None or t >= gen_len[i]:
                 continue
             token = int(tokens[i, t])
-            is_last = token in end_ids or t + 1 >= r.max_new
+            is_last = token in end_ids or t + 1 >= r.max_new or (done is not None and done[i] and t + 1 == gen_len[i])
             step = GenerationStepResult(step=r.offset + t, batch_id=r.batch_id, token_id=token,
                                         hypothesis_id=r.hypothesis_id, token=vocabulary.tokens[token],
                                         log_prob=float(log_probs[i, t]) if opts.return_scores else None,

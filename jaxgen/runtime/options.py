@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from jaxgen.decoding.custom import as_processors
+from jaxgen.runtime.stops import check_stop_strings
 from jaxgen.vocabulary import Vocabulary
 
 
@@ -71,6 +72,7 @@ class GenerationOptions:
     random_seed: Optional[int] = None
     logits_processors: Optional[Sequence[Callable]] = None  # jaxgen.decoding.custom
     prompt_lookup_tokens: int = 0  # draft tokens per step of prompt-lookup decoding (0: off)
+    stop_strings: object = None  # str or list of str (jaxgen.runtime.stops)
 
     @property
     def is_sampling(self) -> bool:
@@ -86,6 +88,10 @@ class ResolvedOptions:
     suppress_ids: List[List[int]]
     unk_id: int  # -1 when disable_unk is off
     static_prompt_ids: List[int]
+    stop_strings: Tuple[str, ...] = ()
+    # (table [S, P, V], lengths [S]) of the stop strings (jaxgen.runtime.stops.StopTables), set by
+    # the Generator; None: no stop strings.
+    stop_tables: Optional[tuple] = dataclasses.field(default=None, compare=False)
 
 
 def validate_options(opts: GenerationOptions, vocabulary: Vocabulary, default_end_ids: List[int]
@@ -131,6 +137,7 @@ def validate_options(opts: GenerationOptions, vocabulary: Vocabulary, default_en
     if opts.random_seed is not None:
         _int("random_seed", opts.random_seed, 0)
     as_processors(opts.logits_processors)
+    stop_strings = check_stop_strings(opts.stop_strings)
     if _int("prompt_lookup_tokens", opts.prompt_lookup_tokens, 0):
         _check_prompt_lookup(opts)
 
@@ -145,7 +152,7 @@ def validate_options(opts: GenerationOptions, vocabulary: Vocabulary, default_en
         if isinstance(sp, str) or not isinstance(sp, (list, tuple)) or not all(isinstance(t, str) for t in sp):
             raise TypeError("static_prompt must be a list of token strings")
         static_ids = vocabulary.lenient_ids(sp)
-    return ResolvedOptions(opts, end_ids, suppress_ids, unk_id, static_ids)
+    return ResolvedOptions(opts, end_ids, suppress_ids, unk_id, static_ids, stop_strings)
 
 
 def _check_prompt_lookup(opts: GenerationOptions) -> None:

@@ -18,7 +18,6 @@ sharded over a Mesh with a "model" axis (jit + NamedSharding; XLA inserts the co
 from __future__ import annotations
 
 import dataclasses
-import math
 import queue
 import threading
 from typing import Dict, List

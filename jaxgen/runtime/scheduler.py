@@ -33,8 +33,8 @@ from jaxgen.model.decoder import PassPlan, init_cache
 from jaxgen.results import GenerationResult
 from jaxgen.runtime.batching import bucket
 from jaxgen.runtime.generation import (Row, _device_zeros, assemble_results, check_positions, keys_of, loop_spec,
-                                       plan_rows, prefill_rows, processor_options, prompt_width, row_history,
-                                       sampling_options)
+                                       loop_state, plan_rows, prefill_rows, processor_options, prompt_width,
+                                       row_history, sampling_options, stop_options)
 from jaxgen.runtime.options import ResolvedOptions
 
 # Decode steps per dispatch: between two chunks finished rows are retired, waiting prompts
@@ -79,7 +79,8 @@ def session_key(resolved: ResolvedOptions, width: int) -> tuple:
     return (tuple(resolved.static_prompt_ids), opts.cache_static_prompt, tuple(resolved.end_ids),
             opts.repetition_penalty, opts.no_repeat_ngram_size, resolved.unk_id,
             tuple(tuple(s) for s in resolved.suppress_ids), opts.is_sampling,
-            (opts.sampling_topk, opts.sampling_topp, opts.sampling_temperature) if opts.is_sampling else None, width)
+            (opts.sampling_topk, opts.sampling_topp, opts.sampling_temperature) if opts.is_sampling else None, width,
+            resolved.stop_strings)
 
 
 class Call:
@@ -281,6 +282,7 @@ class _Session:
         self.spec = loop_spec(config, opts)
         self.proc = processor_options(call.resolved)
         self.samp = sampling_options(opts)
+        self.stops = stop_options(call.resolved, config.vocab_size)
         self.slots: List[Optional[Tuple[Request, int]]] = []  # (request, row index) or None (free)
         self.state: Optional[DecodeState] = None
         self.max_new = np.zeros((0,), np.int32)
@@ -302,15 +304,13 @@ class _Session:
         n_out = max(r.max_new for r in rows)
         hist = max(len(r.history) + r.max_new for r in rows)
         if self.state is None:
-            zeros = lambda shape, dtype: jnp.asarray(np.zeros(shape, dtype))  # noqa: E731
             l0, n0, h0 = bucket(length, minimum=64), bucket(n_out, minimum=64), bucket(hist, minimum=64)
-            self.state = DecodeState(
-                step=jnp.int32(0), last_token=zeros((batch,), np.int32), position=zeros((batch,), np.int32),
-                done=jnp.asarray(np.ones((batch,), bool)), out_tokens=zeros((batch, n0), np.int32),
-                out_log_probs=zeros((batch, n0), np.float32), gen_len=zeros((batch,), np.int32),
-                history=row_history([], batch, h0, config.vocab_size),
+            self.state = loop_state(
+                last=np.zeros((batch,), np.int32), position=np.zeros((batch,), np.int32),
+                done=np.ones((batch,), bool), n_out=n0, history=row_history([], batch, h0, config.vocab_size),
                 cache=init_cache(config, batch, l0, self.prefix.dtype),
-                key=zeros((batch, 2), np.uint32), logits=_device_zeros((batch, 0, config.vocab_size)))
+                keys=jnp.asarray(np.zeros((batch, 2), np.uint32)),
+                logits=_device_zeros((batch, 0, config.vocab_size)), stop_count=self.stops.lengths.shape[0])
         else:
             state = self.state
             l0, n0, h0 = state.cache.length, state.out_tokens.shape[1], state.history.tokens.shape[1]
@@ -354,10 +354,13 @@ class _Session:
         pad = [0] * (n - len(rows))
         slots = np.array(free + [self.batch] * (n - len(rows)), np.int32)
         positions = [self.prefix_len + len(r.prompt) - 1 for r in rows]
-        self.state = insert_rows(self.state, jnp.asarray(slots), cache, history,
-                                 jnp.asarray(np.array([r.prompt[-1] for r in rows] + pad, np.int32)),
-                                 jnp.asarray(np.array(positions + pad, np.int32)),
-                                 keys_of(rows, [req.call.seed for req, _ in pending], n))
+        fresh = loop_state(last=np.array([r.prompt[-1] for r in rows] + pad, np.int32),
+                           position=np.array(positions + pad, np.int32), done=np.zeros((n,), bool),
+                           n_out=self.state.out_tokens.shape[1], history=history, cache=cache,
+                           keys=keys_of(rows, [req.call.seed for req, _ in pending], n),
+                           logits=_device_zeros((n, 0, config.vocab_size)),
+                           stop_count=self.stops.lengths.shape[0])
+        self.state = insert_rows(self.state, jnp.asarray(slots), fresh)
         self.s.count(refills=1)
         for slot, (req, j), row, pos in zip(free, pending, rows, positions):
             self.slots[slot] = (req, j)
@@ -462,6 +465,6 @@ class _Session:
         free = self.batch - len(occupied)
         stop_done = max(min(self.refill_rows, waiting), free + 1) if waiting else self.batch + 1
         consts = DecodeConsts(proc=self.proc, samp=self.samp, max_new=jnp.asarray(self.max_new),
-                              min_new=jnp.asarray(self.min_new))
+                              min_new=jnp.asarray(self.min_new), stops=self.stops)
         self.state = decode(self.replica.params, state, consts, jnp.int32(self.step + CHUNK_STEPS), jnp.int32(stop_done),
                             spec=self.spec._replace(attend_len=attend_len))
