@@ -282,7 +282,7 @@ class LlamaCppEngine(Engine):
         self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
         with open(self.options["vocabulary"], encoding="utf-8") as f:
             vocabulary = json.load(f)
-        if len(vocabulary) != self.n_vocab:
+        if len(vocabulary) > self.n_vocab:  # smaller: the tiny model's ids, run on the default model's file
             raise ValueError(f"the vocabulary has {len(vocabulary)} tokens, the GGUF file {self.n_vocab}")
         self.vocab = {t: i for i, t in enumerate(vocabulary)}
         self.batch = L.llama_batch_init(params.n_batch * 1, 0, 1)
@@ -344,7 +344,68 @@ class LlamaCppEngine(Engine):
         return self.generate(prompts, 1, 1, exact=False)
 
 
-ENGINES: Dict[str, type] = {"jaxgen": JaxgenEngine, "ct2": CT2Engine, "hf": HFEngine, "llama.cpp": LlamaCppEngine}
+# ============================================================================ int8 matrix products (XLA)
+class Int8ProductsEngine(Engine):
+    """Not a text engine: y = x @ (q * scale) in several formulations, for the int8_kernels workload.
+
+    f32: float32 weights (the speed to beat); w8: int8 weights converted to float32 inside the dot;
+    a8: activations quantized per row x int8 weights -> int32 (`lax.dot_general`, one row padded to
+    two); u8: jaxgen's int8 path (`jaxgen.model.int8.int8_matmul`, uint8 x int8 products)."""
+
+    def __init__(self, spec: dict, prompts: dict, threads: int):
+        super().__init__(spec, prompts, threads)
+        import jax
+        import numpy as np
+
+        from jaxgen.model import int8
+
+        self.imported = time.time()
+        self.jax, self.np, self.int8 = jax, np, int8
+        self.data: dict = {}
+        self.description = f"jax {jax.__version__} on {jax.devices()[0].platform}"
+
+    def _function(self, candidate: str, nk: bool):
+        jnp, lax, int8 = self.jax.numpy, self.jax.lax, self.int8
+        dims = (((1,), (1 if nk else 0,)), ((), ()))
+
+        def f32(x, w, s):
+            return lax.dot_general(x, w, dims)
+
+        def w8(x, w, s):
+            return lax.dot_general(x, w.astype(jnp.float32), dims) * s
+
+        def a8(x, w, s):
+            xq, sx = int8.quantize_rows(jnp.pad(x, ((0, max(0, 2 - x.shape[0])), (0, 0))))
+            acc = lax.dot_general(xq, w, dims, preferred_element_type=jnp.int32)
+            return (acc.astype(jnp.float32) * sx * s)[:x.shape[0]]
+
+        def u8(x, w, s):
+            return int8.int8_matmul(x, w, s, nk)
+
+        return self.jax.jit({"f32": f32, "w8": w8, "a8": a8, "u8": u8}[candidate])
+
+    def matmul(self, k: int, n: int, m: int, candidate: str, nk: bool, check: bool = False) -> dict:
+        np, key = self.np, (k, n, m, candidate, nk)
+        if key not in self.data:
+            rng = np.random.default_rng(0)
+            w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+            scale = np.abs(w).max(axis=0) / 127
+            q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            x[:, :max(1, k // 64)] *= 8  # a few outlier channels, as in real activations
+            stored = w if candidate == "f32" else q
+            args = (x, np.ascontiguousarray(stored.T) if nk else stored, scale.astype(np.float32))
+            ref = x.astype(np.float64) @ (w if candidate == "f32" else q * scale.astype(np.float64))
+            self.data[key] = (self._function(candidate, nk), [self.jax.device_put(a) for a in args], ref)
+        fn, args, ref = self.data[key]
+        out = fn(*args).block_until_ready()
+        if not check:
+            return {}
+        return {"error": float(np.abs(np.asarray(out, np.float64) - ref).max() / np.sqrt(np.mean(ref ** 2)))}
+
+
+ENGINES: Dict[str, type] = {"jaxgen": JaxgenEngine, "ct2": CT2Engine, "hf": HFEngine, "llama.cpp": LlamaCppEngine,
+                            "int8 products": Int8ProductsEngine}
 LABELS = {"jaxgen": "jaxgen", "ct2": "CTranslate2", "hf": "transformers", "llama.cpp": "llama.cpp"}
 
 

@@ -245,6 +245,37 @@ def int8(ctx: Context) -> List[str]:
                                "greedy tokens kept before the first difference"], rows), *failures(results)]
 
 
+SHAPES = {  # the default model's int8 products: name -> (K, N, weight stored [N, K] as a tied head is)
+    "up": (640, 2048, False), "down": (2048, 640, False), "q": (640, 1024, False), "o": (1024, 640, False),
+    "kv": (640, 256, False), "head_block": (640, 16384, True), "head_block_int8": (640, 4096, True),
+    "head": (640, 262144, True)}
+
+
+@workload("int8 matrix-product formulations on XLA, in the default model's shapes",
+          tiny=dict(shapes="kv,head_block_int8", ms=(1, 16)), shapes=",".join(SHAPES), ms=(1, 16, 512),
+          candidates="f32,w8,a8,u8")
+def int8_kernels(ctx: Context) -> List[str]:
+    """y = x [M, K] @ (int8 weight x per-channel scale) per formulation (see engines.Int8ProductsEngine;
+    u8 is jaxgen's), alternating, medians; error: max |y - ref| / rms(ref), ref in float64 (f32: against
+    the float32 weight). M = 1: batch-1 decode, 16: batch-16 decode, 512: prefill / scoring rows."""
+    p = ctx.p
+    cases = [Case(f"{name} M={m} {c}", "matmul", dict(k=SHAPES[name][0], n=SHAPES[name][1], m=m, candidate=c,
+                                                      nk=SHAPES[name][2]), warmup={"check": True})
+             for name in p.shapes.split(",") for m in p.ms for c in p.candidates.split(",")
+             if not (name == "head" and m > 64)]  # the whole head never runs at 512 rows
+    results = ctx.run([Spec("xla", "int8 products", "")], cases, {})
+    rows, base = [], {}
+    for case in cases:
+        name, m, candidate = case.id.split()
+        seconds = results.median(case, "xla")
+        base.setdefault((name, m), seconds if candidate == "f32" else None)
+        first = results[(case.id, "xla")].first or {}
+        rows.append([name, "{k} x {n}".format(**case.args), m[2:], candidate, h.fmt(seconds and 1000 * seconds),
+                     h.ratio(base[(name, m)], seconds), f"{first.get('error', float('nan')):.1e}"])
+    return h.markdown_table(["shape", "K x N", "M", "candidate", "median ms", "speed vs f32", "max err / rms"],
+                            rows, "lllrrrr") + failures(results)
+
+
 # ============================================================================ long inputs
 @workload("Long inputs: peak memory and time of one long score and one long prompt (jaxgen, CPU)",
           tiny=dict(score_tokens=48, prefix_tokens=16, prompt_tokens=40, new_tokens=4),
@@ -510,8 +541,10 @@ def compiles(ctx: Context) -> List[str]:
     specs = [jaxgen_spec("cache off", model, "default", env={"JAXGEN_COMPILATION_CACHE": "0"})]
     home = tempfile.mkdtemp(prefix="jaxgen-home-", dir=ctx.work_dir)
     if p.persistent_cache:
-        specs += [jaxgen_spec(k, model, "default", group=i + 1, env={"JAXGEN_HOME": home, "JAXGEN_COMPILATION_CACHE": "1"})
-                  for i, k in enumerate(("cold cache", "warm cache"))]
+        env = {"JAXGEN_HOME": home, "JAXGEN_COMPILATION_CACHE": "1"}
+        if ctx.tiny:  # the tiny model's programs compile faster than jaxgen's 0.5 s threshold: cache them all
+            env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+        specs += [jaxgen_spec(k, model, "default", group=i + 1, env=env) for i, k in enumerate(("cold cache", "warm cache"))]
     try:
         results = ctx.run(specs, cases, {}, reps=0)
     finally:

@@ -18,7 +18,7 @@ lowers the uint8 x int8 dot itself (CPU): uint8 rows = int8 rows + 128, plus a r
 whose product is each output channel's weight sum, to subtract 128 x that sum exactly. The ones
 row also makes a one-row product (batch-1 decode) two rows: XLA turns a one-row int dot into a
 matrix-vector product over an int32 copy of the weight (~20x slower). Other platforms lower the
-plain int8 x int8 -> int32 dot. Measured per shape: `benchmarks/bench_int8_kernels.py`.
+plain int8 x int8 -> int32 dot. Measured per shape: `python benchmarks/run.py int8_kernels`.
 """
 
 from __future__ import annotations
