@@ -16,6 +16,11 @@ harness around the call, the same way for every engine:
 token strings of the model's vocabulary) or a list of token lists; `batch` rows cycle through the
 set (None: the set as it is). Each returns a dict (token counts, optional outputs) that comes back
 with the reply. An operation an engine has not got raises NotImplementedError (the tables show "—").
+
+Spec options (harness.Spec.options): "device", "compute_type"; jaxgen "generator" (Generator
+keyword arguments); jaxgen and CTranslate2 "generate_options" / "score_options" (keyword arguments
+of every such call, e.g. a layout's max_batch_size); transformers "static"; llama.cpp "vocabulary"
+(a vocabulary.json whose ids are the GGUF's), "n_seq" (parallel sequences), "n_ctx" (per sequence).
 """
 
 from __future__ import annotations
@@ -287,7 +292,8 @@ class LlamaCppEngine(Engine):
         self.vocab = {t: i for i, t in enumerate(vocabulary)}
         self.batch = L.llama_batch_init(params.n_batch * 1, 0, 1)
         self.capacity = params.n_batch
-        self.description = f"llama.cpp {os.path.basename(spec['model'])}, {threads} threads, up to {self.n_seq} sequences"
+        self.description = (f"llama.cpp {os.path.basename(spec['model'])}, {threads} threads, "
+                            f"up to {self.n_seq} sequences")
 
     def _ids(self, prompts: Prompts, batch: Optional[int] = None) -> List[List[int]]:
         return [[self.vocab[t] for t in row] for row in self.rows(prompts, batch)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import importlib
+import importlib.util
 import math
 import os
 import pkgutil
@@ -210,7 +211,7 @@ def startup_rows(ctx: Context, specs: List[Spec], prompts: dict, keys: List[str]
 
 # ============================================================================ int8: numerics
 @workload("int8 against float32: jaxgen next to CTranslate2, on the same text",
-          tiny=dict(prompts=2, prompt_tokens=4, new_tokens=8, score_tokens=16), prompts=6, prompt_tokens=24,
+          tiny=dict(prompts=2, prompt_tokens=4, new_tokens=8, score_tokens=3), prompts=6, prompt_tokens=24,
           new_tokens=128, score_tokens=200)
 def int8(ctx: Context) -> List[str]:
     """log-probs of every paragraph of the benchmark text (one sequence per call: CTranslate2 4.8.5
@@ -337,7 +338,8 @@ def prose_prompts(n: int) -> List[str]:
 def distribution(lengths: List[int]) -> str:
     q = statistics.quantiles(lengths, n=4)
     return (f"min {min(lengths)}, p25 {q[0]:.0f}, median {statistics.median(lengths):.0f}, p75 {q[2]:.0f}, "
-            f"max {max(lengths)} ({sum(n >= max(lengths) for n in lengths)} prompts), mean {statistics.mean(lengths):.1f}")
+            f"max {max(lengths)} ({sum(n >= max(lengths) for n in lengths)} prompts), "
+            f"mean {statistics.mean(lengths):.1f}")
 
 
 @workload("Continuous batching (the slot scheduler) against static sub-batches of the same width",
@@ -544,7 +546,8 @@ def compiles(ctx: Context) -> List[str]:
         env = {"JAXGEN_HOME": home, "JAXGEN_COMPILATION_CACHE": "1"}
         if ctx.tiny:  # the tiny model's programs compile faster than jaxgen's 0.5 s threshold: cache them all
             env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-        specs += [jaxgen_spec(k, model, "default", group=i + 1, env=env) for i, k in enumerate(("cold cache", "warm cache"))]
+        specs += [jaxgen_spec(k, model, "default", group=i + 1, env=env)
+                  for i, k in enumerate(("cold cache", "warm cache"))]
     try:
         results = ctx.run(specs, cases, {}, reps=0)
     finally:
@@ -623,7 +626,8 @@ def devices(ctx: Context) -> List[str]:
 # ============================================================================ GPU
 CARDS = [  # matched in order on the device name: (pattern, label, HBM bytes/s, dense bf16 FLOP/s)
     (r"H200", "H200", 4.8e12, 989e12), (r"H100.*PCIe", "H100 PCIe", 2.0e12, 756e12), (r"H100.*NVL", None, None, None),
-    (r"H100", "H100 SXM", 3.35e12, 989e12), (r"A100.*80GB", "A100 80GB", 2.0e12, 312e12), (r"\bL4\b", "L4", 0.3e12, 121e12),
+    (r"H100", "H100 SXM", 3.35e12, 989e12), (r"A100.*80GB", "A100 80GB", 2.0e12, 312e12),
+    (r"\bL4\b", "L4", 0.3e12, 121e12),
 ]
 
 
@@ -641,7 +645,8 @@ def _attended(t: int, window: Optional[int]) -> int:
 
 
 def _windows(config) -> List[Optional[int]]:
-    return [config.sliding_window if t == "sliding" else None for t in (config.layer_types or ("full",) * config.num_layers)]
+    types = config.layer_types or ("full",) * config.num_layers
+    return [config.sliding_window if t == "sliding" else None for t in types]
 
 
 def forward_flops(config, t: int, with_head: bool) -> float:
@@ -662,7 +667,8 @@ def decode_bytes(config, batch: int, prompt: int, new: int, dtype_bytes: int) ->
     weights = counts["body"] + (counts["embed"] if config.tie_word_embeddings else counts["lm_head"])
     per_token = 2 * config.num_kv_heads * config.head_dim * dtype_bytes
     steps = max(1, new - 1)
-    kv = sum(per_token * (min(prompt + s + 1, w) if w else prompt + s + 1) for s in range(steps) for w in _windows(config))
+    kv = sum(per_token * (min(prompt + s + 1, w) if w else prompt + s + 1)
+             for s in range(steps) for w in _windows(config))
     return weights * dtype_bytes + batch * kv / steps
 
 
@@ -705,7 +711,8 @@ def gpu(ctx: Context) -> List[str]:
         cases += [Case(f"score {t}", "score", dict(prompts=f"length {t}", max_input_length=0), ["jaxgen", "hf-eager"],
                        work=t) for t in p.lengths]
         cases += [Case(f"stress {p.stress_batch}x{p.stress_length} +{p.stress_new_tokens}", "generate",
-                       dict(prompts="stress", new_tokens=p.stress_new_tokens), ["jaxgen"], reps=1)] if p.stress_batch else []
+                       dict(prompts="stress", new_tokens=p.stress_new_tokens), ["jaxgen"], reps=1)
+                  ] if p.stress_batch else []
         specs = [jaxgen_spec("jaxgen", paths["jaxgen"], p.dtype, i, device=p.device) if e == "jaxgen" else
                  Spec(e, "hf", paths["hf"], {"compute_type": p.dtype, "device": p.device, "static": e == "hf-static"},
                       {}, i) for i, e in enumerate(engines)]
@@ -741,7 +748,7 @@ def gpu(ctx: Context) -> List[str]:
             f"{p.new_tokens} new tokens; first call + median of {ctx.reps}.", "",
             *h.markdown_table(["model", "workload", *(f"{e} tok/s" for e in engines), "jaxgen / best HF",
                                "fraction of card limit"], rows), "",
-            "Decode fraction: decode-only step time (t(N) - t(1)) / (N - 1) against the bytes a step reads (weights + KV "
-            "cache); prefill / score: useful FLOP/s against the dense bf16 rate.", *notes, "",
+            "Decode fraction: decode-only step time (t(N) - t(1)) / (N - 1) against the bytes a step reads "
+            "(weights + KV cache); prefill / score: useful FLOP/s against the dense bf16 rate.", *notes, "",
             "First call (compilation included) against the warm median, seconds:", "",
             *h.markdown_table(["model", "workload", "engine", "first call s", "warm median s"], first_rows, "lllrr")]
