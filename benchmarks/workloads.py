@@ -131,10 +131,8 @@ def main(ctx: Context) -> List[str]:
                   for e in engines if e == "ct2"]
         specs += [Spec(f"transformers {prec}", "hf", paths["hf"], {"compute_type": prec}, {}, group)
                   for e in engines if e == "hf" and prec == "float32"]
-        if prec == "int8" and "llama.cpp" in engines:
+        if "llama.cpp" in engines and prec == ("int8" if "int8" in precisions else precisions[-1]):
             specs.append(dataclasses.replace(llama_spec, group=group))
-    if "llama.cpp" in engines and "int8" not in precisions:
-        specs.append(dataclasses.replace(llama_spec, group=len(precisions)))
     tok = ctx.tokens()
     batch, length = (int(x) for x in p.score.split("x"))
     prompts = {"short": [tok.prompt(SHORT_TEXT)], "long": [tok.prompt(TEXT, p.prefill_tokens)],
@@ -152,42 +150,55 @@ def main(ctx: Context) -> List[str]:
                    dict(read=p.close_after))] if "close" in wanted else []
     results = ctx.run(specs, cases, prompts)
 
-    keys = [s.key for s in specs]
-    rows = [[c.id] + [h.fmt(results.ms(c, k) if c.op in ("first_token", "close") else results.rate(c, k))
-                      for k in keys] for c in cases]
+    # The README's format: one row per metric and precision, one column per engine; llama.cpp's
+    # figures in the rows of the group it ran with (its Q4_K_M file beside the int8 engines).
+    columns = [e for e in ("jaxgen", "CTranslate2", "transformers", "llama.cpp") if any(
+        s.key.startswith(e) for s in specs)]
+    group = {s.key: s.group for s in specs}
+
+    def key(column: str, prec: str) -> Optional[str]:
+        k = "llama.cpp Q4_K_M" if column == "llama.cpp" else f"{column} {prec}"
+        return k if group.get(k) == precisions.index(prec) else None
+
+    def value(case: Case, k: Optional[str]) -> Optional[float]:
+        if k is None:
+            return None
+        return results.ms(case, k) if case.op in ("first_token", "close") else results.rate(case, k)
+
+    rows = []
+    for prec in precisions:
+        for case in cases:
+            v = {c: value(case, key(c, prec)) for c in columns}
+            rows.append([f"{case.id}, {prec}", *(h.fmt(v[c]) for c in columns),
+                         h.ratio(v.get("jaxgen"), v.get("CTranslate2"))])
+        peaks = [key(c, prec) and results.workers[key(c, prec)]["final"].get("peak_rss_mib") for c in columns]
+        rows.append([f"peak RSS over the cases, MiB, {prec}", *map(h.fmt, peaks), ""])
+        k = key("jaxgen", prec)
+        if k:
+            compiled = len(results.workers[k]["info"].get("compiled", [])) + sum(
+                len(r.first.get("compiled", [])) for (_, kk), r in results.items() if kk == k and r.first)
+            rows.append([f"programs JAX compiled (load and warm-up), {prec}",
+                         *(str(compiled) if c == "jaxgen" else "—" for c in columns), ""])
     if "startup" in wanted:
-        rows += startup_rows(ctx, specs, prompts, keys)
-    rows.append(["peak RSS over the cases, MiB"] + [h.fmt(results.workers[k]["final"].get("peak_rss_mib"))
-                                                      for k in keys])
-    rows.append(["programs JAX compiled (load and warm-up)"] + [
-        str(sum(len(r.first.get("compiled", [])) for (c, kk), r in results.items() if kk == k and r.first)
-            + len(results.workers[k]["info"].get("compiled", []))) if k.startswith("jaxgen") else "—"
-        for k in keys])
-    pairs = [(f"jaxgen {x}", f"CTranslate2 {x}") for x in precisions if f"CTranslate2 {x}" in keys
-             and f"jaxgen {x}" in keys]
-    for row, case in zip(rows, cases):  # ratios > 1: jaxgen better (rates) or slower (times)
-        values = {k: results.ms(case, k) if case.op in ("first_token", "close") else results.rate(case, k)
-                  for k in keys}
-        row += [h.ratio(values[a], values[b]) for a, b in pairs]
-    for row in rows[len(cases):]:
-        row += [""] * len(pairs)
+        rows += startup_rows(ctx, [s for s in specs if s.engine == "llama.cpp" or s.key.endswith(" float32")],
+                             prompts, columns)
     lines = ["Engines (one process each):"]
-    lines += [f"- {k}: {results.workers[k]['info'].get('description', 'failed')}" for k in keys]
-    lines += ["", *h.markdown_table(["metric"] + keys + [f"{a} / {b.split()[0]}" for a, b in pairs], rows)]
+    lines += [f"- {s.key}: {results.workers[s.key]['info'].get('description', 'failed')}" for s in specs]
+    heads = [f"{c} Q4_K_M" if c == "llama.cpp" else c for c in columns]
+    lines += ["", *h.markdown_table(["metric", *heads, "jaxgen / CT2"], rows)]
     lines += ["", f"Medians of {ctx.reps} repetitions after a warm-up, engines alternating within each "
-                  "precision group; startup: medians of new processes. Ratios > 1 favour jaxgen for tok/s, "
+                  "precision group; startup: medians of new processes. jaxgen / CT2 > 1 favours jaxgen for tok/s, "
                   "CTranslate2 for ms.", *notes, *failures(results)]
     return lines
 
 
-def startup_rows(ctx: Context, specs: List[Spec], prompts: dict, keys: List[str]) -> List[List[str]]:
-    """New process -> first streamed token, float32 engines and llama.cpp, alternating; jaxgen twice
-    on one fresh JAXGEN_HOME: cold (compiles, fills the cache), then warm (loads from it)."""
-    first = [s for s in specs if s.key.endswith("float32") or s.engine == "llama.cpp"]
-    times: Dict[str, list] = collections.defaultdict(list)
+def startup_rows(ctx: Context, specs: List[Spec], prompts: dict, columns: List[str]) -> List[List[str]]:
+    """New process -> first streamed token, alternating between engines; jaxgen twice on one fresh
+    JAXGEN_HOME: cold (compiles, fills its cache), then warm (loads from it)."""
+    times: Dict[tuple, list] = collections.defaultdict(list)
     for _ in range(ctx.p.startup_reps):
         home = tempfile.mkdtemp(prefix="jaxgen-home-", dir=ctx.work_dir)
-        for spec in first:
+        for spec in specs:
             for label in (["cold", "warm"] if spec.engine == "jaxgen" else [""]):
                 env = {**spec.env, "JAXGEN_HOME": home} if label else spec.env
                 try:
@@ -196,17 +207,16 @@ def startup_rows(ctx: Context, specs: List[Spec], prompts: dict, keys: List[str]
                 except RuntimeError as exc:
                     ctx.log(f"  startup {spec.key}: {exc}")
                     continue
-                times[(spec.key, label)].append(r["done"])
+                times[(spec.key.split()[0], label)].append(r["done"])
                 ctx.log(f"  startup {spec.key} {label}: {r['done']:.2f} s (imported {r['imported']:.2f}, "
                         f"loaded {r['loaded']:.2f}; {r['compiled']} programs compiled or loaded)")
         shutil.rmtree(home, ignore_errors=True)
     row = ["new process to first token, s (jaxgen: cold / warm JAX cache)"]
-    for k in keys:
-        cold, warm = (times.get((k, x)) for x in ("cold", "warm"))
-        plain = times.get((k, ""))
+    for column in columns:
+        cold, warm, plain = (times.get((column, x)) for x in ("cold", "warm", ""))
         row.append(f"{h.fmt(statistics.median(cold))} / {h.fmt(statistics.median(warm))}" if cold and warm
                    else h.fmt(statistics.median(plain)) if plain else "—")
-    return [row]
+    return [row + [""]]
 
 
 # ============================================================================ int8: numerics

@@ -49,6 +49,10 @@ def replies(data: dict, case_prefix: str, engine: str) -> list:
             and r["engine"] == engine for x in ([r["first"]] if r["first"] else []) + r["runs"]]
 
 
+def num(cell: str) -> float:
+    return float(cell.replace(",", ""))
+
+
 def table(data: dict, first_cell: str) -> list:
     """The cells of the report's table row that starts with `first_cell`."""
     row = next(line for line in data["report"] if line.startswith(f"| {first_cell}"))
@@ -140,28 +144,33 @@ def test_harness_alternates_and_times_every_engine(bench_dir):
 def test_main_table(bench_dir):
     data = run_workload(bench_dir, "main")
     keys = ["jaxgen float32", "CTranslate2 float32", "jaxgen int8", "CTranslate2 int8"]
-    if HAS_LLAMA_CPP:
-        keys.append("llama.cpp Q4_K_M")
+    keys += ["llama.cpp Q4_K_M"] if HAS_LLAMA_CPP else []
     for key in keys:
         for b in (1, 4):
             got = replies(data, f"decode tok/s, batch {b}", key)
             assert got and all(r["tokens"] == b * 8 for r in got), (key, b)  # exactly N new tokens a row
-        assert float(table(data, "decode tok/s, batch 1")[keys.index(key)].replace(",", "")) > 0
+    ratio = 3 if HAS_LLAMA_CPP else 2  # columns: jaxgen, CTranslate2, [llama.cpp], jaxgen / CT2
+    for prec in ("float32", "int8"):
+        cells = table(data, f"decode tok/s, batch 1 (8 new tokens), {prec}")
+        assert num(cells[0]) > 0 and num(cells[1]) > 0 and cells[ratio].endswith("x"), cells
+        assert int(table(data, f"programs JAX compiled (load and warm-up), {prec}")[0]) > 0
+    if HAS_LLAMA_CPP:  # beside the int8 engines
+        assert table(data, "decode tok/s, batch 4 (8 new tokens), float32")[2] == "—"
+        assert float(table(data, "decode tok/s, batch 4 (8 new tokens), int8")[2]) > 0
     assert "/" in table(data, "new process to first token")[0]  # jaxgen: cold / warm
-    assert int(table(data, "programs JAX compiled")[0]) > 0
 
 
 def test_int8_numerics(bench_dir):
     data = run_workload(bench_dir, "int8")
     same = table(data, "jaxgen float32 vs CTranslate2 float32")
-    assert float(same[0]) < 1e-3  # the same float32 model in two engines
+    assert num(same[0]) < 1e-3  # the same float32 model in two engines
     assert table(data, "jaxgen int8 vs jaxgen float32")[3].endswith("/ 16")
 
 
 def test_long_context(bench_dir):
     data = run_workload(bench_dir, "long_context")
     assert any("agrees with scoring its first 16 tokens" in line for line in data["report"])
-    assert float(table(data, "`score_batch`, one 48-token sequence")[0]) > 0  # peak RSS, GiB
+    assert num(table(data, "`score_batch`, one 48-token sequence")[0]) > 0  # peak RSS, GiB
 
 
 def test_continuous_batching(bench_dir):
@@ -194,7 +203,7 @@ def test_compiles_counts_what_jax_compiled(bench_dir):
 def test_devices(bench_dir):
     data = run_workload(bench_dir, "devices")
     for layout in ("1 device, one device", "2 devices, replicas", "2 devices, tensor parallel"):
-        assert float(table(data, layout)[2]) > 0, layout
+        assert num(table(data, layout)[2]) > 0, layout
     assert table(data, "2 devices, replicas")[:2] == ["1", "2"]  # score / generate max_batch_size: B / 2
 
 
@@ -203,5 +212,5 @@ def test_gpu_workload_on_cpu(bench_dir):
     data = run_workload(bench_dir, "gpu", "--engines", "jaxgen,hf-eager")
     for workload in ("decode B=1", "prefill 32", "score 32"):
         cells = table(data, f"gemma3-270m | {workload}")
-        assert float(cells[0]) > 0 and float(cells[1]) > 0, workload
+        assert num(cells[0]) > 0 and num(cells[1]) > 0, workload
     assert replies(data, "stress", "jaxgen")
