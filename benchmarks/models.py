@@ -273,12 +273,12 @@ GPU_MODELS = {  # transformers configurations; special tokens are tests/hf_model
     "llama-3.2-1b": ("LlamaConfig", "llama", dict(
         vocab_size=128256, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
         head_dim=64, intermediate_size=8192, max_position_embeddings=131072, tie_word_embeddings=True,
-        rope_theta=500000.0, rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
-                                               high_freq_factor=4.0, original_max_position_embeddings=8192))),
+        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0,
+                             high_freq_factor=4.0, original_max_position_embeddings=8192))),
     "llama-3-8b": ("LlamaConfig", "llama", dict(  # 32768 positions (the real model: 8192) for 16k/32k prompts
         vocab_size=128256, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
         head_dim=128, intermediate_size=14336, max_position_embeddings=32768, tie_word_embeddings=False,
-        rope_theta=500000.0)),
+        rope_parameters=dict(rope_type="default", rope_theta=500000.0))),
 }
 
 
@@ -301,6 +301,9 @@ def random_model(name: str, work_dir: str, tiny: bool, device: str, dtype: str, 
         with torch.device(device):
             model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
         model.save_pretrained(out)
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()  # the engine processes need the memory this process reserved
         hf_models.write_tokenizer_json(out, config.vocab_size)
         hf_models.write_tokenizer_config(out, add_bos_token=True)
 

@@ -167,6 +167,14 @@ def test_int8_numerics(bench_dir):
     assert table(data, "jaxgen int8 vs jaxgen float32")[3].endswith("/ 16")
 
 
+def test_int8_kernels(bench_dir):
+    data = run_workload(bench_dir, "int8_kernels")
+    for m in ("1", "16"):
+        exact, ours = table(data, f"kv | 640 x 256 | {m} | f32"), table(data, f"kv | 640 x 256 | {m} | u8")
+        assert num(ours[3]) > 0  # median ms
+        assert float(exact[5]) < 1e-4 and 1e-4 < float(ours[5]) < 0.2  # error against the float64 product
+
+
 def test_long_context(bench_dir):
     data = run_workload(bench_dir, "long_context")
     assert any("agrees with scoring its first 16 tokens" in line for line in data["report"])
