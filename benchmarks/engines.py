@@ -407,7 +407,7 @@ class Int8ProductsEngine(Engine):
         out = fn(*args).block_until_ready()
         if not check:
             return {}
-        return {"error": float(np.abs(np.asarray(out, np.float64) - ref).max() / np.sqrt(np.mean(ref ** 2)))}
+        return {"max_error": float(np.abs(np.asarray(out, np.float64) - ref).max() / np.sqrt(np.mean(ref ** 2)))}
 
 
 ENGINES: Dict[str, type] = {"jaxgen": JaxgenEngine, "ct2": CT2Engine, "hf": HFEngine, "llama.cpp": LlamaCppEngine,

@@ -284,7 +284,7 @@ def int8_kernels(ctx: Context) -> List[str]:
         base.setdefault((name, m), seconds if candidate == "f32" else None)
         first = results[(case.id, "xla")].first or {}
         rows.append([name, "{k} x {n}".format(**case.args), m[2:], candidate, h.fmt(seconds and 1000 * seconds),
-                     h.ratio(base[(name, m)], seconds), f"{first.get('error', float('nan')):.1e}"])
+                     h.ratio(base[(name, m)], seconds), f"{first.get('max_error', float('nan')):.1e}"])
     return h.markdown_table(["shape", "K x N", "M", "candidate", "median ms", "speed vs f32", "max err / rms"],
                             rows, "lllrrrr") + failures(results)
 
