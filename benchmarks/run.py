@@ -47,9 +47,9 @@ def parse_params(workload, rest: List[str], tiny: bool) -> Dict[str, object]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+    ap = argparse.ArgumentParser(usage="run.py [WORKLOAD] [options] [--PARAMETER VALUE ...]",
+                                 description=__doc__.split("\n\n")[0], epilog=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    ap.add_argument("workload", nargs="?", default="main", choices=sorted(WORKLOADS))
     ap.add_argument("--list", action="store_true", help="list the workloads and their parameters")
     ap.add_argument("--tiny", action="store_true", help="tiny model, tiny sizes, 1 repetition: a smoke test")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions (default 5; --tiny: 1)")
@@ -58,6 +58,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--work-dir", default=models.DEFAULT_WORK_DIR)
     ap.add_argument("--output", help="also write the report here")
     ap.add_argument("--json", help="also write every reply of every engine here")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    name = argv.pop(0) if argv and not argv[0].startswith("-") else "main"
+    if name not in WORKLOADS:
+        ap.error(f"unknown workload {name!r}; choose from {', '.join(sorted(WORKLOADS))}")
     args, rest = ap.parse_known_args(argv)
     if args.list:
         for w in WORKLOADS.values():
@@ -65,7 +69,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                           f"{','.join(map(str, v)) if isinstance(v, tuple) else v}"
                                                           for k, v in w.params.items()))
         return 0
-    workload = WORKLOADS[args.workload]
+    workload = WORKLOADS[name]
     params = parse_params(workload, rest, args.tiny)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     ctx = Context(types.SimpleNamespace(**params), args.tiny, args.reps or (1 if args.tiny else 5), args.threads,
