@@ -531,7 +531,7 @@ def jaxgen_jitted_names() -> set:
 
 
 @workload("XLA programs a mixed research loop compiles (jaxgen)",
-          tiny=dict(calls=3, score_calls=1, forward_calls=1, max_prompt=40, max_score=40),
+          tiny=dict(calls=2, score_calls=1, forward_calls=1, max_prompt=40, max_score=40),
           calls=40, score_calls=20, forward_calls=5, seed=0, max_batch=32, max_prompt=600, max_score=1000,
           max_lengths=(16, 32, 64, 100, 200), persistent_cache=0, model="tiny")
 def compiles(ctx: Context) -> List[str]:
