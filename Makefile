@@ -39,12 +39,13 @@ test-fast: $(STAMP_TEST)
 demo: $(STAMP_RUN)
 	$(VENV)/bin/jaxgen generate --max-length 48 "The three most important inventions in history are"
 
-# jaxgen vs CTranslate2 vs transformers on the default model (median of alternating runs; a full
-# run takes a while, `make bench BENCH_ARGS=--quick` is a smoke test). See also
-# benchmarks/bench_devices.py and benchmarks/bench_stream_close.py.
+# The README's benchmark tables (benchmarks/run.py): `make bench` prints the main one (jaxgen vs
+# CTranslate2 vs llama.cpp on the default model, CPU, under 15 min), `make bench WORKLOAD=name` any
+# other (`python benchmarks/run.py --list`); BENCH_ARGS passes options (`--tiny`: a smoke test).
+WORKLOAD ?= main
 BENCH_ARGS ?=
 bench: $(STAMP_BENCH)
-	$(PY) benchmarks/bench_compare.py $(BENCH_ARGS)
+	$(PY) benchmarks/run.py $(WORKLOAD) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -54,7 +54,7 @@ def test_generation_matches_ctranslate2(engines, options):
             np.testing.assert_allclose(a.scores, b.scores, atol=1e-3)
 
 
-# The int8 error of the default model, measured by benchmarks/int8_numerics.py on its text: mean
+# The int8 error of the default model, measured by `benchmarks/run.py int8` on its text: mean
 # |delta log-prob| 0.21 (jaxgen int8 vs float32), 0.23 (CTranslate2 int8 vs float32), 0.24
 # (jaxgen int8 vs CTranslate2 int8). Both engines quantize the same float32 weights at load time
 # here. On these 87 tokens (2026-11-30): jaxgen int8 vs CTranslate2 int8 mean 0.13, max 0.85;

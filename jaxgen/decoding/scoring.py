@@ -25,7 +25,7 @@ VOCAB_BLOCK = 16384  # vocabulary columns whose logits exist at once while scori
 # The same with an int8 head and float32 activations (int8 x int8 -> int32 products, see
 # jaxgen.model.int8): 512 rows x 16,384 columns of int32 partial sums are 32 MiB, past this CPU's
 # caches, and the product then runs at a third of its speed with 4,096 columns
-# (benchmarks/bench_int8_kernels.py --shapes head_block; 7.8 vs 20.5 ms per 16,384 columns).
+# (benchmarks/run.py int8_kernels --shapes head_block,head_block_int8; 7.8 vs 20.5 ms per 16,384 columns).
 VOCAB_BLOCK_INT8 = 4096
 
 

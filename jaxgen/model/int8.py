@@ -24,7 +24,7 @@ below), since the fastest differs by CPU by factors of 2-10:
 a8, u8 and a8t give identical int32 products. A one-row product (batch-1 decode) is padded to two
 rows: XLA turns a one-row int dot into a matrix-vector product over an int32 copy of the weight
 (~20x slower). Other platforms lower the plain int8 x int8 -> int32 dot. Measured per shape:
-`benchmarks/bench_int8_kernels.py`.
+`python benchmarks/run.py int8_kernels`.
 """
 
 from __future__ import annotations
