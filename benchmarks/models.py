@@ -319,11 +319,33 @@ def random_model(name: str, work_dir: str, tiny: bool, device: str, dtype: str, 
 
 def parameter_count(config) -> Dict[str, int]:
     """Parameters of a ModelConfig by part: "embed", "lm_head" (0 when tied) and "body" (layers,
-    norms, learned positions), from jaxgen's own table of parameter shapes."""
-    from jaxgen.model.checkpoint import expected_flat_shapes
+    norms, learned positions), from jaxgen's own table of parameters."""
+    from jaxgen.model.checkpoint import flat_params
 
     counts = {"embed": 0, "lm_head": 0, "body": 0}
-    for name, shape in expected_flat_shapes(config.replace(weight_dtype="float32")).items():
+    for name, decl in flat_params(config).items():
         part = name.split(".")[0]
-        counts[part if part in ("embed", "lm_head") else "body"] += math.prod(shape)
+        counts[part if part in ("embed", "lm_head") else "body"] += math.prod(decl.shape)
     return counts
+
+
+def random_jaxgen_model(work_dir: str, name: str, log=print, **fields) -> str:
+    """A jaxgen model directory with random weights (std 0.02) for ModelConfig(**fields), tokens
+    "t0" ... (no tokenizer): for workloads that measure shapes, not text."""
+    import numpy as np
+
+    from jaxgen.model.checkpoint import expected_flat_shapes, save_model_dir
+    from jaxgen.model.config import ModelConfig
+
+    config = ModelConfig(architecture=name, **fields)
+    path = os.path.join(work_dir, "random", name)
+
+    def build(out: str) -> None:
+        rng = np.random.default_rng(0)
+        flat = {n: (0.02 * rng.standard_normal(s)).astype(np.float32) for n, s in expected_flat_shapes(config).items()}
+        save_model_dir(out, config, flat, [f"t{i}" for i in range(config.vocab_size)])
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if os.path.isdir(path) and ModelConfig.load(path) != config:
+        shutil.rmtree(path)
+    return _build(path, build, log)

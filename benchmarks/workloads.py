@@ -23,6 +23,7 @@ import tempfile
 from typing import Callable, Dict, List, Optional
 
 import harness as h
+import models
 from harness import Case, Spec
 from models import SHORT_TEXT, TEXT, Tokens
 
@@ -469,6 +470,38 @@ def beam(ctx: Context) -> List[str]:
                                [f"beam, {p.prompts} prompts x {p.beams} beams", str(rows), h.fmt(b),
                                 h.fmt(results.rate(beams, "jaxgen"))]]),
             "", f"beam / greedy cost: {h.ratio(b, g)}", *failures(results)]
+
+
+@workload("Mixtures of experts against dense models with the same active parameters, and all experts (jaxgen, CPU)",
+          tiny=dict(hidden=128, expert_width=64, layers=2, vocab=512, new_tokens=8, batch_sizes=(1, 4)),
+          hidden=768, expert_width=1536, layers=6, vocab=8192, new_tokens=64, batch_sizes=(1, 16))
+def moe(ctx: Context) -> List[str]:
+    """Three random-weight stacks with the same attention: 8 experts of width F, top-2 (each token
+    runs its own 2, jaxgen.model.experts); one gated MLP of width 2F (the same active parameters per
+    token); one of width 8F (every expert on every token). Greedy decode, exactly N new tokens."""
+    from jaxgen.model.checkpoint import active_parameter_count
+    from jaxgen.model.config import ModelConfig
+
+    p, f = ctx.p, ctx.p.expert_width
+    common = dict(vocab_size=p.vocab, hidden_size=p.hidden, num_layers=p.layers, num_heads=p.hidden // 64,
+                  num_kv_heads=max(1, p.hidden // 128), head_dim=64, max_position_embeddings=4096)
+    stacks = {"moe": dict(mlp="experts", num_experts=8, experts_per_token=2, expert_intermediate_size=f,
+                          intermediate_size=f),
+              "dense": dict(mlp="gated", intermediate_size=2 * f), "all": dict(mlp="gated", intermediate_size=8 * f)}
+    paths = {k: models.random_jaxgen_model(ctx.work_dir, f"bench-{k}-{p.hidden}-{f}-{p.layers}", ctx.log,
+                                           **common, **mlp) for k, mlp in stacks.items()}
+    prompts = {"moe": [[f"t{(7 * i + j) % p.vocab}" for j in range(8)] for i in range(max(p.batch_sizes))]}
+    cases = [Case(f"batch {b}", "generate", dict(prompts="moe", batch=b, new_tokens=p.new_tokens),
+                  work=b * p.new_tokens) for b in p.batch_sizes]
+    results = ctx.run([jaxgen_spec(k, path) for k, path in paths.items()], cases, prompts)
+    rows = [[str(c.args["batch"]), *(h.fmt(results.rate(c, k)) for k in stacks),
+             h.ratio(results.median(c, "moe"), results.median(c, "dense")),
+             h.ratio(results.median(c, "moe"), results.median(c, "all"))] for c in cases]
+    active = {k: active_parameter_count(ModelConfig.load(path)) / 1e6 for k, path in paths.items()}
+    return [f"hidden {p.hidden}, {p.layers} layers, expert width {f}, {p.new_tokens} new tokens, float32, medians "
+            f"of {ctx.reps}; active parameters per token: " + ", ".join(f"{k} {v:.1f}M" for k, v in active.items()),
+            "", *h.markdown_table(["batch", "moe tok/s", "dense (same active parameters) tok/s", "all experts tok/s",
+                                   "moe / dense time", "moe / all time"], rows), *failures(results)]
 
 
 # ============================================================================ compilation

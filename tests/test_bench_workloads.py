@@ -206,6 +206,17 @@ def test_prompt_lookup_and_beam(bench_dir):
 
 
 @pytest.mark.slow
+def test_moe_against_dense(bench_dir):
+    """Three jaxgen processes (experts, dense with the same active parameters, all experts), each
+    decoding exactly N tokens per row."""
+    data = run_workload(bench_dir, "moe")
+    for stack in ("moe", "dense", "all"):
+        assert all(r["tokens"] == 4 * 8 for r in replies(data, "batch 4", stack)), stack
+    cells = table(data, "4 |")
+    assert cells[-2].endswith("x") and cells[-1].endswith("x")
+
+
+@pytest.mark.slow
 def test_compiles_counts_what_jax_compiled(bench_dir):
     data = run_workload(bench_dir, "compiles", "--persistent-cache", "1")
     again = replies(data, "representative, again", "cache off")
