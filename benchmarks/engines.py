@@ -134,7 +134,9 @@ class JaxgenEngine(GeneratorEngine):
 
     def _on_duration(self, event: str, seconds: float, **kwargs) -> None:
         if event == "/jax/core/compile/backend_compile_duration":
-            self.compiled.append([str(kwargs.get("fun_name", "?")), seconds, self._hit])
+            name = str(kwargs.get("fun_name", "?"))  # "jit(decode)": the jitted function's name inside
+            name = name[4:-1] if name.startswith("jit(") and name.endswith(")") else name
+            self.compiled.append([name, seconds, self._hit])
             self._hit = False
 
     def events(self) -> dict:
