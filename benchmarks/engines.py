@@ -134,7 +134,9 @@ class JaxgenEngine(GeneratorEngine):
 
     def _on_duration(self, event: str, seconds: float, **kwargs) -> None:
         if event == "/jax/core/compile/backend_compile_duration":
-            self.compiled.append([str(kwargs.get("fun_name", "?")), seconds, self._hit])
+            name = str(kwargs.get("fun_name", "?"))  # "jit(decode)": the jitted function's name inside
+            name = name[4:-1] if name.startswith("jit(") and name.endswith(")") else name
+            self.compiled.append([name, seconds, self._hit])
             self._hit = False
 
     def events(self) -> dict:
@@ -215,9 +217,10 @@ class HFEngine(Engine):
         new = out[:, ids.shape[1]:].tolist()
         return {"tokens": sum(map(len, new)), **({"outputs": new} if outputs else {})}
 
-    def score(self, prompts: Prompts = "score", one_by_one: bool = False, outputs: bool = False) -> dict:
+    def score(self, prompts: Prompts = "score", one_by_one: bool = False, outputs: bool = False,
+              max_input_length: int = 0) -> dict:
         """Decoder forward, then the head + log_softmax + gather in chunks of positions (the [T, V]
-        logits never exist at once)."""
+        logits never exist at once). Nothing is truncated (max_input_length is the Generator API's)."""
         torch, model = self.torch, self.model
         batches = [self.ids([r]) for r in self.rows(prompts)] if one_by_one else [self.ids(prompts)]
         softcap = getattr(model.config, "final_logit_softcapping", None)
