@@ -150,7 +150,7 @@ def main(ctx: Context) -> List[str]:
     cases += [Case("first streamed token, warm process, ms", "first_token", dict(max_length=p.new_tokens))
               ] if "first_token" in wanted else []
     cases += [Case(f"`close()` of a running stream after {p.close_after} tokens, ms", "close",
-                   dict(read=p.close_after))] if "close" in wanted else []
+                   dict(read=p.close_after, max_length=p.new_tokens * 4))] if "close" in wanted else []
     results = ctx.run(specs, cases, prompts)
 
     # The README's format: one row per metric and precision, one column per engine; llama.cpp's
