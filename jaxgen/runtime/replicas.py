@@ -145,7 +145,9 @@ def shard_tensor_parallel(params: dict, config: ModelConfig, devices: List[jax.D
     mesh = layout.mesh
 
     def put(a, spec: P) -> jax.Array:
-        return jax.device_put(a, NamedSharding(mesh, spec))
+        # a host array: in a multi-process run each process places its own shards of it (a jax
+        # array already on a local device cannot be put on a mesh that spans other processes)
+        return jax.device_put(np.asarray(a), NamedSharding(mesh, spec))
 
     top = top_params(config)
     sharded = {}
