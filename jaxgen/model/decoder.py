@@ -359,7 +359,8 @@ def _self_attention(config: ModelConfig, layer: int, h: jax.Array, lp: dict, k_c
     return linear(out, lp["o"]), k_cache, v_cache
 
 
-def _gated(h: jax.Array, gate: dict, up: dict, down: dict, act: str) -> jax.Array:
+def gated_mlp(h: jax.Array, gate: dict, up: dict, down: dict, act: str) -> jax.Array:
+    """act(h . gate) * (h . up), projected by down: [..., D] -> [..., D] (a dense MLP or one expert)."""
     return linear(activation(linear(h, gate), act) * linear(h, up), down)
 
 
@@ -369,7 +370,7 @@ def _mlp(config: ModelConfig, layer: int, h: jax.Array, lp: dict) -> jax.Array:
     if kind == "experts":
         return experts_mlp(config, h, lp)
     if kind == "gated":
-        return _gated(h, lp["gate"], lp["up"], lp["down"], config.activation)
+        return gated_mlp(h, lp["gate"], lp["up"], lp["down"], config.activation)
     return linear(activation(linear(h, lp["up"]), config.activation), lp["down"])
 
 

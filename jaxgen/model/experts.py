@@ -81,7 +81,7 @@ def _expert(p: dict, e: int) -> dict:
 
 def experts_mlp(config, h: jax.Array, lp: dict) -> jax.Array:
     """The experts MLP of one layer: h [B, T, D] -> [B, T, D]."""
-    from jaxgen.model.decoder import _gated, linear
+    from jaxgen.model.decoder import gated_mlp, linear
 
     shape = h.shape
     x = h.reshape(-1, shape[-1])  # [N, D]
@@ -100,7 +100,7 @@ def experts_mlp(config, h: jax.Array, lp: dict) -> jax.Array:
         xt = jnp.take(x, tokens, axis=0)
 
         def run(e: int):
-            return lambda xt: _gated(xt, _expert(gate, e), _expert(up, e), _expert(down, e), config.activation)
+            return lambda xt: gated_mlp(xt, _expert(gate, e), _expert(up, e), _expert(down, e), config.activation)
 
         # branch E: an unused tile, nothing to compute; branch e reads expert e's own buffers
         branches = [run(e) for e in range(config.num_experts)] + [lambda xt: jnp.zeros_like(xt)]
@@ -110,6 +110,6 @@ def experts_mlp(config, h: jax.Array, lp: dict) -> jax.Array:
     _, ys = jax.lax.scan(tile, None, jnp.arange(n_tiles, dtype=jnp.int32))  # [T, R, D]
     out = jnp.zeros_like(x).at[token_of_slot].add(ys.reshape(padded, -1))  # padding rows add zeros
     if config.shared_expert_intermediate_size:
-        shared = _gated(x, lp["shared_gate"], lp["shared_up"], lp["shared_down"], config.activation)
+        shared = gated_mlp(x, lp["shared_gate"], lp["shared_up"], lp["shared_down"], config.activation)
         out = out + jax.nn.sigmoid(linear(x, lp["shared_expert_gate"])) * shared
     return out.reshape(shape)
