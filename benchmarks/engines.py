@@ -20,13 +20,16 @@ with the reply. An operation an engine has not got raises NotImplementedError (t
 Spec options (harness.Spec.options): "device", "compute_type"; jaxgen "generator" (Generator
 keyword arguments); jaxgen and CTranslate2 "generate_options" / "score_options" (keyword arguments
 of every such call, e.g. a layout's max_batch_size); transformers "static"; llama.cpp "vocabulary"
-(a vocabulary.json whose ids are the GGUF's), "n_seq" (parallel sequences), "n_ctx" (per sequence).
+(a vocabulary.json whose ids are the GGUF's), "n_seq" (parallel sequences), "n_ctx" (per sequence),
+"repack" (llama.cpp's extra buffer types: its repacked CPU kernels, AMX; default True).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -278,7 +281,9 @@ class LlamaCppEngine(Engine):
         L.llama_backend_init()
         self.n_seq = int(self.options.get("n_seq", 16))
         self.n_ctx = int(self.options.get("n_ctx", 1024))  # per sequence
-        model = L.llama_model_load_from_file(spec["model"].encode(), L.llama_model_default_params())
+        model_params = L.llama_model_default_params()
+        model_params.use_extra_bufts = bool(self.options.get("repack", True))
+        model = L.llama_model_load_from_file(spec["model"].encode(), model_params)
         if not model:
             raise RuntimeError(f"llama.cpp could not load {spec['model']}")
         params = L.llama_context_default_params()
@@ -296,7 +301,8 @@ class LlamaCppEngine(Engine):
         self.batch = L.llama_batch_init(params.n_batch * 1, 0, 1)
         self.capacity = params.n_batch
         self.description = (f"llama.cpp {os.path.basename(spec['model'])}, {threads} threads, "
-                            f"up to {self.n_seq} sequences")
+                            f"up to {self.n_seq} sequences" + ("" if model_params.use_extra_bufts else
+                                                               ", without its repacked kernels (--no-repack)"))
 
     def _ids(self, prompts: Prompts, batch: Optional[int] = None) -> List[List[int]]:
         return [[self.vocab[t] for t in row] for row in self.rows(prompts, batch)]
@@ -420,3 +426,23 @@ LABELS = {"jaxgen": "jaxgen", "ct2": "CTranslate2", "hf": "transformers", "llama
 
 def load(spec: dict, prompts: dict, threads: int) -> Engine:
     return ENGINES[spec["engine"]](spec, prompts, threads)
+
+
+def llama_cpp_repack_works(gguf: str, threads: int) -> bool:
+    """Whether llama.cpp decodes with its extra buffer types (repacked CPU kernels, AMX) on this CPU.
+    llama-cpp-python 0.3.36's build died with SIGSEGV at the first llama_decode on an Intel Xeon with
+    AMX (2026-12-02) and ran without them (llama.cpp's --no-repack): the probe runs one decode in a
+    child process, so that a crash cannot take the harness down."""
+    probe = ("import sys, llama_cpp as L\n"
+             "L.llama_backend_init(); m = L.llama_model_default_params(); m.use_extra_bufts = True\n"
+             "model = L.llama_model_load_from_file(sys.argv[1].encode(), m)\n"
+             "c = L.llama_context_default_params(); c.n_threads = c.n_threads_batch = int(sys.argv[2])\n"
+             "ctx = L.llama_init_from_model(model, c); b = L.llama_batch_init(8, 0, 1)\n"
+             "for i in range(4):\n"
+             "    b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = 2 + i, i, 1, i == 3; b.seq_id[i][0] = 0\n"
+             "b.n_tokens = 4; sys.exit(L.llama_decode(ctx, b))\n")
+    try:
+        done = subprocess.run([sys.executable, "-c", probe, gguf, str(threads)], capture_output=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        return False
+    return done.returncode == 0

@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Optional
 
 import harness as h
 import models
+from engines import llama_cpp_repack_works
 from harness import Case, Spec
 from models import SHORT_TEXT, TEXT, Tokens
 
@@ -125,8 +126,13 @@ def main(ctx: Context) -> List[str]:
         engines.remove("llama.cpp")
         notes.append("- llama.cpp left out: llama-cpp-python is not installed (`pip install llama-cpp-python`, "
                      "the `bench` extra; it builds llama.cpp from source).")
+    repack = "llama.cpp" not in engines or llama_cpp_repack_works(paths["gguf"], ctx.threads)
+    if not repack:
+        notes.append("- llama.cpp crashed (SIGSEGV) at its first decode with its repacked kernels (extra buffer "
+                     "types, AMX) on this CPU: it ran without them (llama.cpp's --no-repack).")
     llama_spec = Spec("llama.cpp Q4_K_M", "llama.cpp", paths["gguf"], {"vocabulary": os.path.join(
-        paths["jaxgen"], "vocabulary.json"), "n_seq": max(p.batch_sizes), "n_ctx": max(1024, p.prefill_tokens + 16)})
+        paths["jaxgen"], "vocabulary.json"), "n_seq": max(p.batch_sizes), "n_ctx": max(1024, p.prefill_tokens + 16),
+        "repack": repack})
     specs = []
     for group, prec in enumerate(precisions):
         specs += [jaxgen_spec(f"jaxgen {prec}", paths["jaxgen"], prec, group)] if "jaxgen" in engines else []
