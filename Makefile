@@ -9,7 +9,7 @@ STAMP_RUN := $(VENV)/.installed-run
 STAMP_TEST := $(VENV)/.installed-test
 STAMP_BENCH := $(VENV)/.installed-bench
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-slow test-all test-fast demo bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,12 +29,24 @@ $(STAMP_BENCH): pyproject.toml | $(PY)
 
 install: $(STAMP_RUN) $(STAMP_TEST) $(STAMP_BENCH)
 
+# The test suite runs in parallel processes, one per core (pytest-xdist; a test file stays in one
+# process, so its module fixtures are built once). `make test` (what CI runs) is everything not marked
+# `slow`; `make test-slow` the slow part (the 270M default model, the case-by-case reference
+# comparisons, device workers, benchmark compiles); `make test-all` both. PYTEST_ARGS passes options
+# (e.g. PYTEST_ARGS="--durations=20", or "-n 0" for one process).
+TEST_WORKERS ?= auto
+PYTEST := $(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile
 test: $(STAMP_TEST)
-	$(PY) -m pytest -q -ra tests $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow" tests $(PYTEST_ARGS)
 
-# The small-shape tests: everything not marked `slow` (the 270M default model, subprocesses, long runs).
-test-fast: $(STAMP_TEST)
-	$(PY) -m pytest -q -ra -m "not slow" tests $(PYTEST_ARGS)
+test-slow: $(STAMP_TEST)
+	$(PYTEST) -m slow tests $(PYTEST_ARGS)
+
+test-all: $(STAMP_TEST)
+	$(PYTEST) tests $(PYTEST_ARGS)
+
+# Kept for habit: the same as `make test`.
+test-fast: test
 
 demo: $(STAMP_RUN)
 	$(VENV)/bin/jaxgen generate --max-length 48 "The three most important inventions in history are"

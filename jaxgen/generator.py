@@ -14,7 +14,6 @@ import threading
 from typing import Iterable, List, Optional, Sequence, Union
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxgen.decoding.custom import as_processors, check_processors
@@ -27,7 +26,7 @@ from jaxgen.results import ScoringResult
 from jaxgen.runtime.alternatives import generate_alternatives
 from jaxgen.runtime.batching import BATCH_TYPES, bucket, pass_width, split_batches
 from jaxgen.runtime.compilation_cache import enable_compilation_cache
-from jaxgen.runtime.devices import resolve_devices
+from jaxgen.runtime.devices import on_device, resolve_devices
 from jaxgen.runtime.generation import (assemble_results, plan_rows, prefill_sequences, run_beam, run_lookup_rows,
                                        run_rows)
 from jaxgen.runtime.memory import check_jobs_fit
@@ -691,7 +690,7 @@ class Generator:
         lengths = np.zeros((b,), np.int32)
         lengths[:len(lens)] = lens
         lengths[len(lens):] = 1  # padding rows: one dummy token
-        return jnp.asarray(arr), jnp.asarray(lengths)
+        return on_device(arr), on_device(lengths)
 
     def _bos_id(self) -> Optional[int]:
         return self._vocab.id_of(self.config.bos_token) if self.config.bos_token in self._vocab else None

@@ -28,6 +28,7 @@ from jaxgen.executables import cached_jit
 from jaxgen.model.decoder import KVCache, PassPlan
 from jaxgen.results import GenerationResult, GenerationStepResult
 from jaxgen.runtime.batching import bucket, pass_width
+from jaxgen.runtime.devices import on_device, on_device_float32, on_device_int32
 from jaxgen.runtime.options import ResolvedOptions, max_candidates
 
 # Decode steps per dispatch when a callback must see tokens as they come: the first token is handed
@@ -77,8 +78,8 @@ def prefill_sequences(params: dict, config, cache: KVCache, sequences: List[List
     if width % chunk:
         raise ValueError(f"prefill width {width} is not a multiple of the chunk size {chunk}")
     for c in range(0, width, chunk):
-        cache = prefill(params, cache, jnp.asarray(tokens[:, c:c + chunk]), jnp.asarray(positions[:, c:c + chunk]),
-                        jnp.int32(start + c), config=config, impl=plan.impl, fresh=start + c == 0)
+        cache = prefill(params, cache, on_device(tokens[:, c:c + chunk]), on_device(positions[:, c:c + chunk]),
+                        on_device_int32(start + c), config=config, impl=plan.impl, fresh=start + c == 0)
     return cache
 
 
@@ -127,8 +128,8 @@ def prefill_rows(params: dict, config, rows: List[Row], prefix: KVCache, prefix_
 def row_history(rows: List[Row], batch: int, hist_len: int, vocab_size: int):
     """The loop history of the rows (penalties, n-grams, suppress_sequences), padded to
     [batch, hist_len]."""
-    return init_history(jnp.asarray(_pad2([r.history for r in rows], hist_len, 0, batch)),
-                        jnp.asarray(np.array([len(r.history) for r in rows] + [0] * (batch - len(rows)), np.int32)),
+    return init_history(on_device(_pad2([r.history for r in rows], hist_len, 0, batch)),
+                        on_device(np.array([len(r.history) for r in rows] + [0] * (batch - len(rows)), np.int32)),
                         vocab_size)
 
 
@@ -141,22 +142,22 @@ def processor_options(resolved: ResolvedOptions) -> ProcessorOptions:
                     bucket(max(len(sup), 1), minimum=4))
     sup_lens = np.zeros((sup_arr.shape[0],), np.int32)
     sup_lens[:len(sup)] = [len(x) for x in sup]
-    return ProcessorOptions(jnp.asarray(end_ids), jnp.float32(opts.repetition_penalty),
-                            jnp.int32(opts.no_repeat_ngram_size), jnp.int32(resolved.unk_id),
-                            jnp.asarray(sup_arr), jnp.asarray(sup_lens))
+    return ProcessorOptions(on_device(end_ids), on_device_float32(opts.repetition_penalty),
+                            on_device_int32(opts.no_repeat_ngram_size), on_device_int32(resolved.unk_id),
+                            on_device(sup_arr), on_device(sup_lens))
 
 
 def stop_options(resolved: ResolvedOptions, vocab_size: int) -> StopStrings:
     """The call's stop-string tables as traced arrays (S = 0 without stop strings)."""
     if resolved.stop_tables is None:
-        return StopStrings(jnp.asarray(np.zeros((0, 1, vocab_size), np.int8)), jnp.asarray(np.zeros((0,), np.int32)))
+        return StopStrings(on_device(np.zeros((0, 1, vocab_size), np.int8)), on_device(np.zeros((0,), np.int32)))
     table, lengths = resolved.stop_tables
-    return StopStrings(jnp.asarray(table), jnp.asarray(lengths))
+    return StopStrings(on_device(table), on_device(lengths))
 
 
 def sampling_options(opts) -> SamplingOptions:
-    return SamplingOptions(jnp.int32(opts.sampling_topk), jnp.float32(opts.sampling_topp),
-                           jnp.float32(opts.sampling_temperature if opts.is_sampling else 1.0))
+    return SamplingOptions(on_device_int32(opts.sampling_topk), on_device_float32(opts.sampling_topp),
+                           on_device_float32(opts.sampling_temperature if opts.is_sampling else 1.0))
 
 
 def loop_spec(config, opts) -> LoopSpec:
@@ -170,9 +171,9 @@ def keys_of(rows: List[Row], seeds: Sequence[int], batch: int) -> jax.Array:
     """Each row's sampling key [batch, 2] from its call's seed (`seeds`, one per row) and its
     indices (padding rows get keys too): see sampling.row_keys."""
     pad = [0] * (batch - len(rows))
-    return row_keys(jnp.asarray(np.array([s % 2**32 for s in seeds] + pad, np.uint32)),
-                    jnp.asarray(np.array([r.batch_id for r in rows] + pad, np.int32)),
-                    jnp.asarray(np.array([r.hypothesis_id for r in rows] + pad, np.int32)))
+    return row_keys(on_device(np.array([s % 2**32 for s in seeds] + pad, np.uint32)),
+                    on_device(np.array([r.batch_id for r in rows] + pad, np.int32)),
+                    on_device(np.array([r.hypothesis_id for r in rows] + pad, np.int32)))
 
 
 @dataclasses.dataclass
@@ -229,10 +230,10 @@ def loop_state(*, last: np.ndarray, position: np.ndarray, done: np.ndarray, n_ou
     the [B, N or 0, V] buffer of stored logits, made on the device by the caller; stop_count: the
     stop strings followed (S of the call's StopStrings)."""
     b = len(last)
-    zeros = lambda shape, dtype: jnp.asarray(np.zeros(shape, dtype))  # noqa: E731
+    zeros = lambda shape, dtype: on_device(np.zeros(shape, dtype))  # noqa: E731
     return DecodeState(
-        step=jnp.int32(0), last_token=jnp.asarray(np.asarray(last, np.int32)),
-        position=jnp.asarray(np.asarray(position, np.int32)), done=jnp.asarray(np.asarray(done, bool)),
+        step=on_device_int32(0), last_token=on_device(np.asarray(last, np.int32)),
+        position=on_device(np.asarray(position, np.int32)), done=on_device(np.asarray(done, bool)),
         out_tokens=zeros((b, n_out), np.int32), out_log_probs=zeros((b, n_out), np.float32),
         gen_len=zeros((b,), np.int32), history=history, cache=cache, key=keys, logits=logits,
         stop=zeros((b, stop_count), np.int32))
@@ -265,7 +266,7 @@ def run_rows(params: dict, config, rows: List[Row], resolved: ResolvedOptions, p
     p = prepare(params, config, rows, resolved, prefix, prefix_len, plan)
     bp, n_out, max_new = p.bp, p.n_out, p.max_new
     stops = stop_options(resolved, config.vocab_size)
-    consts = DecodeConsts(proc=p.proc, samp=p.samp, max_new=jnp.asarray(max_new), min_new=jnp.asarray(p.min_new),
+    consts = DecodeConsts(proc=p.proc, samp=p.samp, max_new=on_device(max_new), min_new=on_device(p.min_new),
                           stops=stops)
     spec = loop_spec(config, opts)
     state = loop_state(last=p.last, position=p.position, done=max_new <= 0, n_out=n_out, history=p.history,
@@ -276,7 +277,7 @@ def run_rows(params: dict, config, rows: List[Row], resolved: ResolvedOptions, p
     first_position = int(p.position[:b].max())
 
     def run_until(state, until: int):
-        return run_in_segments(lambda s, attend_len: decode(params, s, consts, jnp.int32(until), jnp.int32(bp + 1),
+        return run_in_segments(lambda s, attend_len: decode(params, s, consts, on_device_int32(until), on_device_int32(bp + 1),
                                                             spec=spec._replace(attend_len=attend_len)),
                                state, until, first_position, p.cache_len)
 
@@ -333,15 +334,15 @@ def run_lookup_rows(params: dict, config, rows: List[Row], resolved: ResolvedOpt
     contexts = [static + r.prompt for r in rows]
     width = bucket(max(len(c) for c in contexts) + p.n_out, minimum=64)
     stops = stop_options(resolved, config.vocab_size)
-    consts = DecodeConsts(proc=p.proc, samp=p.samp, max_new=jnp.asarray(p.max_new), min_new=jnp.asarray(p.min_new),
+    consts = DecodeConsts(proc=p.proc, samp=p.samp, max_new=on_device(p.max_new), min_new=on_device(p.min_new),
                           stops=stops)
     base = loop_state(last=p.last, position=p.position, done=p.max_new <= 0, n_out=p.n_out, history=p.history,
-                      cache=p.cache, keys=jnp.asarray(np.zeros((p.bp, 2), np.uint32)),
+                      cache=p.cache, keys=on_device(np.zeros((p.bp, 2), np.uint32)),
                       logits=_device_zeros((p.bp, 0, config.vocab_size)), stop_count=stops.lengths.shape[0])
     state = LookupState(
-        rows=base, context=jnp.asarray(_pad2(contexts, width, 0, p.bp)),
-        context_len=jnp.asarray(np.array([len(c) for c in contexts] + [1] * (p.bp - b), np.int32)),
-        accepted=jnp.asarray(np.zeros((p.bp,), np.int32)))
+        rows=base, context=on_device(_pad2(contexts, width, 0, p.bp)),
+        context_len=on_device(np.array([len(c) for c in contexts] + [1] * (p.bp - b), np.int32)),
+        accepted=on_device(np.zeros((p.bp,), np.int32)))
     spec = LookupSpec(config=config, draft=draft)
     while True:  # grow the live bound of the cache reads as positions advance (see run_in_segments)
         position, done = jax.device_get((state.rows.position, state.rows.done))
@@ -368,10 +369,10 @@ def run_beam(params: dict, config, rows: List[Row], resolved: ResolvedOptions, p
     cache, history = expand_beams(p.cache, p.history, beam_size=k)
     has_prefix = any(r.offset > 0 for r in rows)
     consts = BeamConsts(
-        proc=p.proc, samp=p.samp, max_new=jnp.asarray(p.max_new), min_new=jnp.asarray(p.min_new),
-        length_offset=jnp.asarray(np.array([r.length_offset for r in rows] + [0] * (p.bp - b), np.int32)),
-        length_penalty=jnp.float32(opts.length_penalty),
-        finish_target=jnp.int32(max_candidates(k, opts.patience)),
+        proc=p.proc, samp=p.samp, max_new=on_device(p.max_new), min_new=on_device(p.min_new),
+        length_offset=on_device(np.array([r.length_offset for r in rows] + [0] * (p.bp - b), np.int32)),
+        length_penalty=on_device_float32(opts.length_penalty),
+        finish_target=on_device_int32(max_candidates(k, opts.patience)),
         disable_first_eos=jnp.bool_(has_prefix), stops=stop_options(resolved, config.vocab_size))
     sampling = opts.sampling_topk != 1 and opts.sampling_temperature != 0
     spec = BeamSpec(config=config, beam_size=k, num_keep=opts.num_hypotheses, sampling=sampling,
@@ -381,15 +382,15 @@ def run_beam(params: dict, config, rows: List[Row], resolved: ResolvedOptions, p
     cum[:, 0] = 0
     f = opts.num_hypotheses
     state = BeamState(
-        step=jnp.int32(0), last_token=jnp.asarray(np.repeat(p.last, k)),
-        position=jnp.asarray(np.repeat(p.position, k)), cum=jnp.asarray(cum),
-        seqs=jnp.asarray(np.zeros((p.bp, k, p.n_out), np.int32)), history=history, cache=cache,
-        done=jnp.asarray(p.max_new <= 0), top_finished=jnp.asarray(np.zeros((p.bp,), bool)),
-        fin_tokens=jnp.asarray(np.zeros((p.bp, f, p.n_out), np.int32)),
-        fin_len=jnp.asarray(np.zeros((p.bp, f), np.int32)),
-        fin_score=jnp.asarray(np.full((p.bp, f), -np.inf, np.float32)),
-        fin_count=jnp.asarray(np.zeros((p.bp,), np.int32)), key=key,
-        stop=jnp.asarray(np.zeros((p.bp * k, consts.stops.lengths.shape[0]), np.int32)))
+        step=on_device_int32(0), last_token=on_device(np.repeat(p.last, k)),
+        position=on_device(np.repeat(p.position, k)), cum=on_device(cum),
+        seqs=on_device(np.zeros((p.bp, k, p.n_out), np.int32)), history=history, cache=cache,
+        done=on_device(p.max_new <= 0), top_finished=on_device(np.zeros((p.bp,), bool)),
+        fin_tokens=on_device(np.zeros((p.bp, f, p.n_out), np.int32)),
+        fin_len=on_device(np.zeros((p.bp, f), np.int32)),
+        fin_score=on_device(np.full((p.bp, f), -np.inf, np.float32)),
+        fin_count=on_device(np.zeros((p.bp,), np.int32)), key=key,
+        stop=on_device(np.zeros((p.bp * k, consts.stops.lengths.shape[0]), np.int32)))
     state = run_in_segments(lambda s, attend_len: beam_decode(params, s, consts,
                                                               spec=spec._replace(attend_len=attend_len)),
                             state, p.n_out, int(p.position[:b].max()), p.cache_len)

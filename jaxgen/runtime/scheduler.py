@@ -24,7 +24,6 @@ from collections import deque
 from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxgen.decoding.search import DecodeConsts, DecodeState, decode, live_length, set_done
@@ -32,6 +31,7 @@ from jaxgen.decoding.slots import grow_state, insert_rows, keep_rows
 from jaxgen.model.decoder import PassPlan, init_cache
 from jaxgen.results import GenerationResult
 from jaxgen.runtime.batching import bucket
+from jaxgen.runtime.devices import on_device, on_device_int32
 from jaxgen.runtime.generation import (Row, _device_zeros, assemble_results, check_positions, keys_of, loop_spec,
                                        loop_state, plan_rows, prefill_rows, processor_options, prompt_width,
                                        row_history, sampling_options, stop_options)
@@ -309,7 +309,7 @@ class _Session:
                 last=np.zeros((batch,), np.int32), position=np.zeros((batch,), np.int32),
                 done=np.ones((batch,), bool), n_out=n0, history=row_history([], batch, h0, config.vocab_size),
                 cache=init_cache(config, batch, l0, self.prefix.dtype),
-                keys=jnp.asarray(np.zeros((batch, 2), np.uint32)),
+                keys=on_device(np.zeros((batch, 2), np.uint32)),
                 logits=_device_zeros((batch, 0, config.vocab_size)), stop_count=self.stops.lengths.shape[0])
         else:
             state = self.state
@@ -360,7 +360,7 @@ class _Session:
                            keys=keys_of(rows, [req.call.seed for req, _ in pending], n),
                            logits=_device_zeros((n, 0, config.vocab_size)),
                            stop_count=self.stops.lengths.shape[0])
-        self.state = insert_rows(self.state, jnp.asarray(slots), fresh)
+        self.state = insert_rows(self.state, on_device(slots), fresh)
         self.s.count(refills=1)
         for slot, (req, j), row, pos in zip(free, pending, rows, positions):
             self.slots[slot] = (req, j)
@@ -447,7 +447,7 @@ class _Session:
         nothing waits, and a step of the full width would cost for the idle slots)."""
         batch = bucket(len(occupied), minimum=1)
         keep = occupied + [i for i, slot in enumerate(self.slots) if slot is None][:batch - len(occupied)]
-        self.state = keep_rows(self.state, jnp.asarray(np.array(keep, np.int32)))
+        self.state = keep_rows(self.state, on_device(np.array(keep, np.int32)))
         self.slots = [self.slots[i] for i in keep]
         self.max_new, self.min_new, self.position = (a[keep] for a in (self.max_new, self.min_new, self.position))
         self.s.count(shrinks=1)
@@ -464,7 +464,7 @@ class _Session:
         attend_len = live_length(int(self.position[occupied].max()) + 1, state.cache.length)
         free = self.batch - len(occupied)
         stop_done = max(min(self.refill_rows, waiting), free + 1) if waiting else self.batch + 1
-        consts = DecodeConsts(proc=self.proc, samp=self.samp, max_new=jnp.asarray(self.max_new),
-                              min_new=jnp.asarray(self.min_new), stops=self.stops)
-        self.state = decode(self.replica.params, state, consts, jnp.int32(self.step + CHUNK_STEPS), jnp.int32(stop_done),
+        consts = DecodeConsts(proc=self.proc, samp=self.samp, max_new=on_device(self.max_new),
+                              min_new=on_device(self.min_new), stops=self.stops)
+        self.state = decode(self.replica.params, state, consts, on_device_int32(self.step + CHUNK_STEPS), on_device_int32(stop_done),
                             spec=self.spec._replace(attend_len=attend_len))
