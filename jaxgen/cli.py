@@ -447,7 +447,8 @@ def _generate_file(args) -> int:
                 bar.total -= 1
                 bar.refresh()
 
-        prompts = _read_prompts(args.input, fmt, tokenizer, kwargs.get("static_prompt"), report)
+        prompts = _read_prompts(args.input, fmt, tokenizer, kwargs.get("static_prompt"), report,
+                                generator.prepare_constraint)
         start, generated, done = time.monotonic(), 0, 0
         for prompt, result in _generate_in_order(generator, prompts, args, kwargs):
             ids = result.sequences_ids[0]
@@ -534,8 +535,9 @@ class _SplitByKey:
 
 
 def _read_prompts(path: str, fmt: str, tokenizer, static_prompt: Optional[List[str]],
-                  report: Callable[[int, str], None]) -> Iterator[_Prompt]:
-    """The good lines of a prompt file, lazily; blank lines are skipped, bad ones go to `report`."""
+                  report: Callable[[int, str], None], check_constraint: Callable = lambda c: None) -> Iterator[_Prompt]:
+    """The good lines of a prompt file, lazily; blank lines are skipped, bad ones go to `report`
+    (a line's constraint is bad when `check_constraint` raises ValueError or TypeError)."""
     for n, line in enumerate(_lines(path), 1):
         if not line.strip():
             continue
@@ -544,6 +546,11 @@ def _read_prompts(path: str, fmt: str, tokenizer, static_prompt: Optional[List[s
             tokens = _prompt_tokens(tokenizer, fields["prompt"], static_prompt)
             if not tokens:
                 raise _BadLine("the prompt has no tokens")
+            if fields.get("constraint") is not None:
+                try:
+                    check_constraint(fields["constraint"])
+                except (TypeError, ValueError) as exc:
+                    raise _BadLine(str(exc)) from None
         except _BadLine as exc:
             report(n, str(exc))
             continue

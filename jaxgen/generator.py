@@ -686,6 +686,11 @@ class Generator:
         tables = self._stop_tables.tables(resolved.stop_strings, resolved.end_ids)
         return dataclasses.replace(resolved, stop_tables=tables)
 
+    def prepare_constraint(self, constraint) -> None:
+        """Compiles a constraint (`jaxgen.constraints`) for this model's vocabulary and caches it,
+        so that a bad one raises ValueError here (generate calls do this themselves)."""
+        self._compile_constraints(as_constraints(constraint, 1), self._resolve_options())
+
     def _compile_constraints(self, constraints: list, resolved, mask_words: bool = False):
         """The prompts' constraints compiled for this vocabulary (cached), or ValueError before any
         work: a malformed or unenforceable constraint, or options that cannot honour one.
