@@ -12,6 +12,7 @@ same on the default model (Gemma 3 270M), where the outputs complete.
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import numpy as np
@@ -52,7 +53,7 @@ RECORD_SCHEMA = {  # objects, arrays, enums, bounded integers, nested objects, s
 }
 
 
-def build_char_model(directory: str) -> str:
+def build_char_model(directory: str, heads: int = 2, kv_heads: int = 1) -> str:
     """A tiny random model directory over VOCAB, with a tokenizer.json (characters, no merges) for the CLI."""
     from tokenizers import Tokenizer, decoders, models
 
@@ -60,8 +61,8 @@ def build_char_model(directory: str) -> str:
     from jaxgen.model.config import ModelConfig
 
     config = ModelConfig(
-        architecture="gemma3", vocab_size=len(VOCAB), hidden_size=32, num_layers=2, num_heads=2,
-        num_kv_heads=1, head_dim=16, intermediate_size=64, norm_offset=1.0, norm_placement="sandwich",
+        architecture="gemma3", vocab_size=len(VOCAB), hidden_size=32, num_layers=2, num_heads=heads,
+        num_kv_heads=kv_heads, head_dim=16, intermediate_size=64, norm_offset=1.0, norm_placement="sandwich",
         qk_norm="head", activation="gelu_tanh", layer_types=("sliding", "full"), sliding_window=8,
         max_position_embeddings=512, embedding_scale=32 ** 0.5, bos_token="<bos>", eos_token="<eos>",
         unk_token="<unk>", pad_token="<pad>", add_bos_token=True)
@@ -292,6 +293,43 @@ def test_cli(char_model, tmp_path, capsys):
     assert "unclosed group" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["generate", "--model", char_model, "--regex", "a", "--choice", "b", "x"])
+
+
+# ---------------------------------------------------------------------------- tensor parallelism
+TP_SCRIPT = """
+import json, sys
+import jaxgen
+from jaxgen.constraints import Choice, JsonSchema, Regex
+sys.path.insert(0, {tests!r})
+from test_constraints import SMALL_SCHEMA
+prompts = [["<bos>", "a"], ["<bos>", "b", "c"], ["<bos>", "d"]]
+constraints = [JsonSchema(SMALL_SCHEMA), None, Regex("[a-z]{{2,5}}")]
+out = {{}}
+for tp in (False, True):
+    g = jaxgen.Generator({model!r}, device_index=[0, 1], tensor_parallel=tp) if tp else jaxgen.Generator({model!r})
+    rows = []
+    for kw in (dict(), dict(beam_size=2), dict(sampling_topk=8, random_seed=1)):
+        rows += [[r.sequences_ids, r.constraint_complete] for r in g.generate_batch(
+            prompts, max_length=24, include_prompt_in_result=False, constraint=constraints, **kw)]
+    out[str(tp)] = rows
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_tensor_parallel_equals_one_device(tmp_path):
+    """Two simulated CPU devices (their own process): constrained rows under tensor parallelism
+    decode as on one device (greedy, beam, sampling)."""
+    import subprocess
+    import sys
+
+    model = build_char_model(str(tmp_path / "model"), heads=4, kv_heads=2)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    code = TP_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)), model=model)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert out["True"] == out["False"]
 
 
 # ---------------------------------------------------------------------------- the default model
