@@ -450,7 +450,8 @@ def _generate_file(args) -> int:
         prompts = _read_prompts(args.input, fmt, tokenizer, kwargs.get("static_prompt"), report,
                                 generator.prepare_constraint)
         start, generated, done = time.monotonic(), 0, 0
-        for prompt, result in _generate_in_order(generator, prompts, args, kwargs):
+        per_line = fmt == "jsonl" and (args.input == "-" or _mentions_constraints(args.input))
+        for prompt, result in _generate_in_order(generator, prompts, args, kwargs, per_line):
             ids = result.sequences_ids[0]
             record = dict(prompt.record, text=_continuation(tokenizer, prompt.tokens, ids, end_ids), tokens=len(ids))
             if result.constraint_complete:
@@ -465,12 +466,13 @@ def _generate_file(args) -> int:
     return 1 if bad else 0
 
 
-def _generate_in_order(generator, prompts: Iterator[_Prompt], args, kwargs: dict) -> Iterator[Tuple[_Prompt, object]]:
+def _generate_in_order(generator, prompts: Iterator[_Prompt], args, kwargs: dict,
+                       per_line: bool = False) -> Iterator[Tuple[_Prompt, object]]:
     """(prompt, GenerationResult) in input order, through `generate_iterable`: one stream per
-    max_length (lines with their own "max_length" are batched with the lines that share it)."""
+    max_length (lines with their own "max_length" are batched with the lines that share it).
+    per_line: lines may carry their own constraints."""
     split = _SplitByKey((p.max_length or args.max_length, p) for p in prompts)
     streams: Dict[int, Iterator] = {}
-    per_line = args.input == "-" or _mentions_constraints(args.input)
     while split.pending or split.read():
         max_length, prompt = split.pending.popleft()
         if max_length not in streams:

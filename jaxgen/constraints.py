@@ -306,7 +306,7 @@ class ConstraintCompiler:
         template = ll.LLMatcher(tokenizer, grammar, log_level=0)
         if template.is_error():
             raise ValueError(f"{constraint!r} cannot be enforced: {template.get_error()}")
-        if not template.is_accepting() and not _any_allowed(template, tokenizer.vocab_size):
+        if not template.is_accepting() and not _any_allowed(template, tokenizer.vocab_size, tokenizer.eos_tokens):
             raise ValueError(f"{constraint!r}: no token sequence of this vocabulary can satisfy it (no token "
                              "can start it)")
         compiled = Compiled(constraint, template, self.mask_words)
@@ -317,13 +317,17 @@ class ConstraintCompiler:
         return compiled
 
 
-def _any_allowed(matcher, vocab_size: int) -> bool:
-    """Whether the matcher's next-token mask allows some token (the end token excluded)."""
+def _any_allowed(matcher, vocab_size: int, end_ids: Sequence[int]) -> bool:
+    """Whether the matcher's next-token mask allows some token but the end tokens (which the
+    engine allows when it finds no way on)."""
     import numpy as np
 
     mask = np.zeros(((vocab_size + 31) // 32,), np.int32)
     matcher.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
-    return bool(np.any(mask))
+    bits = mask.view(np.uint32)
+    for t in end_ids:
+        bits[t // 32] &= ~np.uint32(1 << (t % 32))
+    return bool(np.any(bits))
 
 
 def compile_all(compiler: ConstraintCompiler, constraints: List[Optional[Constraint]]) -> List[Optional[Compiled]]:
