@@ -6,9 +6,10 @@
 
 * `JsonSchema(schema)`: a JSON Schema (a dict, or its JSON text); the output is one JSON value that
   validates. Compact by default (no whitespace between tokens of the JSON text); `whitespace=True`
-  allows it. Keywords the engine cannot enforce raise ValueError (see llguidance's JSON Schema notes:
-  types, enum/const, numeric bounds, string lengths, pattern, format, items/prefixItems, min/maxItems,
-  properties/required/additionalProperties, anyOf/oneOf/allOf, $ref/$defs).
+  allows it. Enforced: types, enum/const, numeric bounds, string lengths, pattern, format,
+  items/prefixItems, min/maxItems, properties/required/additionalProperties, anyOf/oneOf/allOf,
+  $ref/$defs. Known keywords the engine cannot enforce (not, if/then/else, contains, uniqueItems,
+  dependentSchemas) raise ValueError; unknown keywords are ignored, as JSON Schema says.
 * `Regex(pattern)`: the whole output matches (Rust `regex` syntax: no look-around or back-references).
 * `Choice([...])`: the output is one of the strings.
 * `Grammar(text)`: a context-free grammar in llguidance's Lark syntax (`start: ...`, rules in
