@@ -89,7 +89,7 @@ class JsonSchema(Constraint):
             raise TypeError(f"JsonSchema needs a dict (or its JSON text), got {type(schema).__name__}")
         self.schema = schema
         self.whitespace = bool(whitespace)
-        self._text = json.dumps(schema, sort_keys=True)
+        self._text = json.dumps(schema)  # key order kept: properties are generated in their order
 
     def key(self) -> tuple:
         return (self.kind, self._text, self.whitespace)
