@@ -490,7 +490,7 @@ CONSTRAINT_TEXT = ("People in the report, one JSON record each: Ada Lovelace, 36
 
 
 @workload("Structured output: sampling under a JSON Schema against free sampling (jaxgen, CPU float32)",
-          tiny=dict(batch_sizes=(1, 4), new_tokens=8, regex="[a-z ]+"), batch_sizes=(1, 16), new_tokens=64,
+          tiny=dict(batch_sizes=(1, 4), new_tokens=8, regex="([wx][0-9]+)+"), batch_sizes=(1, 16), new_tokens=64,
           regex="")
 def constraints(ctx: Context) -> List[str]:
     """Sampling (top-k 40, temperature 0.8) of exactly N new tokens per row, free and under a JSON

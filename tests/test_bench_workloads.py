@@ -212,8 +212,8 @@ def test_constraints(bench_dir):
     data = run_workload(bench_dir, "constraints")
     for mode in ("free", "constrained"):
         assert all(r["tokens"] == 4 * 8 for r in replies(data, f"{mode}, batch 4", "jaxgen")), mode
-    cells = table(data, "4 |")
-    assert cells[2].endswith("x") and cells[0] != "—" and cells[1] != "—"
+    cells = table(data, "4 |")  # constrained tok/s, constrained / free, compile seconds
+    assert cells[0] != "—" and cells[1].endswith("x")
     assert any(line.startswith("Preparation of a new constraint: first") for line in data["report"])
 
 
