@@ -148,7 +148,9 @@ class JaxgenEngine(GeneratorEngine):
         if constraint is not None:
             kwargs["constraint"] = self._constraint(constraint)
         before = self.gen.scheduler_stats
+        cpu = time.process_time()
         out = super().generate(*args, **kwargs)
+        out["cpu_seconds"] = time.process_time() - cpu  # every thread of the process (XLA's, the callbacks')
         after = self.gen.scheduler_stats
         out["scheduler"] = {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], (int, float))}
         return out
