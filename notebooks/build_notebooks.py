@@ -391,7 +391,7 @@ NOTEBOOKS = {
                 "Frida Kahlo, a painter from Mexico City, died at 47.",
                 "At 41, Alan Turing worked as a mathematician in Manchester.",
             ]
-            prompts = [[tokenizer.bos_token] + tokenizer.encode(f"Text: {t}\nRecord as JSON: ") for t in texts]
+            prompts = [[tokenizer.bos_token] + tokenizer.encode(f"Text: {t}\\nRecord as JSON: ") for t in texts]
             results = generator.generate_batch(prompts, max_length=80, include_prompt_in_result=False,
                                                constraint=JsonSchema(schema))
             for text, result in zip(texts, results):
@@ -407,7 +407,7 @@ NOTEBOOKS = {
         """),
         code("""
             reviews = ["The food was cold and the waiter rude.", "A wonderful evening, we will come back!"]
-            label_prompts = [[tokenizer.bos_token] + tokenizer.encode(f"Review: {r}\nSentiment:") for r in reviews]
+            label_prompts = [[tokenizer.bos_token] + tokenizer.encode(f"Review: {r}\\nSentiment:") for r in reviews]
             date_prompt = [tokenizer.bos_token] + tokenizer.encode("The Apollo 11 landing date (YYYY-MM-DD):")
             results = generator.generate_batch(
                 label_prompts + [date_prompt, date_prompt], max_length=16, include_prompt_in_result=False,
