@@ -235,13 +235,17 @@ def _read_text_arg(text: str) -> str:
 
 
 def _stream(generator, tokenizer, prompt: List[str], kwargs: dict, end_ids: Sequence[int], out) -> str:
-    """Streams the continuation of `prompt` to `out`; returns the generated text."""
+    """Streams the continuation of `prompt` to `out`; returns the generated text. With a constraint,
+    a continuation that does not end with an end token was cut before the constraint was complete:
+    a warning on stderr says so."""
     decoder = tokenizer.incremental_decoder(prompt)
     pieces = []
     stream = generator.generate_tokens(prompt, **kwargs)
+    ended = False
     try:
         for step in stream:
             if step.is_last and step.token_id in end_ids:
+                ended = True
                 break
             piece = decoder.push(step.token_id)
             if piece:
@@ -257,6 +261,8 @@ def _stream(generator, tokenizer, prompt: List[str], kwargs: dict, end_ids: Sequ
         pieces.append(rest)
         out.write(rest)
     out.flush()
+    if kwargs.get("constraint") is not None and not ended:
+        sys.stderr.write("jaxgen: warning: the output was cut (--max-length) before it completed the constraint\n")
     return "".join(pieces)
 
 
@@ -288,6 +294,8 @@ def cmd_generate(args) -> int:
         results = generator.generate_batch([prompt], beam_size=args.beam_size, include_prompt_in_result=False,
                                            **kwargs)
         out.write(_continuation(tokenizer, prompt, results[0].sequences_ids[0], end_ids))
+        if results[0].constraint_complete == [False]:
+            sys.stderr.write("jaxgen: warning: the output was cut (--max-length) before it completed the constraint\n")
     else:
         _stream(generator, tokenizer, prompt, kwargs, end_ids, out)
     out.write("\n")

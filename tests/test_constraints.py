@@ -277,6 +277,10 @@ def test_cli(char_model, tmp_path, capsys):
     assert cli.main(["generate", "--model", char_model, "--max-length", "8", "--no-echo", "--choice", "yes",
                      "--choice", "no", "hi"]) == 0
     assert capsys.readouterr().out.strip() in ("yes", "no")
+    assert cli.main(["generate", "--model", char_model, "--max-length", "3", "--no-echo", "--regex", "[a-z]{9}",
+                     "hi"]) == 0
+    captured = capsys.readouterr()
+    assert re.fullmatch("[a-z]+", captured.out.strip()) and "cut (--max-length)" in captured.err
     lines = [{"prompt": "a", "json_schema": {"enum": ["red", "blue"]}}, {"prompt": "b", "regex": "[0-9]{4}"},
              {"prompt": "c", "choice": ["ok"]}, {"prompt": "d"}, {"prompt": "e", "regex": "[a-z]{40}"},
              {"prompt": "f", "regex": "("}]
