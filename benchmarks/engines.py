@@ -147,10 +147,13 @@ class JaxgenEngine(GeneratorEngine):
         """constraint: {"json_schema": schema} or {"regex": pattern} (jaxgen.constraints), for every row."""
         if constraint is not None:
             kwargs["constraint"] = self._constraint(constraint)
-        before = self.gen.scheduler_stats
+        from jaxgen.runtime import matchers
+
+        before, host = self.gen.scheduler_stats, matchers.stats()
         cpu = time.process_time()
         out = super().generate(*args, **kwargs)
         out["cpu_seconds"] = time.process_time() - cpu  # every thread of the process (XLA's, the callbacks')
+        out["matchers"] = {k: v - host[k] for k, v in matchers.stats().items()}  # host time of the constraints
         after = self.gen.scheduler_stats
         out["scheduler"] = {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], (int, float))}
         return out

@@ -498,7 +498,9 @@ def constraints(ctx: Context) -> List[str]:
     runs N steps; --regex PATTERN uses a regular expression instead), alternating; tok/s counts the
     tokens returned; CPU ms/token is the process's CPU time (all threads) per token returned, which a
     shared machine disturbs less than wall time; constrained / free (CPU) is free over constrained CPU
-    time, so that, as for tok/s, 1.00x means the constraint costs nothing. Preparation: compiling a schema never seen before for the vocabulary
+    time, so that, as for tok/s, 1.00x means the constraint costs nothing; host mask ms/token is the
+    time inside the constraints' host callback (advancing the matchers, computing the masks:
+    jaxgen.runtime.matchers.stats) per token. Preparation: compiling a schema never seen before for the vocabulary
     (Generator.prepare_constraint), its first call in the process (which also builds the vocabulary's
     matcher tables) and a later one (the warm-up's figure, then the repetitions' median)."""
     p, paths = ctx.p, ctx.paths()
@@ -533,6 +535,12 @@ def constraints(ctx: Context) -> List[str]:
             return None
         return 1000 * statistics.median(run["cpu_seconds"] / max(run["tokens"], 1) for run in r.runs)
 
+    def host_ms_per_token(case: Case) -> Optional[float]:
+        r = results.get((case.id, "jaxgen"))
+        if r is None or not r.runs or "matchers" not in r.runs[0]:
+            return None
+        return 1000 * statistics.median(run["matchers"]["seconds"] / max(run["tokens"], 1) for run in r.runs)
+
     def compile_seconds(case: Case) -> float:
         r = results.get((case.id, "jaxgen"))
         return sum(c[1] for c in (r.first or {}).get("compiled", [])) if r is not None and r.first else 0.0
@@ -542,7 +550,7 @@ def constraints(ctx: Context) -> List[str]:
         f, c = rate(free), rate(constrained)
         fc, cc = cpu_ms_per_token(free), cpu_ms_per_token(constrained)
         rows.append([str(b), h.fmt(f), h.fmt(c), h.ratio(c, f), h.fmt(fc), h.fmt(cc), h.ratio(fc, cc),
-                     h.fmt(compile_seconds(constrained))])
+                     h.fmt(host_ms_per_token(constrained)), h.fmt(compile_seconds(constrained))])
     prep = cases[0]
     first = results.get((prep.id, "jaxgen"))
     first_s = first.first["seconds"] if first is not None and first.first else None
@@ -550,7 +558,7 @@ def constraints(ctx: Context) -> List[str]:
     return [f"{p.new_tokens} new tokens per row, sampling top-k 40, T 0.8, {what}; medians of {ctx.reps}.", "",
             *h.markdown_table(["batch", "free tok/s", "constrained tok/s", "constrained / free (tok/s)",
                                "free CPU ms/token", "constrained CPU ms/token", "constrained / free (CPU)",
-                               "first constrained call: XLA compile s"], rows),
+                               "host mask ms/token", "first constrained call: XLA compile s"], rows),
             "", f"Preparation of a new constraint: first in the process {h.fmt(first_s)} s (builds the "
                 f"vocabulary's matcher tables once), then {h.fmt(results.median(prep, 'jaxgen'))} s per new schema.",
             *failures(results)]

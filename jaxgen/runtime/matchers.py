@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -39,6 +40,7 @@ _rows: Dict[int, _Row] = {}
 _lock = threading.Lock()
 _next = itertools.count()
 _executor = None
+_stats = {"calls": 0, "rows": 0, "seconds": 0.0}  # advance() calls, constrained rows served, time inside
 
 
 def open_rows(compiled: Sequence[Optional[object]]) -> np.ndarray:
@@ -66,6 +68,13 @@ def open_count() -> int:
         return len(_rows)
 
 
+def stats() -> dict:
+    """A copy of the counters: advance() calls (loop steps with constrained rows), constrained
+    rows served, and seconds spent inside (host time: consuming tokens and computing masks)."""
+    with _lock:
+        return dict(_stats)
+
+
 def _mask_executor():
     global _executor
     if _executor is None:
@@ -80,6 +89,7 @@ def advance(handles: np.ndarray, parents: np.ndarray, tokens: np.ndarray, counts
     """The io_callback body. handles, parents, tokens, counts: [B] int32 (module docstring) ->
     (mask [B, words] int32, bit t % 32 of word t // 32 set where token t is allowed;
     complete [B] bool). Free rows (FREE) get every bit set and complete = True."""
+    start = time.perf_counter()
     b = handles.shape[0]
     mask = np.full((b, words), -1, np.int32)
     complete = np.ones((b,), bool)
@@ -87,6 +97,8 @@ def advance(handles: np.ndarray, parents: np.ndarray, tokens: np.ndarray, counts
         live = [i for i in range(b) if handles[i] != FREE and int(handles[i]) in _rows]
         if not live:
             return mask, complete
+        _stats["calls"] += 1
+        _stats["rows"] += len(live)
         rows = [_rows[int(handles[i])] for i in live]
         moving = [(i, row) for i, row in zip(live, rows) if int(counts[i]) == row.count + 1]
         # Parents' matchers go to their children first (copies for a parent's second child on),
@@ -122,6 +134,7 @@ def advance(handles: np.ndarray, parents: np.ndarray, tokens: np.ndarray, counts
             matcher.unsafe_compute_mask_ptr(out.ctypes.data, out.nbytes)
         elif targets:
             _mask_executor().unsafe_compute_mask_ptr(targets, mask.ctypes.data, words * 4, b)
+        _stats["seconds"] += time.perf_counter() - start
     return mask, complete
 
 
