@@ -146,12 +146,38 @@ class JaxgenEngine(GeneratorEngine):
         compiled, self.compiled = self.compiled, []
         return {"compiled": compiled}
 
-    def generate(self, *args, **kwargs) -> dict:
-        before = self.gen.scheduler_stats
+    def generate(self, *args, constraint: Optional[dict] = None, **kwargs) -> dict:
+        """constraint: {"json_schema": schema} or {"regex": pattern} (jaxgen.constraints), for every row."""
+        if constraint is not None:
+            kwargs["constraint"] = self._constraint(constraint)
+        from jaxgen.runtime import matchers
+
+        before, host = self.gen.scheduler_stats, matchers.stats()
+        cpu = time.process_time()
         out = super().generate(*args, **kwargs)
+        out["cpu_seconds"] = time.process_time() - cpu  # every thread of the process (XLA's, the callbacks')
+        out["matchers"] = {k: v - host[k] for k, v in matchers.stats().items()}  # host time of the constraints
         after = self.gen.scheduler_stats
         out["scheduler"] = {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], (int, float))}
         return out
+
+    @staticmethod
+    def _constraint(spec: dict):
+        from jaxgen.constraints import JsonSchema, Regex
+
+        return JsonSchema(spec["json_schema"]) if "json_schema" in spec else Regex(spec["regex"])
+
+    def prepare_constraint(self, constraint: dict, fresh: bool = True) -> dict:
+        """Compiles a constraint for the vocabulary (Generator.prepare_constraint); fresh: a variant
+        never seen by this process (a new description or regex group), so nothing comes from its cache."""
+        if fresh:
+            nonce = f"{time.time_ns()}"
+            constraint = ({"json_schema": {**constraint["json_schema"], "description": nonce}}
+                          if "json_schema" in constraint else {"regex": f"(?:{constraint['regex']})(?:{nonce})?"})
+        c = self._constraint(constraint)
+        t = time.perf_counter()
+        self.gen.prepare_constraint(c)
+        return {"seconds": time.perf_counter() - t}
 
     def final_stats(self) -> dict:
         if self.gen.device == "cpu":

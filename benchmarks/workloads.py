@@ -478,6 +478,98 @@ def beam(ctx: Context) -> List[str]:
             "", f"beam / greedy cost: {h.ratio(b, g)}", *failures(results)]
 
 
+CONSTRAINT_RECORD = {  # objects, arrays, enums, bounded integers, nested objects, string lengths
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 24},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"enum": ["science", "art", "sport", "music"]}, "maxItems": 3},
+        "address": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                     "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                    "required": ["city", "zip"], "additionalProperties": False},
+    },
+    "required": ["name", "age", "tags", "address"],
+    "additionalProperties": False,
+}
+CONSTRAINT_TEXT = ("People in the report, one JSON record each: Ada Lovelace, 36, mathematician in London; "
+                   "Alan Turing, 41, from Wilmslow; Grace Hopper, 85, of Arlington. Records:")
+
+
+@workload("Structured output: sampling under a JSON Schema against free sampling (jaxgen, CPU float32)",
+          tiny=dict(batch_sizes=(1, 4), new_tokens=8, regex="([wx][0-9]+)+"), batch_sizes=(1, 16), new_tokens=64,
+          regex="")
+def constraints(ctx: Context) -> List[str]:
+    """Sampling (top-k 40, temperature 0.8) of exactly N new tokens per row, free and under a JSON
+    Schema (an array of at least 40 person records: it cannot complete within N tokens, so every row
+    runs N steps; --regex PATTERN uses a regular expression instead), alternating; tok/s counts the
+    tokens returned; CPU ms/token is the process's CPU time (all threads) per token returned, which a
+    shared machine disturbs less than wall time; constrained / free (CPU) is free over constrained CPU
+    time, so that, as for tok/s, 1.00x means the constraint costs nothing; host mask ms/token is the
+    time inside the constraints' host callback (advancing the matchers, computing the masks:
+    jaxgen.runtime.matchers.stats) per token. Preparation: compiling a schema never seen before for the vocabulary
+    (Generator.prepare_constraint), its first call in the process (which also builds the vocabulary's
+    matcher tables) and a later one (the warm-up's figure, then the repetitions' median)."""
+    p, paths = ctx.p, ctx.paths()
+    tok = ctx.tokens()
+    prompts = {"extract": [tok.prompt(CONSTRAINT_TEXT)]}
+    constraint = {"regex": p.regex} if p.regex else {"json_schema": {"type": "array", "items": CONSTRAINT_RECORD,
+                                                                     "minItems": 40}}
+    sampling = dict(sampling_topk=40, sampling_temperature=0.8, random_seed=0)
+    cases = [Case("preparation of a new constraint", "prepare_constraint", dict(constraint=constraint))]
+    pairs = []
+    for b in p.batch_sizes:
+        pair = []
+        for mode in ("free", "constrained"):
+            extra = {"constraint": constraint} if mode == "constrained" else {}
+            pair.append(Case(f"{mode}, batch {b}", "generate",
+                             dict(prompts="extract", batch=b, new_tokens=p.new_tokens, **sampling, **extra),
+                             work=b * p.new_tokens))
+        pairs.append((b, pair))
+        cases += pair
+    results = ctx.run([jaxgen_spec("jaxgen", paths["jaxgen"])], cases, prompts)
+
+    def rate(case: Case) -> Optional[float]:
+        r = results.get((case.id, "jaxgen"))
+        seconds = results.median(case, "jaxgen")
+        if r is None or not r.runs or not seconds:
+            return None
+        return statistics.median(run["tokens"] for run in r.runs) / seconds
+
+    def cpu_ms_per_token(case: Case) -> Optional[float]:
+        r = results.get((case.id, "jaxgen"))
+        if r is None or not r.runs or "cpu_seconds" not in r.runs[0]:
+            return None
+        return 1000 * statistics.median(run["cpu_seconds"] / max(run["tokens"], 1) for run in r.runs)
+
+    def host_ms_per_token(case: Case) -> Optional[float]:
+        r = results.get((case.id, "jaxgen"))
+        if r is None or not r.runs or "matchers" not in r.runs[0]:
+            return None
+        return 1000 * statistics.median(run["matchers"]["seconds"] / max(run["tokens"], 1) for run in r.runs)
+
+    def compile_seconds(case: Case) -> float:
+        r = results.get((case.id, "jaxgen"))
+        return sum(c[1] for c in (r.first or {}).get("compiled", [])) if r is not None and r.first else 0.0
+
+    rows = []
+    for b, (free, constrained) in pairs:
+        f, c = rate(free), rate(constrained)
+        fc, cc = cpu_ms_per_token(free), cpu_ms_per_token(constrained)
+        rows.append([str(b), h.fmt(f), h.fmt(c), h.ratio(c, f), h.fmt(fc), h.fmt(cc), h.ratio(fc, cc),
+                     h.fmt(host_ms_per_token(constrained)), h.fmt(compile_seconds(constrained))])
+    prep = cases[0]
+    first = results.get((prep.id, "jaxgen"))
+    first_s = first.first["seconds"] if first is not None and first.first else None
+    what = f"regex {p.regex!r}" if p.regex else "the JSON Schema (array of person records)"
+    return [f"{p.new_tokens} new tokens per row, sampling top-k 40, T 0.8, {what}; medians of {ctx.reps}.", "",
+            *h.markdown_table(["batch", "free tok/s", "constrained tok/s", "constrained / free (tok/s)",
+                               "free CPU ms/token", "constrained CPU ms/token", "constrained / free (CPU)",
+                               "host mask ms/token", "first constrained call: XLA compile s"], rows),
+            "", f"Preparation of a new constraint: first in the process {h.fmt(first_s)} s (builds the "
+                f"vocabulary's matcher tables once), then {h.fmt(results.median(prep, 'jaxgen'))} s per new schema.",
+            *failures(results)]
+
+
 @workload("Mixtures of experts against dense models with the same active parameters, and all experts (jaxgen, CPU)",
           tiny=dict(hidden=128, expert_width=64, layers=2, vocab=512, new_tokens=8, batch_sizes=(1, 4)),
           hidden=768, expert_width=1536, layers=6, vocab=8192, new_tokens=64, batch_sizes=(1, 16))

@@ -48,8 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="continue a prompt (streaming the text), or every prompt of a file",
                        description="Continue PROMPT and stream the generated text to stdout; or, with --input "
                                    "FILE, continue every prompt of FILE (one per line: .txt text, or .jsonl "
-                                   "objects {\"prompt\": ..., \"id\": ..., \"max_length\": ...}) in batches and "
-                                   "write one JSON line per prompt, in input order. Bad lines (not JSON, no prompt) "
+                                   "objects {\"prompt\": ..., \"id\": ..., \"max_length\": ..., and one of "
+                                   "\"json_schema\" (a schema object), \"regex\" or \"choice\" (a list of strings) "
+                                   "for that line's structured output}) in batches and "
+                                   "write one JSON line per prompt, in input order (with \"complete\": false where a "
+                                   "constrained output was cut by --max-length). Bad lines (not JSON, no prompt) "
                                    "are reported as FILE:LINE: ... on stderr and skipped; the exit status is "
                                    "then 1. Blank lines are skipped silently.")
     p.add_argument("prompt", metavar="PROMPT", nargs="?", default=None,
@@ -78,6 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "the last one printed); escapes as for --end-token, e.g. --stop '\\nQ:'")
     p.add_argument("--beam-size", type=_positive_int, default=1,
                    help="beam search with this many beams (printed at the end, not streamed); default 1")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--json-schema", metavar="FILE|JSON", default=None,
+                       help="structured output: the generated text is one compact JSON value valid under this JSON "
+                            "Schema (a file, or the schema's JSON text); needs jaxgen[constraints]")
+    group.add_argument("--regex", metavar="PATTERN", default=None,
+                       help="structured output: the generated text matches PATTERN whole (Rust regex syntax)")
+    group.add_argument("--choice", metavar="TEXT", action="append", default=None,
+                       help="structured output: the generated text is one of the --choice values (repeatable)")
+    group.add_argument("--grammar", metavar="FILE", default=None,
+                       help="structured output: the generated text follows the grammar of FILE (llguidance's Lark "
+                            "syntax, or llama.cpp's GBNF)")
     p.add_argument("--system", metavar="TEXT", default=None,
                    help="a system prompt put before PROMPT (followed by a newline), cached as a static prompt")
     p.add_argument("--echo", action=argparse.BooleanOptionalAction, default=True,
@@ -221,13 +235,17 @@ def _read_text_arg(text: str) -> str:
 
 
 def _stream(generator, tokenizer, prompt: List[str], kwargs: dict, end_ids: Sequence[int], out) -> str:
-    """Streams the continuation of `prompt` to `out`; returns the generated text."""
+    """Streams the continuation of `prompt` to `out`; returns the generated text. With a constraint,
+    a continuation that does not end with an end token was cut before the constraint was complete:
+    a warning on stderr says so."""
     decoder = tokenizer.incremental_decoder(prompt)
     pieces = []
     stream = generator.generate_tokens(prompt, **kwargs)
+    ended = False
     try:
         for step in stream:
             if step.is_last and step.token_id in end_ids:
+                ended = True
                 break
             piece = decoder.push(step.token_id)
             if piece:
@@ -243,6 +261,8 @@ def _stream(generator, tokenizer, prompt: List[str], kwargs: dict, end_ids: Sequ
         pieces.append(rest)
         out.write(rest)
     out.flush()
+    if kwargs.get("constraint") is not None and not ended:
+        sys.stderr.write("jaxgen: warning: the output was cut (--max-length) before it completed the constraint\n")
     return "".join(pieces)
 
 
@@ -274,6 +294,8 @@ def cmd_generate(args) -> int:
         results = generator.generate_batch([prompt], beam_size=args.beam_size, include_prompt_in_result=False,
                                            **kwargs)
         out.write(_continuation(tokenizer, prompt, results[0].sequences_ids[0], end_ids))
+        if results[0].constraint_complete == [False]:
+            sys.stderr.write("jaxgen: warning: the output was cut (--max-length) before it completed the constraint\n")
     else:
         _stream(generator, tokenizer, prompt, kwargs, end_ids, out)
     out.write("\n")
@@ -296,7 +318,67 @@ def _generation_kwargs(args, generator, tokenizer) -> dict:
     if args.system is not None:
         system = args.system if args.system[-1:].isspace() else args.system + "\n"
         kwargs["static_prompt"] = tokenizer.encode(system, add_special_tokens=True)
+    constraint = _constraint_arg(args)
+    if constraint is not None:
+        kwargs["constraint"] = constraint
     return kwargs
+
+
+def _constraint_arg(args):
+    """The constraint of --json-schema / --regex / --choice / --grammar (None without one)."""
+    from jaxgen import constraints
+
+    if getattr(args, "json_schema", None) is not None:
+        text = args.json_schema
+        if not text.lstrip().startswith(("{", "[")) and text.strip() not in ("true", "false"):
+            text = _read_file_arg(text, "--json-schema")
+        try:
+            return constraints.JsonSchema(text)
+        except (TypeError, ValueError) as exc:
+            raise CLIError(f"--json-schema: {exc}") from None
+    if getattr(args, "regex", None) is not None:
+        return constraints.Regex(args.regex)
+    if getattr(args, "choice", None):
+        try:
+            return constraints.Choice(args.choice)
+        except ValueError as exc:
+            raise CLIError(f"--choice: {exc}") from None
+    if getattr(args, "grammar", None) is not None:
+        try:
+            return constraints.Grammar(_read_file_arg(args.grammar, "--grammar"))
+        except ValueError as exc:
+            raise CLIError(f"--grammar: {exc}") from None
+    return None
+
+
+def _read_file_arg(path: str, option: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        raise CLIError(f"{option}: cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _line_constraint(obj: dict):
+    """The constraint of a JSONL line ("json_schema", "regex" or "choice"; None without one)."""
+    from jaxgen import constraints
+
+    given = [k for k in ("json_schema", "regex", "choice") if k in obj]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise _BadLine(f"give at most one of \"json_schema\", \"regex\", \"choice\" (got {', '.join(given)})")
+    key, value = given[0], obj[given[0]]
+    try:
+        if key == "json_schema":
+            return constraints.JsonSchema(value)
+        if key == "regex":
+            if not isinstance(value, str):
+                raise TypeError(f"must be a string, got {type(value).__name__}")
+            return constraints.Regex(value)
+        return constraints.Choice(value)
+    except (TypeError, ValueError) as exc:
+        raise _BadLine(f'"{key}": {exc}') from None
 
 
 def _prompt_tokens(tokenizer, text: str, static_prompt: Optional[List[str]]) -> List[str]:
@@ -345,6 +427,7 @@ class _Prompt(NamedTuple):
     record: dict  # {"line": N, "id": ... (when given), "prompt": text}
     tokens: List[str]
     max_length: Optional[int]
+    constraint: object = None  # the line's own constraint (jaxgen.constraints), else None
 
 
 class _BadLine(ValueError):
@@ -372,11 +455,15 @@ def _generate_file(args) -> int:
                 bar.total -= 1
                 bar.refresh()
 
-        prompts = _read_prompts(args.input, fmt, tokenizer, kwargs.get("static_prompt"), report)
+        prompts = _read_prompts(args.input, fmt, tokenizer, kwargs.get("static_prompt"), report,
+                                generator.prepare_constraint)
         start, generated, done = time.monotonic(), 0, 0
-        for prompt, result in _generate_in_order(generator, prompts, args, kwargs):
+        per_line = fmt == "jsonl" and (args.input == "-" or _mentions_constraints(args.input))
+        for prompt, result in _generate_in_order(generator, prompts, args, kwargs, per_line):
             ids = result.sequences_ids[0]
             record = dict(prompt.record, text=_continuation(tokenizer, prompt.tokens, ids, end_ids), tokens=len(ids))
+            if result.constraint_complete:
+                record["complete"] = result.constraint_complete[0]
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
             out.flush()
             done, generated = done + 1, generated + len(ids)
@@ -387,19 +474,45 @@ def _generate_file(args) -> int:
     return 1 if bad else 0
 
 
-def _generate_in_order(generator, prompts: Iterator[_Prompt], args, kwargs: dict) -> Iterator[Tuple[_Prompt, object]]:
+def _generate_in_order(generator, prompts: Iterator[_Prompt], args, kwargs: dict,
+                       per_line: bool = False) -> Iterator[Tuple[_Prompt, object]]:
     """(prompt, GenerationResult) in input order, through `generate_iterable`: one stream per
-    max_length (lines with their own "max_length" are batched with the lines that share it)."""
+    max_length (lines with their own "max_length" are batched with the lines that share it).
+    per_line: lines may carry their own constraints."""
     split = _SplitByKey((p.max_length or args.max_length, p) for p in prompts)
     streams: Dict[int, Iterator] = {}
     while split.pending or split.read():
         max_length, prompt = split.pending.popleft()
         if max_length not in streams:
             options = dict(kwargs, max_length=max_length)
+            items = split.items(max_length)
+            if per_line:  # each line's constraint (else the command's), read alongside its tokens
+                read: deque = deque()
+                default = kwargs.get("constraint")
+                tokens = _tokens_noting(items, read, default)
+                options["constraint"] = _popping(read)
+            else:
+                tokens = (p.tokens for p in items)
             streams[max_length] = generator.generate_iterable(
-                (p.tokens for p in split.items(max_length)), max_batch_size=args.batch_size,
-                beam_size=args.beam_size, include_prompt_in_result=False, **options)
+                tokens, max_batch_size=args.batch_size, beam_size=args.beam_size, include_prompt_in_result=False,
+                **options)
         yield prompt, next(streams[max_length])
+
+
+def _mentions_constraints(path: str) -> bool:
+    """Whether a prompt file may hold per-line constraints (a cheap scan for their keys)."""
+    return any('"json_schema"' in line or '"regex"' in line or '"choice"' in line for line in _lines(path))
+
+
+def _tokens_noting(items: Iterator[_Prompt], read: deque, default) -> Iterator[List[str]]:
+    for p in items:
+        read.append(p.constraint if p.constraint is not None else default)
+        yield p.tokens
+
+
+def _popping(read: deque) -> Iterator:
+    while True:
+        yield read.popleft() if read else None
 
 
 class _SplitByKey:
@@ -432,8 +545,9 @@ class _SplitByKey:
 
 
 def _read_prompts(path: str, fmt: str, tokenizer, static_prompt: Optional[List[str]],
-                  report: Callable[[int, str], None]) -> Iterator[_Prompt]:
-    """The good lines of a prompt file, lazily; blank lines are skipped, bad ones go to `report`."""
+                  report: Callable[[int, str], None], check_constraint: Callable = lambda c: None) -> Iterator[_Prompt]:
+    """The good lines of a prompt file, lazily; blank lines are skipped, bad ones go to `report`
+    (a line's constraint is bad when `check_constraint` raises ValueError or TypeError)."""
     for n, line in enumerate(_lines(path), 1):
         if not line.strip():
             continue
@@ -442,11 +556,17 @@ def _read_prompts(path: str, fmt: str, tokenizer, static_prompt: Optional[List[s
             tokens = _prompt_tokens(tokenizer, fields["prompt"], static_prompt)
             if not tokens:
                 raise _BadLine("the prompt has no tokens")
+            if fields.get("constraint") is not None:
+                try:
+                    check_constraint(fields["constraint"])
+                except (TypeError, ValueError) as exc:
+                    raise _BadLine(str(exc)) from None
         except _BadLine as exc:
             report(n, str(exc))
             continue
         max_length = fields.pop("max_length", None)
-        yield _Prompt({"line": n, **fields}, tokens, max_length)
+        constraint = fields.pop("constraint", None)
+        yield _Prompt({"line": n, **fields}, tokens, max_length, constraint)
 
 
 def _parse_jsonl_line(line: str) -> dict:
@@ -469,6 +589,9 @@ def _parse_jsonl_line(line: str) -> dict:
         if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
             raise _BadLine(f'"max_length" must be a positive integer, got {json.dumps(max_length)}')
         fields["max_length"] = max_length
+    constraint = _line_constraint(obj)
+    if constraint is not None:
+        fields["constraint"] = constraint
     return fields
 
 

@@ -11,11 +11,12 @@ import concurrent.futures
 import dataclasses
 import os
 import threading
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import jax
 import numpy as np
 
+from jaxgen.constraints import Constraint, ConstraintCompiler, as_constraints, compile_all
 from jaxgen.decoding.custom import as_processors, check_processors
 from jaxgen.decoding.scoring import LOGIT_ROWS, SCORE_CHUNK, forward_logits, pass_plan, target_log_probs
 from jaxgen.decoding.search import start_cache
@@ -70,6 +71,7 @@ class Generator:
     """
 
     _stop_tables: Optional[StopTables] = None  # the vocabulary's stop-string tables, made on first use
+    _constraint_compiler: Optional[ConstraintCompiler] = None  # constraints compiled for the vocabulary
 
     def __init__(self, model_path: str, device: str = "cpu", *, device_index: Union[int, Sequence[int]] = 0,
                  compute_type: str = "default", inter_threads: int = 1, intra_threads: int = 0,
@@ -235,7 +237,7 @@ class Generator:
                        min_alternative_expansion_prob: float = 0, sampling_topk: int = 1,
                        sampling_topp: float = 1, sampling_temperature: float = 1, callback=None,
                        random_seed: Optional[int] = None, logits_processors=None, prompt_lookup_tokens: int = 0,
-                       stop_strings=None):
+                       stop_strings=None, constraint=None):
         """Generates continuations of prompts given as lists of token strings (CTranslate2 §2).
 
         Returns one GenerationResult per prompt (or futures with `asynchronous=True`).
@@ -255,6 +257,15 @@ class Generator:
         token whose text completes one of them (matched on the generated text, across tokens or
         inside one, in the decoding loop), and that token is its last token (cut the decoded text
         at the string yourself: `text[:text.find(s) + len(s)]`). See `jaxgen.runtime.stops`.
+        `constraint`: structured output (`jaxgen.constraints`: JsonSchema, Regex, Choice, Grammar),
+        one for every prompt or a list with one per prompt (None: a free prompt). The generated
+        text (not the prompt tokens returned with include_prompt_in_result) keeps to it: greedy
+        search, sampling and beam search (each beam its own state); the end token is allowed only
+        once it is complete, and `GenerationResult.constraint_complete` tells, per hypothesis,
+        whether it is (False: cut by max_length, a stop string or a callback). A constraint wins
+        over min_length and the processors' bans where they conflict. Not with
+        return_alternatives or prompt_lookup_tokens. Bad constraints raise ValueError before any
+        work. Needs llguidance (`pip install 'jaxgen[constraints]'`).
         """
         if isinstance(start_tokens, list) and not start_tokens:
             return []  # nothing is validated for an empty batch (spec §2.1)
@@ -278,15 +289,16 @@ class Generator:
         if any(len(p) == 0 for p in prompts):
             raise ValueError("One input has no decoder start token")
         self._check_generation_context(prompts, resolved, first_index=0)
+        compiled = self._compile_constraints(as_constraints(constraint, len(prompts)), resolved)
         if logits_processors:
             rows = len(prompts) * (beam_size if beam_size > 1 else num_hypotheses)
             check_processors(as_processors(logits_processors), rows, bucket(max_length, minimum=64),
                              self.config.vocab_size)
         seed = random_seed if random_seed is not None else self._next_seed()
         if self._continuous and schedulable(resolved, batch_type):
-            call = Call(resolved, seed, self._slot_width(max_batch_size, resolved))
+            call = Call(resolved, seed, self._slot_width(max_batch_size, resolved), _words(compiled))
             self._check_scheduled_memory(prompts, call)
-            futures = self._scheduler.submit(call, prompts, list(range(len(prompts))))
+            futures = self._scheduler.submit(call, prompts, list(range(len(prompts))), compiled)
             if asynchronous:
                 return futures
             try:
@@ -316,7 +328,7 @@ class Generator:
 
         def job(replica, group_index: int, group: List[int]):
             return self._generate_group(replica, [prompts[i] for i in group], group, resolved, seed, group_index,
-                                        min(min_len[i] for i in group))
+                                        min(min_len[i] for i in group), [compiled[i] for i in group])
 
         return self._run_jobs(groups, job, len(prompts), asynchronous)
 
@@ -326,13 +338,13 @@ class Generator:
                         repetition_penalty: float = 1, no_repeat_ngram_size: int = 0, disable_unk: bool = False,
                         suppress_sequences=None, end_token=None, static_prompt=None,
                         cache_static_prompt: bool = True, callback=None, random_seed: Optional[int] = None,
-                        logits_processors=None, stop_strings=None) -> TokenStream:
+                        logits_processors=None, stop_strings=None, constraint=None) -> TokenStream:
         """Streams GenerationStepResult for one prompt (list of str) or a batch (list of lists).
 
         The end token is yielded as the last step of an entry that stops on it. Options are
         validated before this returns; `close()` stops the decoding within a few steps.
-        `logits_processors`, `stop_strings`: as for `generate_batch` (the token that completes a
-        stop string is the entry's last step, `is_last=True`).
+        `logits_processors`, `stop_strings`, `constraint`: as for `generate_batch` (the token that
+        completes a stop string is the entry's last step, `is_last=True`).
         """
         batch = [prompt] if prompt and isinstance(prompt[0], str) else prompt
         options = dict(max_batch_size=max_batch_size, batch_type=batch_type, asynchronous=True, beam_size=1,
@@ -342,7 +354,7 @@ class Generator:
                        no_repeat_ngram_size=no_repeat_ngram_size, disable_unk=disable_unk,
                        suppress_sequences=suppress_sequences, end_token=end_token, static_prompt=static_prompt,
                        cache_static_prompt=cache_static_prompt, random_seed=random_seed,
-                       logits_processors=logits_processors, stop_strings=stop_strings)
+                       logits_processors=logits_processors, stop_strings=stop_strings, constraint=constraint)
         if callback is not None and not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
         return TokenStream(lambda cb: self.generate_batch(batch, callback=cb, **options), callback)
@@ -363,22 +375,60 @@ class Generator:
         the others read the iterable in chunks of sub-batches, as CTranslate2 does. A prompt that
         is not a valid token list raises, naming its index, after the results before it.
         Closing the generator stops the decoding of the prompts it had read ahead.
+        `constraint`: one constraint for every prompt (or None), or an iterable of constraints (None
+        for a free prompt) read alongside the prompts, one per prompt (the loop then asks for masks
+        whatever the entries). A bad constraint raises like a bad prompt, naming its index.
         """
         _check_batch_options(max_batch_size, batch_type)
         if "asynchronous" in kwargs:
             raise TypeError("generate_iterable() got an unexpected keyword argument 'asynchronous'")
         self._check_loaded()
+        constraint = kwargs.pop("constraint", None)
         resolved = self._resolve_options(**kwargs)
+        if constraint is None or isinstance(constraint, Constraint):
+            single = self._compile_constraints([constraint], resolved)[0]
+            words = _words([single])
+            constraint_of = lambda index: single  # noqa: E731
+        else:
+            if isinstance(constraint, (str, bytes, dict)) or not hasattr(constraint, "__iter__"):
+                raise TypeError("constraint must be a jaxgen.constraints constraint, an iterable of them (None "
+                                f"for a free prompt), or None; got {type(constraint).__name__}")
+            constraint_of = self._constraint_reader(iter(constraint), resolved)
+            words = self._compile_constraints([], resolved, mask_words=True)
         if max_batch_size < 1 or not self._continuous or not schedulable(resolved, batch_type):
-            return iterate_in_chunks(start_tokens, lambda chunk: self.generate_batch(
-                chunk, max_batch_size=max_batch_size, batch_type=batch_type, asynchronous=True, **kwargs),
-                max_batch_size, batch_type)
+            read = [0]  # prompts submitted so far (a chunk's first index)
+
+            def run_chunk(chunk):
+                first, read[0] = read[0], read[0] + len(chunk)
+                kept = [constraint_of(first + i) for i in range(len(chunk))]
+                return self.generate_batch(chunk, max_batch_size=max_batch_size, batch_type=batch_type,
+                                           asynchronous=True, constraint=[c and c.constraint for c in kept], **kwargs)
+            return iterate_in_chunks(start_tokens, run_chunk, max_batch_size, batch_type)
         seed = resolved.options.random_seed
         call = Call(resolved, seed if seed is not None else self._next_seed(),
-                    self._slot_width(max_batch_size, resolved))
-        return self._iterate_scheduled(iter(start_tokens), call, read_ahead=16 * max_batch_size)
+                    self._slot_width(max_batch_size, resolved), words)
+        return self._iterate_scheduled(iter(start_tokens), call, read_ahead=16 * max_batch_size,
+                                       constraint_of=constraint_of)
 
-    def _iterate_scheduled(self, items, call: Call, read_ahead: int):
+    def _constraint_reader(self, constraints: Iterator, resolved):
+        """index -> the compiled constraint of prompt `index`, read from `constraints` as needed
+        (entries past its end are free); ValueError / TypeError name the index."""
+        compiled: Dict[int, object] = {}
+        read = [0]
+
+        def constraint_of(index: int):
+            while read[0] <= index:
+                entry = next(constraints, None)
+                try:
+                    compiled[read[0]] = self._compile_constraints(as_constraints([entry], 1), resolved)[0]
+                except (TypeError, ValueError) as exc:
+                    raise type(exc)(f"constraint[{read[0]}]: {exc}") from None
+                read[0] += 1
+            return compiled.pop(index, None)
+
+        return constraint_of
+
+    def _iterate_scheduled(self, items, call: Call, read_ahead: int, constraint_of=lambda index: None):
         """The generator behind a scheduled generate_iterable: keeps up to `read_ahead` prompts
         submitted (topped up in blocks, so that slots start full) and yields results in order."""
         pending: collections.deque = collections.deque()
@@ -389,11 +439,13 @@ class Generator:
             while True:
                 if not exhausted and error is None and len(pending) <= read_ahead // 2:
                     block: List[List[int]] = []
+                    constraints: list = []
                     first = index
                     for tokens in items:
                         try:
                             ids = self._prompt_ids(tokens, f"start_tokens[{index}]")
                             self._check_generation_context([ids], call.resolved, first_index=index)
+                            constraints.append(constraint_of(index))
                         except (TypeError, ValueError) as exc:
                             error = exc
                             break
@@ -405,7 +457,8 @@ class Generator:
                         exhausted = True
                     if block:
                         self._check_scheduled_memory(block, call)
-                        pending.extend(self._scheduler.submit(call, block, list(range(first, first + len(block)))))
+                        pending.extend(self._scheduler.submit(call, block, list(range(first, first + len(block))),
+                                                              constraints))
                 if not pending:
                     break
                 yield pending.popleft().result()
@@ -421,7 +474,7 @@ class Generator:
             max_batch_size, batch_type)
 
     def _generate_group(self, replica, prompts: List[List[int]], batch_ids: List[int], resolved, seed: int,
-                        group_index: int, min_prompt_len: int):
+                        group_index: int, min_prompt_len: int, constraints: Optional[list] = None):
         prefix, prefix_len = self._static_prefix(replica, resolved.static_prompt_ids,
                                                  resolved.options.cache_static_prompt)
         bos = self._bos_id()
@@ -443,7 +496,7 @@ class Generator:
         if resolved.options.return_alternatives:
             return generate_alternatives(prompts, batch_ids, resolved, min_prompt_len, prefix_len, run,
                                          self._vocab, bos)
-        rows = plan_rows(prompts, batch_ids, resolved, min_prompt_len)
+        rows = plan_rows(prompts, batch_ids, resolved, min_prompt_len, constraints)
         return assemble_results(rows, run(rows, resolved), resolved, self._vocab, bos, batch_ids)
 
     def _static_prefix(self, replica, ids: List[int], use_cache: bool):
@@ -632,6 +685,33 @@ class Generator:
         tables = self._stop_tables.tables(resolved.stop_strings, resolved.end_ids)
         return dataclasses.replace(resolved, stop_tables=tables)
 
+    def prepare_constraint(self, constraint) -> None:
+        """Compiles a constraint (`jaxgen.constraints`) for this model's vocabulary and caches it,
+        so that a bad one raises ValueError here (generate calls do this themselves)."""
+        self._compile_constraints(as_constraints(constraint, 1), self._resolve_options())
+
+    def _compile_constraints(self, constraints: list, resolved, mask_words: bool = False):
+        """The prompts' constraints compiled for this vocabulary (cached), or ValueError before any
+        work: a malformed or unenforceable constraint, or options that cannot honour one.
+        mask_words: check the options only and return the vocabulary's mask width instead."""
+        if all(c is None for c in constraints) and not mask_words:
+            return constraints
+        opts = resolved.options
+        for bad, what in ((opts.return_alternatives, "return_alternatives"),
+                          (bool(opts.prompt_lookup_tokens), "prompt_lookup_tokens"),
+                          (not resolved.end_ids, "end_token=[] (a constrained row ends with an end token)")):
+            if bad:
+                raise ValueError(f"constraint cannot be combined with {what}")
+        with self._static_lock:
+            if self._constraint_compiler is None:
+                config = self.config
+                named = [config.bos_token, config.eos_token, config.unk_token, getattr(config, "pad_token", None)]
+                eos = self._eos_ids()
+                self._constraint_compiler = ConstraintCompiler(self._vocab.tokens, eos[0] if eos else None, named)
+        if mask_words:
+            return self._constraint_compiler.mask_words
+        return compile_all(self._constraint_compiler, constraints)
+
     def _check_generation_context(self, prompts: List[List[int]], resolved, first_index: int) -> None:
         """ValueError when a prompt could feed the model more positions than the context length."""
         opts, static = resolved.options, len(resolved.static_prompt_ids)
@@ -698,6 +778,11 @@ class Generator:
     def _eos_ids(self) -> List[int]:
         eos = self.config.eos_token
         return [self._vocab.id_of(eos)] if eos is not None and eos in self._vocab else []
+
+
+def _words(compiled: list) -> int:
+    """Mask words of a call's compiled constraints (0: none; see jaxgen.decoding.constrain)."""
+    return max((c.words for c in compiled if c is not None), default=0)
 
 
 def _check_batch_options(max_batch_size, batch_type) -> None:

@@ -12,6 +12,10 @@ class GenerationResult:
     sequences_ids: List[List[int]]
     scores: List[float] = dataclasses.field(default_factory=list)
     logits: List[List[Any]] = dataclasses.field(default_factory=list)
+    # An extension: with a `constraint` (jaxgen.constraints), one flag per hypothesis: True when its
+    # text completes the constraint, False when it was cut before (max_length, a stop string, a
+    # callback's stop). Empty for a prompt without a constraint.
+    constraint_complete: List[bool] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)

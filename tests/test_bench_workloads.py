@@ -206,6 +206,17 @@ def test_prompt_lookup_and_beam(bench_dir):
     assert all(r["tokens"] == 4 * 8 for r in replies(data, "greedy", "jaxgen"))
 
 
+def test_constraints(bench_dir):
+    """Free and constrained sampling of exactly N tokens per row, and a new constraint's preparation."""
+    pytest.importorskip("llguidance")
+    data = run_workload(bench_dir, "constraints")
+    for mode in ("free", "constrained"):
+        assert all(r["tokens"] == 4 * 8 for r in replies(data, f"{mode}, batch 4", "jaxgen")), mode
+    cells = table(data, "4 |")  # constrained tok/s, constrained / free, compile seconds
+    assert cells[0] != "—" and cells[1].endswith("x")
+    assert any(line.startswith("Preparation of a new constraint: first") for line in data["report"])
+
+
 @pytest.mark.slow
 def test_moe_against_dense(bench_dir):
     """Three jaxgen processes (experts, dense with the same active parameters, all experts), each

@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from jaxgen.decoding.constrain import allowed_tokens
 from jaxgen.decoding.processors import History, ProcessorOptions, append_history
 from jaxgen.decoding.sampling import SamplingOptions, filtered_candidates
 from jaxgen.decoding.step import next_logits
@@ -33,6 +34,7 @@ class BeamSpec(NamedTuple):
     k_static: int
     attend_len: Optional[int] = None  # decode reads cache slots [0, attend_len) (see search.live_length)
     processors: tuple = ()  # user logits processors (jaxgen.decoding.custom), in order
+    constraint_words: int = 0  # > 0: beams may be constrained, masks of this many int32 words (constrain.py)
 
 
 class BeamConsts(NamedTuple):
@@ -63,6 +65,8 @@ class BeamState(NamedTuple):
     fin_count: jax.Array  # [B]
     key: jax.Array
     stop: jax.Array  # [B*K, S] int32 each beam's progress on the stop strings
+    constraint: jax.Array  # [B*K] int32 each beam row's matcher handle (jaxgen.runtime.matchers), -1: free
+    parent: jax.Array  # [B*K] int32 the row each beam came from at the last step (its matcher's source)
 
 
 def _gather_rows(tree, rows: jax.Array, axis: int):
@@ -91,10 +95,15 @@ def _beam_step(params: dict, s: BeamState, c: BeamConsts, spec: BeamSpec) -> Bea
     config, k = spec.config, spec.beam_size
     b = s.cum.shape[0]
     v = config.vocab_size
+    allowed = None
+    if spec.constraint_words:  # each beam continues its parent's matcher with its last token
+        handles = jnp.where(jnp.repeat(s.done, k), -1, s.constraint)
+        allowed = allowed_tokens(handles, s.constraint[s.parent], s.last_token, jnp.broadcast_to(s.step, (b * k,)),
+                                 spec.constraint_words)
     processed, cache = next_logits(params, config, s.last_token, s.position, s.cache, s.history, c.proc,
                                    jnp.repeat(s.step < c.min_new, k), attend_len=spec.attend_len,
                                    processors=spec.processors, outputs=(s.seqs.reshape(b * k, -1), s.step),
-                                   step=s.step)
+                                   step=s.step, allowed=allowed)
     log_probs = jax.nn.log_softmax(processed, axis=-1)
     total = (log_probs + s.cum.reshape(b * k, 1)).reshape(b, k * v)
     if spec.sampling:
@@ -173,6 +182,8 @@ def _beam_step(params: dict, s: BeamState, c: BeamConsts, spec: BeamSpec) -> Bea
         fin_count=keep(fin_count, s.fin_count),
         key=key,
         stop=jnp.where(jnp.repeat(active, k)[:, None], stop, s.stop),
+        constraint=s.constraint,
+        parent=jnp.where(jnp.repeat(active, k), rows, jnp.arange(b * k)).astype(jnp.int32),
     )
 
 

@@ -14,6 +14,7 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from jaxgen.decoding.constrain import allowed_tokens
 from jaxgen.decoding.processors import History, ProcessorOptions, append_history
 from jaxgen.decoding.sampling import SamplingOptions, greedy, sample, split_rows
 from jaxgen.decoding.step import next_logits
@@ -32,6 +33,7 @@ class LoopSpec(NamedTuple):
     return_logits: bool  # keep every step's processed logits
     attend_len: Optional[int] = None  # decode reads cache slots [0, attend_len) (see live_length)
     processors: tuple = ()  # user logits processors (jaxgen.decoding.custom), in order
+    constraint_words: int = 0  # > 0: rows may be constrained, masks of this many int32 words (constrain.py)
 
 
 class DecodeConsts(NamedTuple):
@@ -60,6 +62,7 @@ class DecodeState(NamedTuple):
     key: jax.Array  # [B, 2] uint32: each row's sampling key (see sampling.row_keys)
     logits: jax.Array  # [B, N, V] float32 when spec.return_logits, else [B, 0, V]
     stop: jax.Array  # [B, S] int32 progress on each stop string (jaxgen.decoding.stops)
+    constraint: jax.Array  # [B] int32 the row's matcher handle (jaxgen.runtime.matchers), -1: free row
 
 
 @cached_jit(static_argnames=("config", "batch", "length"))
@@ -133,14 +136,18 @@ def blank_state(config: ModelConfig, *, batch: int, length: int, n_out: int, his
                         zeros((batch, config.vocab_size), bool)),
         cache=init_cache(config, batch, length, cache_dtype), key=zeros((batch, 2), jnp.uint32),
         logits=zeros((batch, logits_steps, config.vocab_size), jnp.float32),
-        stop=zeros((batch, stop_count), jnp.int32))
+        stop=zeros((batch, stop_count), jnp.int32), constraint=jnp.full((batch,), -1, jnp.int32))
 
 
 def _step(params: dict, state: DecodeState, consts: DecodeConsts, spec: LoopSpec) -> DecodeState:
+    allowed = None
+    if spec.constraint_words:
+        handles = jnp.where(state.done, -1, state.constraint)
+        allowed = allowed_tokens(handles, handles, state.last_token, state.gen_len, spec.constraint_words)
     processed, cache = next_logits(params, spec.config, state.last_token, state.position, state.cache,
                                    state.history, consts.proc, state.gen_len < consts.min_new,
                                    attend_len=spec.attend_len, processors=spec.processors,
-                                   outputs=(state.out_tokens, state.gen_len), step=state.step)
+                                   outputs=(state.out_tokens, state.gen_len), step=state.step, allowed=allowed)
     log_probs = jax.nn.log_softmax(processed, axis=-1)
     key, draw_keys = split_rows(state.key)
     if spec.sampling:
@@ -171,6 +178,7 @@ def _step(params: dict, state: DecodeState, consts: DecodeConsts, spec: LoopSpec
         key=key,
         logits=out_logits,
         stop=stop,
+        constraint=state.constraint,
     )
 
 

@@ -27,6 +27,7 @@ from jaxgen.decoding.stops import StopStrings
 from jaxgen.executables import cached_jit
 from jaxgen.model.decoder import KVCache, PassPlan
 from jaxgen.results import GenerationResult, GenerationStepResult
+from jaxgen.runtime import matchers
 from jaxgen.runtime.batching import bucket, pass_width
 from jaxgen.runtime.devices import on_device, on_device_float32, on_device_int32
 from jaxgen.runtime.options import ResolvedOptions, max_candidates
@@ -50,6 +51,7 @@ class Row:
     max_new: int
     min_new: int
     length_offset: int  # tokens counted in the score's length L before the generated ones
+    constraint: Optional[object] = None  # the prompt's compiled constraint (jaxgen.constraints.Compiled)
 
 
 @cached_jit(static_argnums=(0,))
@@ -84,13 +86,15 @@ def prefill_sequences(params: dict, config, cache: KVCache, sequences: List[List
 
 
 def plan_rows(prompts: List[List[int]], batch_ids: List[int], resolved: ResolvedOptions,
-              min_prompt_len: int) -> List[Row]:
-    """min_prompt_len: shortest prompt of the CTranslate2 sub-batch (sets the penalty history)."""
+              min_prompt_len: int, constraints: Optional[Sequence[Optional[object]]] = None) -> List[Row]:
+    """min_prompt_len: shortest prompt of the CTranslate2 sub-batch (sets the penalty history).
+    constraints: each prompt's compiled constraint (None: free), or None for none at all."""
     opts = resolved.options
     m = min_prompt_len
     n_hyp = opts.num_hypotheses if opts.beam_size == 1 else 1
     rows = []
-    for prompt, batch_id in zip(prompts, batch_ids):
+    constraints = [None] * len(prompts) if constraints is None else constraints
+    for prompt, batch_id, constraint in zip(prompts, batch_ids, constraints):
         if opts.include_prompt_in_result:
             forced = prompt[1:opts.max_length + 1]
             offset = len(prompt) - 1
@@ -103,7 +107,7 @@ def plan_rows(prompts: List[List[int]], batch_ids: List[int], resolved: Resolved
             history = prompt[m:]
             max_new, min_new = opts.max_length, opts.min_length
         for h in range(n_hyp):
-            rows.append(Row(batch_id, h, prompt, forced, history, offset, max_new, min_new, len(forced)))
+            rows.append(Row(batch_id, h, prompt, forced, history, offset, max_new, min_new, len(forced), constraint))
     return rows
 
 
@@ -176,6 +180,22 @@ def keys_of(rows: List[Row], seeds: Sequence[int], batch: int) -> jax.Array:
                     on_device(np.array([r.hypothesis_id for r in rows] + pad, np.int32)))
 
 
+def constraint_words(rows: List[Row]) -> int:
+    """The mask width of the rows' constraints (0: no row is constrained; see decoding.constrain)."""
+    return max((r.constraint.words for r in rows if r.constraint is not None), default=0)
+
+
+def completion(row: Row, ids: Sequence[int], end_ids: Sequence[int]) -> Optional[bool]:
+    """Whether a hypothesis' generated ids (end tokens stripped) complete the row's constraint
+    (None for a free row)."""
+    if row.constraint is None:
+        return None
+    ids = list(ids)
+    while ids and ids[-1] in end_ids:
+        ids.pop()
+    return row.constraint.accepts(ids)
+
+
 @dataclasses.dataclass
 class Prepared:
     """Loop inputs shared by greedy/sampling and beam search (rows padded to `bp`)."""
@@ -223,20 +243,24 @@ def prepare(params: dict, config, rows: List[Row], resolved: ResolvedOptions, pr
 
 
 def loop_state(*, last: np.ndarray, position: np.ndarray, done: np.ndarray, n_out: int, history, cache: KVCache,
-               keys: jax.Array, logits: jax.Array, stop_count: int) -> DecodeState:
+               keys: jax.Array, logits: jax.Array, stop_count: int,
+               constraint: Optional[np.ndarray] = None) -> DecodeState:
     """A greedy/sampling (or prompt-lookup) loop state at step 0 for rows starting from their last
     prompt token `last` [B] at `position` [B]; done [B] marks rows with nothing to generate (or
     free slots). Host zeros (a transfer, not one small compiled program per shape); `logits` is
     the [B, N or 0, V] buffer of stored logits, made on the device by the caller; stop_count: the
-    stop strings followed (S of the call's StopStrings)."""
+    stop strings followed (S of the call's StopStrings); constraint: the rows' matcher handles [B]
+    (jaxgen.runtime.matchers; None: every row free)."""
     b = len(last)
+    if constraint is None:
+        constraint = np.full((b,), -1, np.int32)
     zeros = lambda shape, dtype: on_device(np.zeros(shape, dtype))  # noqa: E731
     return DecodeState(
         step=on_device_int32(0), last_token=on_device(np.asarray(last, np.int32)),
         position=on_device(np.asarray(position, np.int32)), done=on_device(np.asarray(done, bool)),
         out_tokens=zeros((b, n_out), np.int32), out_log_probs=zeros((b, n_out), np.float32),
         gen_len=zeros((b,), np.int32), history=history, cache=cache, key=keys, logits=logits,
-        stop=zeros((b, stop_count), np.int32))
+        stop=zeros((b, stop_count), np.int32), constraint=on_device(np.asarray(constraint, np.int32)))
 
 
 def run_in_segments(loop, state, until: int, first_position: int, cache_len: int):
@@ -268,11 +292,24 @@ def run_rows(params: dict, config, rows: List[Row], resolved: ResolvedOptions, p
     stops = stop_options(resolved, config.vocab_size)
     consts = DecodeConsts(proc=p.proc, samp=p.samp, max_new=on_device(max_new), min_new=on_device(p.min_new),
                           stops=stops)
-    spec = loop_spec(config, opts)
-    state = loop_state(last=p.last, position=p.position, done=max_new <= 0, n_out=n_out, history=p.history,
-                       cache=p.cache, keys=keys_of(rows, [seed] * b, bp),
-                       logits=_device_zeros((bp, n_out if opts.return_logits_vocab else 0, config.vocab_size)),
-                       stop_count=stops.lengths.shape[0])
+    spec = loop_spec(config, opts)._replace(constraint_words=constraint_words(rows))
+    handles = matchers.open_rows([r.constraint for r in rows] + [None] * (bp - b))
+    try:
+        state = loop_state(last=p.last, position=p.position, done=max_new <= 0, n_out=n_out, history=p.history,
+                           cache=p.cache, keys=keys_of(rows, [seed] * b, bp),
+                           logits=_device_zeros((bp, n_out if opts.return_logits_vocab else 0, config.vocab_size)),
+                           stop_count=stops.lengths.shape[0], constraint=handles)
+        return _decode_rows(params, config, rows, resolved, state, consts, spec, p, vocabulary, callback, prefix_len)
+    finally:
+        matchers.close_rows(handles)
+
+
+def _decode_rows(params, config, rows: List[Row], resolved: ResolvedOptions, state: DecodeState,
+                 consts: DecodeConsts, spec: LoopSpec, p: Prepared, vocabulary, callback: Optional[Callable],
+                 prefix_len: int) -> List[dict]:
+    """run_rows' loop and read-out (its matchers are open)."""
+    opts = resolved.options
+    b, bp, max_new = len(rows), p.bp, p.max_new
     total = int(max_new.max())
     first_position = int(p.position[:b].max())
 
@@ -315,6 +352,7 @@ def run_rows(params: dict, config, rows: List[Row], resolved: ResolvedOptions, p
             "ids": tokens[i, :n].tolist(),
             "log_probs": log_probs[i, :n].astype(np.float64),
             "logits": state.logits[i, :n] if opts.return_logits_vocab else None,
+            "complete": completion(r, tokens[i, :n].tolist(), resolved.end_ids),
         })
     return out
 
@@ -373,11 +411,23 @@ def run_beam(params: dict, config, rows: List[Row], resolved: ResolvedOptions, p
         length_offset=on_device(np.array([r.length_offset for r in rows] + [0] * (p.bp - b), np.int32)),
         length_penalty=on_device_float32(opts.length_penalty),
         finish_target=on_device_int32(max_candidates(k, opts.patience)),
-        disable_first_eos=jnp.bool_(has_prefix), stops=stop_options(resolved, config.vocab_size))
+        disable_first_eos=on_device(np.bool_(has_prefix)), stops=stop_options(resolved, config.vocab_size))
     sampling = opts.sampling_topk != 1 and opts.sampling_temperature != 0
     spec = BeamSpec(config=config, beam_size=k, num_keep=opts.num_hypotheses, sampling=sampling,
                     k_static=candidate_count(opts.sampling_topk, k * config.vocab_size) if sampling else 0,
-                    processors=as_processors(opts.logits_processors))
+                    processors=as_processors(opts.logits_processors), constraint_words=constraint_words(rows))
+    handles = matchers.open_rows([r.constraint for r in rows for _ in range(k)] + [None] * ((p.bp - b) * k))
+    try:
+        return _beam_rows(params, config, rows, resolved, prefix_len, key, p, consts, spec, cache, history, handles)
+    finally:
+        matchers.close_rows(handles)
+
+
+def _beam_rows(params, config, rows: List[Row], resolved: ResolvedOptions, prefix_len: int, key: jax.Array,
+               p: Prepared, consts: BeamConsts, spec: BeamSpec, cache: KVCache, history, handles: np.ndarray):
+    """run_beam's loop and read-out (its matchers are open)."""
+    opts = resolved.options
+    k, b = opts.beam_size, len(rows)
     cum = np.full((p.bp, k), -np.inf, np.float32)
     cum[:, 0] = 0
     f = opts.num_hypotheses
@@ -390,7 +440,8 @@ def run_beam(params: dict, config, rows: List[Row], resolved: ResolvedOptions, p
         fin_len=on_device(np.zeros((p.bp, f), np.int32)),
         fin_score=on_device(np.full((p.bp, f), -np.inf, np.float32)),
         fin_count=on_device(np.zeros((p.bp,), np.int32)), key=key,
-        stop=on_device(np.zeros((p.bp * k, consts.stops.lengths.shape[0]), np.int32)))
+        stop=on_device(np.zeros((p.bp * k, consts.stops.lengths.shape[0]), np.int32)),
+        constraint=on_device(handles), parent=on_device(np.arange(p.bp * k, dtype=np.int32)))
     state = run_in_segments(lambda s, attend_len: beam_decode(params, s, consts,
                                                               spec=spec._replace(attend_len=attend_len)),
                             state, p.n_out, int(p.position[:b].max()), p.cache_len)
@@ -401,10 +452,12 @@ def run_beam(params: dict, config, rows: List[Row], resolved: ResolvedOptions, p
     out = []
     for i, r in enumerate(rows):
         if r.max_new <= 0:
-            out.append([{"ids": [], "score": 0.0}])
+            out.append([{"ids": [], "score": 0.0, "complete": completion(r, [], resolved.end_ids)}])
             continue
         hyps = [{"ids": tokens[i, j, :lens[i, j]].tolist(), "score": float(scores[i, j])}
                 for j in range(f) if np.isfinite(scores[i, j])]
+        for hyp in hyps:
+            hyp["complete"] = completion(r, hyp["ids"], resolved.end_ids)
         out.append(hyps)
     return out
 
@@ -491,7 +544,7 @@ def assemble_results(rows: List[Row], hyps_per_row: List[List[dict]], resolved: 
                     ids = ids[:-1]
             if opts.include_prompt_in_result and r.prompt[0] != bos_id:
                 ids = [r.prompt[0]] + ids
-            per_example[r.batch_id].append((score, ids, h.get("logits")))
+            per_example[r.batch_id].append((score, ids, h.get("logits"), h.get("complete")))
     results = []
     for bid in batch_ids:
         hyps = per_example[bid]
@@ -501,5 +554,6 @@ def assemble_results(rows: List[Row], hyps_per_row: List[List[dict]], resolved: 
             sequences_ids=[h[1] for h in hyps],
             scores=[h[0] for h in hyps] if opts.return_scores else [],
             logits=[list(h[2]) if h[2] is not None else [] for h in hyps] if opts.return_logits_vocab else [],
+            constraint_complete=[bool(h[3]) for h in hyps] if hyps and hyps[0][3] is not None else [],
         ))
     return results

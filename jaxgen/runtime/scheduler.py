@@ -30,11 +30,12 @@ from jaxgen.decoding.search import DecodeConsts, DecodeState, decode, live_lengt
 from jaxgen.decoding.slots import grow_state, insert_rows, keep_rows
 from jaxgen.model.decoder import PassPlan, init_cache
 from jaxgen.results import GenerationResult
+from jaxgen.runtime import matchers
 from jaxgen.runtime.batching import bucket
 from jaxgen.runtime.devices import on_device, on_device_int32
-from jaxgen.runtime.generation import (Row, _device_zeros, assemble_results, check_positions, keys_of, loop_spec,
-                                       loop_state, plan_rows, prefill_rows, processor_options, prompt_width,
-                                       row_history, sampling_options, stop_options)
+from jaxgen.runtime.generation import (Row, _device_zeros, assemble_results, check_positions, completion, keys_of,
+                                       loop_spec, loop_state, plan_rows, prefill_rows, processor_options,
+                                       prompt_width, row_history, sampling_options, stop_options)
 from jaxgen.runtime.options import ResolvedOptions
 
 # Decode steps per dispatch: between two chunks finished rows are retired, waiting prompts
@@ -72,25 +73,28 @@ def schedulable(resolved: ResolvedOptions, batch_type: str) -> bool:
     return opts.include_prompt_in_result or not history_matters
 
 
-def session_key(resolved: ResolvedOptions, width: int) -> tuple:
+def session_key(resolved: ResolvedOptions, width: int, constraint_words: int = 0) -> tuple:
     """Requests with equal keys can share a loop: the options traced or compiled for the whole
-    batch (max_length / min_length are per row and are not part of it)."""
+    batch (max_length / min_length are per row and are not part of it). A call with constraints
+    runs a loop that asks the host for token masks (constraint_words > 0); its rows, constrained
+    by any constraint or free, share it with those of other such calls."""
     opts = resolved.options
     return (tuple(resolved.static_prompt_ids), opts.cache_static_prompt, tuple(resolved.end_ids),
             opts.repetition_penalty, opts.no_repeat_ngram_size, resolved.unk_id,
             tuple(tuple(s) for s in resolved.suppress_ids), opts.is_sampling,
             (opts.sampling_topk, opts.sampling_topp, opts.sampling_temperature) if opts.is_sampling else None, width,
-            resolved.stop_strings)
+            resolved.stop_strings, constraint_words)
 
 
 class Call:
     """Options shared by the requests of one generate call; `cancel()` drops what is left."""
 
-    def __init__(self, resolved: ResolvedOptions, seed: int, width: int):
+    def __init__(self, resolved: ResolvedOptions, seed: int, width: int, constraint_words: int = 0):
         self.resolved = resolved
         self.seed = seed
         self.width = width
-        self.key = session_key(resolved, width)
+        self.constraint_words = constraint_words  # > 0: some prompt is constrained (jaxgen.constraints)
+        self.key = session_key(resolved, width, constraint_words)
         self.cancelled = False
 
     def cancel(self) -> None:
@@ -146,12 +150,14 @@ class SlotScheduler:
         self._stats = {"sessions": 0, "prompts": 0, "refills": 0, "shrinks": 0, "steps": 0, "slot_steps": 0, "tokens": 0}
 
     # ------------------------------------------------------------------ submitting
-    def submit(self, call: Call, prompts: List[List[int]], indices: List[int]) -> List[PromptFuture]:
-        """Queues prompts (token ids) with their indices in the caller's input; returns one future
-        per prompt, in the same order."""
+    def submit(self, call: Call, prompts: List[List[int]], indices: List[int],
+               constraints: Optional[List] = None) -> List[PromptFuture]:
+        """Queues prompts (token ids) with their indices in the caller's input and their compiled
+        constraints (None: free); returns one future per prompt, in the same order."""
         requests = []
-        for prompt, index in zip(prompts, indices):
-            rows = plan_rows([prompt], [index], call.resolved, len(prompt))
+        constraints = [None] * len(prompts) if constraints is None else constraints
+        for prompt, index, constraint in zip(prompts, indices, constraints):
+            rows = plan_rows([prompt], [index], call.resolved, len(prompt), [constraint])
             requests.append(Request(call, index, rows, concurrent.futures.Future()))
         with self._cond:
             self._unfinished[call] = self._unfinished.get(call, 0) + len(requests)
@@ -279,7 +285,7 @@ class _Session:
         config = scheduler.config
         self.prefix, self.prefix_len = scheduler.prefix_of(replica, call.resolved)
         opts = call.resolved.options
-        self.spec = loop_spec(config, opts)
+        self.spec = loop_spec(config, opts)._replace(constraint_words=call.constraint_words)
         self.proc = processor_options(call.resolved)
         self.samp = sampling_options(opts)
         self.stops = stop_options(call.resolved, config.vocab_size)
@@ -288,6 +294,7 @@ class _Session:
         self.max_new = np.zeros((0,), np.int32)
         self.min_new = np.zeros((0,), np.int32)
         self.position = np.zeros((0,), np.int32)
+        self.handles = np.zeros((0,), np.int32)  # each slot's matcher handle (jaxgen.runtime.matchers)
         self.requests: List[Request] = []  # every request admitted (for failure reports)
         self.step = 0  # loop iterations run (the state's `step`, read after each chunk)
 
@@ -324,6 +331,7 @@ class _Session:
             self.max_new = np.concatenate([self.max_new, np.zeros((grow,), np.int32)])
             self.min_new = np.concatenate([self.min_new, np.zeros((grow,), np.int32)])
             self.position = np.concatenate([self.position, np.zeros((grow,), np.int32)])
+            self.handles = np.concatenate([self.handles, np.full((grow,), matchers.FREE, np.int32)])
 
     # ------------------------------------------------------------------ admit / retire
     def admit(self, requests: List[Request]) -> None:
@@ -334,7 +342,8 @@ class _Session:
         for req in requests:
             for j, row in enumerate(req.rows):
                 if row.max_new <= 0:  # nothing to generate (the prompt fills max_length)
-                    req.hyps[j] = {"ids": [], "log_probs": np.zeros((0,), np.float64)}
+                    req.hyps[j] = {"ids": [], "log_probs": np.zeros((0,), np.float64),
+                                   "complete": completion(row, [], req.call.resolved.end_ids)}
                 else:
                     pending.append((req, j))
             self._maybe_finish(req)
@@ -354,12 +363,14 @@ class _Session:
         pad = [0] * (n - len(rows))
         slots = np.array(free + [self.batch] * (n - len(rows)), np.int32)
         positions = [self.prefix_len + len(r.prompt) - 1 for r in rows]
+        handles = matchers.open_rows([r.constraint for r in rows] + [None] * (n - len(rows)))
+        self.handles[free] = handles[:len(rows)]
         fresh = loop_state(last=np.array([r.prompt[-1] for r in rows] + pad, np.int32),
                            position=np.array(positions + pad, np.int32), done=np.zeros((n,), bool),
                            n_out=self.state.out_tokens.shape[1], history=history, cache=cache,
                            keys=keys_of(rows, [req.call.seed for req, _ in pending], n),
                            logits=_device_zeros((n, 0, config.vocab_size)),
-                           stop_count=self.stops.lengths.shape[0])
+                           stop_count=self.stops.lengths.shape[0], constraint=handles)
         self.state = insert_rows(self.state, on_device(slots), fresh)
         self.s.count(refills=1)
         for slot, (req, j), row, pos in zip(free, pending, rows, positions):
@@ -383,9 +394,12 @@ class _Session:
             for i in finished:
                 req, j = self.slots[i]
                 n = int(gen_len[i])
-                req.hyps[j] = {"ids": tokens[i, :n].tolist(), "log_probs": log_probs[i, :n].astype(np.float64)}
+                ids = tokens[i, :n].tolist()
+                req.hyps[j] = {"ids": ids, "log_probs": log_probs[i, :n].astype(np.float64),
+                               "complete": completion(req.rows[j], ids, req.call.resolved.end_ids)}
                 self.s.count(tokens=n)
                 self.slots[i] = None
+                self._free_handle(i)
                 self._maybe_finish(req)
         if cancelled:
             mask = np.zeros((self.batch,), bool)
@@ -394,7 +408,12 @@ class _Session:
             for i in cancelled:
                 req = self.slots[i][0]
                 self.slots[i] = None
+                self._free_handle(i)
                 self.s.resolve(req, cancel=True)
+
+    def _free_handle(self, slot: int) -> None:
+        matchers.close_rows(self.handles[slot:slot + 1])
+        self.handles[slot] = matchers.FREE
 
     def _maybe_finish(self, req: Request) -> None:
         if req.future.done() or any(h is None for h in req.hyps):
@@ -418,6 +437,8 @@ class _Session:
             self._run(first)
         except BaseException as exc:
             self.s.fail(self.requests, exc)
+        finally:
+            matchers.close_rows(self.handles)
 
     def _run(self, first: List[Request]) -> None:
         s = self.s
@@ -449,7 +470,8 @@ class _Session:
         keep = occupied + [i for i, slot in enumerate(self.slots) if slot is None][:batch - len(occupied)]
         self.state = keep_rows(self.state, on_device(np.array(keep, np.int32)))
         self.slots = [self.slots[i] for i in keep]
-        self.max_new, self.min_new, self.position = (a[keep] for a in (self.max_new, self.min_new, self.position))
+        self.max_new, self.min_new, self.position, self.handles = (
+            a[keep] for a in (self.max_new, self.min_new, self.position, self.handles))
         self.s.count(shrinks=1)
         return list(range(len(occupied)))
 
