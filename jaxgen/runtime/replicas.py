@@ -62,6 +62,9 @@ def tensor_parallel_layout(config: ModelConfig, devices: List[jax.Device]) -> Mo
         raise ValueError(f"tensor_parallel over {n} devices needs num_heads ({config.num_heads}) divisible by "
                          f"{n}: query heads are split over the devices (num_kv_heads, here "
                          f"{config.num_kv_heads}, needs no condition: KV heads are copied where devices share them)")
+    if config.has_layer_attention_shapes and n > 1:
+        raise ValueError(f"tensor_parallel is not supported for this {config.architecture} model: its full-attention "
+                         "layers have their own head dim or key/value heads (full_head_dim, full_kv_heads)")
     return config.replace(mesh=Mesh(np.array(devices), (AXIS,)))
 
 

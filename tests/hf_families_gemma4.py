@@ -1,0 +1,47 @@
+"""Tiny random HF checkpoint of Gemma 4's text decoder (`gemma4_text`), with every Gemma 4 idea the
+converter maps set to a value that matters on 12-token sequences: sliding and full layers (the
+full ones with their own head dim 32, one KV head, keys equal to values, proportional rotary
+embeddings on a quarter of the frequencies), the last two layers reusing earlier layers' keys and
+values with double-wide MLPs, per-layer inputs, layer scalars other than 1 (a buffer, which
+hf_models.build does not perturb: set here), final soft-capping.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+BUILDERS: Dict[str, Callable] = {}
+EXPECTED_CONFIG: Dict[str, dict] = {}
+
+_TOKENS = dict(pad_token_id=0, eos_token_id=1, bos_token_id=2)  # hf_models.PAD, EOS, BOS
+_TYPES = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention", "sliding_attention",
+          "full_attention"]
+
+
+def _gemma4_text():
+    from transformers import Gemma4ForCausalLM, Gemma4TextConfig
+
+    class ScaledGemma4(Gemma4ForCausalLM):
+        """Gemma 4 with layer scalars other than 1 (checkpoints store trained values)."""
+
+        def __init__(self, config):
+            super().__init__(config)
+            for i, layer in enumerate(self.model.layers):
+                layer.layer_scalar.fill_(0.6 + 0.15 * i)
+
+    cfg = Gemma4TextConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
+        num_kv_shared_layers=2, use_double_wide_mlp=True, hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=300, layer_types=list(_TYPES), sliding_window=4, final_logit_softcapping=5.0,
+        max_position_embeddings=64, initializer_range=0.1, **_TOKENS)
+    return ScaledGemma4, cfg
+
+
+BUILDERS.update({"gemma4_text": _gemma4_text})
+EXPECTED_CONFIG.update({
+    "gemma4_text": dict(full_head_dim=32, full_kv_heads=1, kv_sources=(0, 1, 2, 3, 3, 2), value_norm=True,
+                        intermediate_sizes=(96, 96, 96, 96, 192, 192), per_layer_input_size=8, layer_scale=True,
+                        norm_offset=0.0, attention_scale=1.0, final_logit_softcapping=5.0,
+                        layer_types=("sliding", "sliding", "full", "sliding", "sliding", "full")),
+})
