@@ -11,10 +11,12 @@ What Gemma 4 adds to Gemma 3, each a `ModelConfig` value of the one decoder:
   of their type: `kv_sources` (their MLPs twice as wide with `use_double_wide_mlp`:
   `intermediate_sizes`);
 - per-layer inputs (`hidden_size_per_layer_input`): `per_layer_input_size`;
-- a stored scalar per layer (`layer_scalar`): `layer_scale`.
-Refused with an error naming them: the mixture-of-experts block (`enable_moe_block`: a dense MLP
-and routed experts side by side, with their own router norm and per-expert scales) and
-bidirectional attention.
+- a stored scalar per layer (`layer_scalar`): `layer_scale`;
+- the mixture-of-experts block (`enable_moe_block`, 26B-A4B): a gated MLP and routed experts side
+  by side, each output normed (`mlp="gated_and_experts"`), routed on the residual stream by a
+  router that RMS-norms and scales its input and scales each chosen expert's weight
+  (`router="scaled"`).
+Refused with an error naming it: bidirectional attention.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import List
 
 from jaxgen.converters.hf_loader import (HFConfig, Spec, activation, common_sizes, find_prefix, float_or_none,
                                          layer_types, register_loader, rope)
+from jaxgen.converters.loaders.moe import map_experts
 from jaxgen.converters.safetensors_reader import SafetensorsReader
 from jaxgen.model.config import default_embedding_scale
 
@@ -32,7 +35,8 @@ GEMMA4_TEXT_DEFAULTS = dict(
     rms_norm_eps=1e-6, tie_word_embeddings=True, attention_bias=False, sliding_window=512,
     final_logit_softcapping=None, use_bidirectional_attention=None, vocab_size_per_layer_input=262144,
     hidden_size_per_layer_input=256, attention_k_eq_v=False, num_kv_shared_layers=0, enable_moe_block=False,
-    use_double_wide_mlp=False, global_head_dim=512, num_global_key_value_heads=None)
+    use_double_wide_mlp=False, global_head_dim=512, num_global_key_value_heads=None, num_experts=None,
+    top_k_experts=None, moe_intermediate_size=None)
 DEFAULT_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
                 "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
                                    "rope_theta": 1_000_000.0}}
@@ -80,9 +84,6 @@ def _full_layer_shape(hf: HFConfig, types: List[str], head_dim: int, kv_heads: i
 @register_loader("gemma4_text", defaults=GEMMA4_TEXT_DEFAULTS)
 @register_loader("gemma4", defaults=GEMMA4_TEXT_DEFAULTS)  # HFConfig reads its text_config
 def gemma4(hf: HFConfig, weights: SafetensorsReader) -> Spec:
-    if hf.get("enable_moe_block"):
-        raise ValueError("Gemma 4's mixture-of-experts block (enable_moe_block: a dense MLP and routed experts "
-                         "side by side, a normed and scaled router with per-expert scales) is not supported")
     if hf.get("use_bidirectional_attention"):
         raise ValueError("bidirectional Gemma 4 attention (use_bidirectional_attention) is not a decoder")
     multimodal = hf.model_type == "gemma4"
@@ -110,6 +111,11 @@ def gemma4(hf: HFConfig, weights: SafetensorsReader) -> Spec:
     double = bool(hf.get("use_double_wide_mlp"))
     widths = tuple(sizes["intermediate_size"] * (2 if double and sources[i] != i else 1) for i in range(num_layers))
     ple = int(hf.get("hidden_size_per_layer_input") or 0)
+    moe = {}
+    if hf.get("enable_moe_block"):
+        moe = dict(mlp="gated_and_experts", router="scaled", num_experts=int(hf.require("num_experts")),
+                   experts_per_token=int(hf.require("top_k_experts")),
+                   expert_intermediate_size=int(hf.require("moe_intermediate_size")), normalize_expert_weights=True)
 
     rope_cfg = dict(hf.cfg.get("rope_parameters") or DEFAULT_ROPE)
     full_rope = dict(rope_cfg.get("full_attention") or {})
@@ -154,6 +160,14 @@ def gemma4(hf: HFConfig, weights: SafetensorsReader) -> Spec:
             spec.add(c + "k_norm.weight", p + "self_attn.k_norm.weight")
         for name in ("gate", "up", "down"):
             spec.add_linear(c + name, p + f"mlp.{name}_proj")
+        if moe:
+            spec.add(c + "router.weight", p + "router.proj.weight", transpose=True)
+            spec.add(c + "router_scale.weight", p + "router.scale")
+            spec.add(c + "router_expert_scale.weight", p + "router.per_expert_scale")
+            map_experts(spec, p, c, moe["num_experts"], ("gate_proj", "up_proj", "down_proj"))
+            spec.add(c + "mlp_norm_2.weight", p + "pre_feedforward_layernorm_2.weight")
+            spec.add(c + "post_mlp_norm_1.weight", p + "post_feedforward_layernorm_1.weight")
+            spec.add(c + "post_mlp_norm_2.weight", p + "post_feedforward_layernorm_2.weight")
         if ple:
             spec.add_linear(c + "per_layer_gate", p + "per_layer_input_gate")
             spec.add_linear(c + "per_layer_proj", p + "per_layer_projection")
@@ -178,4 +192,5 @@ def gemma4(hf: HFConfig, weights: SafetensorsReader) -> Spec:
         embedding_scale=default_embedding_scale(sizes["hidden_size"]), tie_word_embeddings=tied,
         final_logit_softcapping=float_or_none(hf.get("final_logit_softcapping")),
     )
+    spec.config_fields.update(moe)
     return spec

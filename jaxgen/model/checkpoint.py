@@ -91,7 +91,9 @@ def layer_params(config: ModelConfig, layer: int) -> Dict[str, Dict[str, ParamDe
     block norm), post_attn_norm, post_mlp_norm ("sandwich"/"output": after the sublayer), q, k, v, o,
     q_norm, k_norm; MLP: up, down (+ gate when gated); experts: router [D, E], expert_gate /
     expert_up [E, D, F], expert_down [E, F, D], and for a shared expert shared_gate / shared_up /
-    shared_down and shared_expert_gate [D, 1]; per_layer_gate [D, P], per_layer_proj [P, D],
+    shared_down and shared_expert_gate [D, 1]; with a scaled router router_scale [D] and
+    router_expert_scale [E]; a gated MLP beside experts (Gemma 4) adds mlp_norm_2 (the experts'
+    pre-norm), post_mlp_norm_1 / post_mlp_norm_2 (after each); per_layer_gate [D, P], per_layer_proj [P, D],
     per_layer_norm (per-layer inputs), layer_scale [1]. Shapes follow the layer's head dim, KV
     heads and MLP width; a layer reusing an earlier layer's keys and values has no k, v, k_norm.
     """
@@ -121,10 +123,22 @@ def layer_params(config: ModelConfig, layer: int) -> Dict[str, Dict[str, ParamDe
         if own_kv:
             decls["k_norm"] = {"weight": ParamDecl((kv_out,), (KV_HEADS,), keep_float32=True)}
     kind = config.layer_mlp(layer)
-    if kind == "experts":
+    if kind in ("gated", "gated_and_experts"):
+        decls["gate"] = _linear(d, f, (HIDDEN, MLP), config.mlp_bias)
+    if kind in ("gated", "plain", "gated_and_experts"):
+        decls["up"] = _linear(d, f, (HIDDEN, MLP), config.mlp_bias)
+        decls["down"] = _linear(f, d, (MLP, HIDDEN), config.mlp_bias)
+    if kind == "gated_and_experts":  # Gemma 4: the experts' pre-norm, and a norm after each of the two
+        decls["mlp_norm_2"] = _norm(config, d)
+        decls["post_mlp_norm_1"] = _norm(config, d)
+        decls["post_mlp_norm_2"] = _norm(config, d)
+    if kind in ("experts", "gated_and_experts"):
         e, fe = config.num_experts, config.expert_intermediate_size
         decls["router"] = _linear(d, e, (HIDDEN, None), False)
         decls["router"]["weight"] = dataclasses.replace(decls["router"]["weight"], reduce_axis=None)
+        if config.router == "scaled":
+            decls["router_scale"] = {"weight": ParamDecl((d,), (HIDDEN,), keep_float32=True)}
+            decls["router_expert_scale"] = {"weight": ParamDecl((e,), (None,), keep_float32=True)}
         decls["expert_gate"] = _linear(d, fe, (HIDDEN, MLP), config.mlp_bias, experts=e)
         decls["expert_up"] = _linear(d, fe, (HIDDEN, MLP), config.mlp_bias, experts=e)
         decls["expert_down"] = _linear(fe, d, (MLP, HIDDEN), config.mlp_bias, experts=e)
@@ -136,11 +150,6 @@ def layer_params(config: ModelConfig, layer: int) -> Dict[str, Dict[str, ParamDe
             decls["shared_expert_gate"] = _linear(d, 1, (HIDDEN, None), False)
             decls["shared_expert_gate"]["weight"] = dataclasses.replace(
                 decls["shared_expert_gate"]["weight"], reduce_axis=None)
-    else:
-        if kind == "gated":
-            decls["gate"] = _linear(d, f, (HIDDEN, MLP), config.mlp_bias)
-        decls["up"] = _linear(d, f, (HIDDEN, MLP), config.mlp_bias)
-        decls["down"] = _linear(f, d, (MLP, HIDDEN), config.mlp_bias)
     if config.per_layer_input_size:  # Gemma 4's per-layer input: gate [D, P], projection [P, D], norm
         p = config.per_layer_input_size
         decls["per_layer_gate"] = _linear(d, p, (HIDDEN, None), False)

@@ -23,7 +23,9 @@ LAYER_TYPES = ("full", "sliding")
 BLOCKS = ("sequential", "parallel")  # parallel: x + attn(norm(x)) + mlp(norm'(x)) (GPT-NeoX, GPT-J, Falcon)
 NORM_PLACEMENTS = ("pre", "sandwich", "output", "post")  # pre: x + f(n(x)); sandwich: x + n'(f(n(x)));
 # output: x + n'(f(x)) (OLMo 2); post: n(x + f(x)) (OPT-350m, the original transformer)
-MLPS = ("plain", "gated", "experts")  # act(x W1) W2; act(x Wg) * (x Wu) Wd; top-k routed gated experts
+MLPS = ("plain", "gated", "experts", "gated_and_experts")  # act(x W1) W2; act(x Wg) * (x Wu) Wd; top-k
+# routed gated experts; a gated MLP and experts side by side, each output normed (Gemma 4)
+ROUTERS = ("plain", "scaled")  # x . W; Gemma 4: rms(x) * scale / sqrt(D) . W, top-k weights * expert scale
 QK_NORMS = ("none", "head", "full")  # RMSNorm of q and k over each head's dims, or over all heads at once
 ROPE_SCALING_TYPES = ("linear", "llama3", "longrope", "proportional")
 WEIGHT_DTYPES = ("float32", "float16", "bfloat16", "int8")
@@ -76,6 +78,7 @@ class ModelConfig:
     normalize_expert_weights: bool = True  # the top-k routing weights are renormalised to sum to 1
     shared_expert_intermediate_size: int = 0
     dense_layers: tuple = ()
+    router: str = "plain"  # see ROUTERS
     # attention
     attention_scale: Optional[float] = None  # None: head_dim ** -0.5
     attn_logit_softcapping: Optional[float] = None
@@ -159,7 +162,8 @@ class ModelConfig:
         need(self.block == "sequential" or self.norm_placement == "pre",
              "parallel blocks take their norms before the sublayers (norm_placement 'pre')")
         need(not self.shared_block_norm or self.block == "parallel", "shared_block_norm needs a parallel block")
-        if self.mlp == "experts":
+        need(self.router in ROUTERS, f"router {self.router!r} not in {ROUTERS}")
+        if self.mlp in ("experts", "gated_and_experts"):
             need(self.num_experts > 0 and 0 < self.experts_per_token <= self.num_experts,
                  f"experts need 0 < experts_per_token ({self.experts_per_token}) <= num_experts ({self.num_experts})")
             need(self.expert_intermediate_size > 0, "experts need a positive expert_intermediate_size")
@@ -270,7 +274,11 @@ class ModelConfig:
 
     def layer_mlp(self, layer: int) -> str:
         """The MLP kind of one layer: `mlp`, or "gated" for the dense layers of an experts model."""
-        return "gated" if self.mlp == "experts" and layer in self.dense_layers else self.mlp
+        return "gated" if self.has_experts and layer in self.dense_layers else self.mlp
+
+    @property
+    def has_experts(self) -> bool:
+        return self.mlp in ("experts", "gated_and_experts")
 
     def layer_uses_rope(self, layer: int) -> bool:
         return self.position_embedding == "rope" and layer not in self.nope_layers

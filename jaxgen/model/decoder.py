@@ -396,11 +396,17 @@ def gated_mlp(h: jax.Array, gate: dict, up: dict, down: dict, act: str) -> jax.A
     return linear(activation(linear(h, gate), act) * linear(h, up), down)
 
 
-def _mlp(config: ModelConfig, layer: int, h: jax.Array, lp: dict) -> jax.Array:
-    """The MLP sublayer on normed inputs h [B, T, D] -> [B, T, D]: plain, gated or experts."""
+def _mlp(config: ModelConfig, layer: int, h: jax.Array, lp: dict, x: jax.Array) -> jax.Array:
+    """The MLP sublayer on normed inputs h [B, T, D] -> [B, T, D]: plain, gated, experts, or (Gemma
+    4) a gated MLP and experts side by side, the experts on their own norm of the residual stream x
+    [B, T, D] and routed on x itself, each output normed."""
     kind = config.layer_mlp(layer)
     if kind == "experts":
         return experts_mlp(config, h, lp)
+    if kind == "gated_and_experts":
+        dense = gated_mlp(h, lp["gate"], lp["up"], lp["down"], config.activation)
+        routed = experts_mlp(config, norm(x, lp["mlp_norm_2"], config), lp, router_input=x)
+        return norm(dense, lp["post_mlp_norm_1"], config) + norm(routed, lp["post_mlp_norm_2"], config)
     if kind == "gated":
         return gated_mlp(h, lp["gate"], lp["up"], lp["down"], config.activation)
     return linear(activation(linear(h, lp["up"]), config.activation), lp["down"])
@@ -436,7 +442,7 @@ def _layer(config: ModelConfig, layer: int, x: jax.Array, lp: dict, k_cache: jax
         h = norm(x, lp["attn_norm"], config)
         attn, k_cache, v_cache, kv = _self_attention(config, layer, h, lp, k_cache, v_cache, args, reused)
         h_mlp = h if config.shared_block_norm else norm(x, lp["mlp_norm"], config)
-        x = x + scaled(attn + _mlp(config, layer, h_mlp, lp))
+        x = x + scaled(attn + _mlp(config, layer, h_mlp, lp, x))
         return _layer_end(config, x, lp, layer_inputs), k_cache, v_cache, kv
 
     placement = config.norm_placement
@@ -453,7 +459,7 @@ def _layer(config: ModelConfig, layer: int, x: jax.Array, lp: dict, k_cache: jax
     attn, k_cache, v_cache, kv = _self_attention(config, layer, sublayer_input(x, "attn_norm"), lp, k_cache,
                                                  v_cache, args, reused)
     x = residual(x, attn, "attn_norm", "post_attn_norm")
-    x = residual(x, _mlp(config, layer, sublayer_input(x, "mlp_norm"), lp), "mlp_norm", "post_mlp_norm")
+    x = residual(x, _mlp(config, layer, sublayer_input(x, "mlp_norm"), lp, x), "mlp_norm", "post_mlp_norm")
     return _layer_end(config, x, lp, layer_inputs), k_cache, v_cache, kv
 
 

@@ -29,15 +29,22 @@ TILE_ROWS = 128  # assignment rows per tile (fewer when there are fewer tokens)
 BUCKET_BRANCHES = 64  # at most this many (expert, row bucket) branches per layer (see row_buckets)
 
 
-def route(config, h: jax.Array, router: dict) -> Tuple[jax.Array, jax.Array]:
-    """h [N, D] -> (weights [N, k] in h's dtype, experts [N, k] int32), as HF routes."""
-    from jaxgen.model.decoder import linear
+def route(config, h: jax.Array, lp: dict) -> Tuple[jax.Array, jax.Array]:
+    """h [N, D] -> (weights [N, k] in h's dtype, experts [N, k] int32), as HF routes with the
+    layer's router (`config.router`: "scaled" is Gemma 4's, with lp's router_scale and
+    router_expert_scale)."""
+    from jaxgen.model.decoder import linear, norm
 
-    logits = linear(h, router).astype(jnp.float32)
+    if config.router == "scaled":  # rms(h) * scale / sqrt(D), in h's dtype
+        h = norm(h, None, config) * lp["router_scale"]["weight"].astype(h.dtype) * jnp.asarray(
+            h.shape[-1] ** -0.5, h.dtype)
+    logits = linear(h, lp["router"]).astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1)
     weights, experts = jax.lax.top_k(probs, config.experts_per_token)
     if config.normalize_expert_weights:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    if config.router == "scaled":
+        weights = weights * jnp.take(lp["router_expert_scale"]["weight"].astype(jnp.float32), experts)
     return weights.astype(h.dtype), experts.astype(jnp.int32)
 
 
@@ -100,14 +107,15 @@ def _expert(p: dict, e: int) -> dict:
     return {kind: arrays[e] for kind, arrays in p.items()}
 
 
-def experts_mlp(config, h: jax.Array, lp: dict) -> jax.Array:
-    """The experts MLP of one layer: h [B, T, D] -> [B, T, D]."""
+def experts_mlp(config, h: jax.Array, lp: dict, router_input=None) -> jax.Array:
+    """The experts MLP of one layer: h [B, T, D] -> [B, T, D], routed on h or on router_input
+    [B, T, D] (Gemma 4 routes on the residual stream, not on the experts' normed input)."""
     from jaxgen.model.decoder import gated_mlp, linear
 
     shape = h.shape
     x = h.reshape(-1, shape[-1])  # [N, D]
     n, k = x.shape[0], config.experts_per_token
-    weights, experts = route(config, x, lp["router"])
+    weights, experts = route(config, x if router_input is None else router_input.reshape(x.shape), lp)
     rows = tile_rows(n)
     slot, tile_expert, tile_count, used, n_tiles = tile_plan(experts, config.num_experts, rows)
     buckets = row_buckets(rows, config.num_experts)
