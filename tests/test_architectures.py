@@ -82,8 +82,8 @@ def test_every_family_has_a_loader():
 
 
 # One family per new decoder choice: a parallel block, experts with a shared expert and a dense
-# layer, ALiBi (when its builder exists).
-COMPOSED = [arch for arch in ("gpt_neox", "qwen2_moe", "bloom") if arch in hf_models.FAMILIES]
+# layer, ALiBi (when its builder exists), Gemma 4's shared-KV layers, per-layer inputs and attention shapes.
+COMPOSED = [arch for arch in ("gpt_neox", "qwen2_moe", "bloom", "gemma4_text") if arch in hf_models.FAMILIES]
 
 
 @pytest.mark.parametrize("arch", COMPOSED)
