@@ -230,12 +230,6 @@ class ModelConfig:
         return self.kv_sources[layer] if self.kv_sources else layer
 
     @property
-    def has_layer_attention_shapes(self) -> bool:
-        """Full-attention layers have their own head dim or KV head count (Gemma 4)."""
-        return any(self.layer_head_dim(i) != self.head_dim or self.layer_kv_heads(i) != self.num_kv_heads
-                   for i in range(self.num_layers))
-
-    @property
     def max_head_dim(self) -> int:
         return max(self.layer_head_dim(i) for i in range(self.num_layers))
 
