@@ -60,16 +60,17 @@ class HFConfig:
     def __init__(self, raw: dict):
         self.raw = raw
         self.model_type = raw["model_type"]
-        if self.model_type == "gemma3":  # multimodal: the decoder is the text config
+        if self.model_type in ("gemma3", "gemma4"):  # multimodal: the decoder is the text config
             text = dict(raw.get("text_config") or {})
-            text.setdefault("model_type", "gemma3_text")
+            text.setdefault("model_type", self.model_type + "_text")
             for key in ("tie_word_embeddings", "eos_token_id", "bos_token_id", "pad_token_id", "dtype",
                         "torch_dtype"):
                 if key in raw and key not in text:
                     text[key] = raw[key]
             self.cfg = text
-            self.defaults = dict(LOADERS["gemma3_text"].defaults)
-            self.defaults["vocab_size"] = 262208
+            self.defaults = dict(LOADERS[self.model_type + "_text"].defaults)
+            if self.model_type == "gemma3":
+                self.defaults["vocab_size"] = 262208
         else:
             self.cfg = raw
             self.defaults = dict(LOADERS[self.model_type].defaults)

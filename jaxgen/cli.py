@@ -784,7 +784,10 @@ def cmd_info(args) -> int:
         ("layers", f"{config.num_layers}" + (f" ({sliding} sliding-window, window {config.sliding_window})"
                                              if sliding else "")),
         ("hidden size", str(config.hidden_size)),
-        ("attention heads", f"{config.num_heads} query, {config.num_kv_heads} key/value, head_dim {config.head_dim}"),
+        ("attention heads", f"{config.num_heads} query, {config.num_kv_heads} key/value, head_dim {config.head_dim}"
+                            + (f" (full layers: {config.full_kv_heads or config.num_kv_heads} key/value, head_dim "
+                               f"{config.full_head_dim or config.head_dim})"
+                               if config.full_head_dim or config.full_kv_heads else "")),
         ("context length", f"{config.max_position_embeddings:,}"),
         ("special tokens", ", ".join(f"{k}={v!r}" for k, v in (
             ("bos", config.bos_token), ("eos", config.eos_token), ("unk", config.unk_token),

@@ -180,10 +180,11 @@ ARCHITECTURES: Dict[str, Callable] = {
 # EXPECTED_CONFIG the ModelConfig values its conversion must give. tests/test_architectures.py
 # runs every one against HF transformers.
 import hf_families_alibi  # noqa: E402
+import hf_families_gemma4  # noqa: E402
 import hf_families_moe  # noqa: E402
 import hf_families_parallel  # noqa: E402
 
-FAMILY_MODULES = (hf_families_parallel, hf_families_alibi, hf_families_moe)
+FAMILY_MODULES = (hf_families_parallel, hf_families_alibi, hf_families_moe, hf_families_gemma4)
 FAMILIES: Dict[str, Callable] = {name: fn for module in FAMILY_MODULES for name, fn in module.BUILDERS.items()}
 FAMILY_EXPECTED_CONFIG: Dict[str, dict] = {name: values for module in FAMILY_MODULES
                                            for name, values in module.EXPECTED_CONFIG.items()}

@@ -78,6 +78,17 @@ ARCHITECTURES = {
                   norm_type="layer", activation="gelu_tanh", mlp="plain", attention_bias=True, mlp_bias=True),
     "moe": dict(mlp="experts", num_experts=4, experts_per_token=2, expert_intermediate_size=90,
                 shared_expert_intermediate_size=90, dense_layers=(0,), normalize_expert_weights=False),
+    # Gemma 4: full layers with their own head dim (32) and one KV head, shared-KV layers with wider
+    # MLPs, value norms, per-layer inputs, layer scales, proportional rotary embeddings; the last
+    # two layers' MLPs: a gated MLP beside routed experts with a scaled router
+    "gemma4": dict(num_layers=4, layer_types=("sliding", "full", "sliding", "full"), sliding_window=4,
+                   full_head_dim=32, full_kv_heads=1, kv_sources=(0, 1, 0, 1), intermediate_sizes=(90, 90, 180, 180),
+                   qk_norm="head", value_norm=True, norm_placement="sandwich", attention_scale=1.0,
+                   per_layer_input_size=8, layer_scale=True, activation="gelu_tanh", embedding_scale=8.0,
+                   rope_theta=1e6, rope_local_theta=1e4, final_logit_softcapping=5.0, rope_scaling={
+                       "rope_type": "proportional", "partial_rotary_factor": 0.25, "factor": 1.0},
+                   mlp="gated_and_experts", router="scaled", num_experts=4, experts_per_token=2,
+                   expert_intermediate_size=90, dense_layers=(0, 1)),
 }
 
 

@@ -57,7 +57,7 @@ def test_int8_within_tolerance(arch, hf_tiny_model, jaxgen_tiny_model):
     generator = jaxgen.Generator(jaxgen_tiny_model(arch), compute_type="int8")
     got = _valid_rows(generator.forward_batch(batch), batch)
     error = np.abs(got - reference).max(axis=-1)  # per position
-    if generator.config.mlp == "experts":
+    if generator.config.has_experts:
         # A position whose top-k experts are a near-tie can route differently once int8 moves its
         # hidden state a little, and then its logits move by design (measured on these tiny models:
         # 2-4 of 96 positions at 0.5-1.7, the others <= 0.34, as dense models).
@@ -82,8 +82,8 @@ def test_every_family_has_a_loader():
 
 
 # One family per new decoder choice: a parallel block, experts with a shared expert and a dense
-# layer, ALiBi (when its builder exists).
-COMPOSED = [arch for arch in ("gpt_neox", "qwen2_moe", "bloom") if arch in hf_models.FAMILIES]
+# layer, ALiBi (when its builder exists), Gemma 4's shared-KV layers, per-layer inputs and attention shapes.
+COMPOSED = [arch for arch in ("gpt_neox", "qwen2_moe", "bloom", "gemma4_text") if arch in hf_models.FAMILIES]
 
 
 @pytest.mark.parametrize("arch", COMPOSED)
@@ -122,3 +122,19 @@ def test_new_blocks_compose_with_the_engine(arch, hf_tiny_model, jaxgen_tiny_mod
     np.testing.assert_allclose(_valid_rows(logits, batch), _valid_rows(reference, batch), atol=1e-5)
     grads = jax.grad(lambda p: F.log_probs(p, model.config, tokens, lengths).sum())(model.params)
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree_util.tree_leaves(grads))
+
+
+def test_gemma4_refuses_bidirectional_attention(hf_tiny_model, tmp_path):
+    """Gemma 4's bidirectional attention (an encoder) is refused at conversion, by name."""
+    import json
+    import shutil
+
+    from jaxgen.converters import TransformersConverter
+
+    source = tmp_path / "hf"
+    shutil.copytree(hf_tiny_model("gemma4_text").path, source)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps(dict(config, use_bidirectional_attention="all")))
+    with pytest.raises(ValueError, match="bidirectional"):
+        TransformersConverter(str(source)).convert(str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

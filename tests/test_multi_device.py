@@ -158,6 +158,16 @@ def test_tensor_parallel_new_blocks_match_one_device(tmp_path):
 
 
 @pytest.mark.slow
+def test_tensor_parallel_gemma4_matches_one_device(tmp_path):
+    """Gemma 4's choices on 2 and 4 devices: full layers with their own head dim and one KV head
+    (copied to every device) beside sliding layers with two, shared-KV layers, per-layer inputs,
+    and a gated MLP beside experts with a scaled router: greedy outputs and scores with and
+    without a static prompt equal one device's."""
+    report = _run("tp_models", str(tmp_path), "4", "generate", "gemma4-kv2", timeout=900)
+    _assert_tensor_parallel_matches(report, {("gemma4-kv2", 4): 2, ("gemma4-kv2", 2): 1})
+
+
+@pytest.mark.slow
 def test_tensor_parallel_default_model_on_four_devices(default_model_dir):
     """Gemma 3 270M (4 query heads, 1 KV head, MLP width 2048, vocabulary 262,144) on 4 devices
     gives the single-device greedy outputs and scores, with and without a static prompt."""

@@ -326,8 +326,8 @@ def resolve_attention(requested: str, platform: str, config, dtype) -> str:
     are checked (ValueError naming why a fused kernel cannot run)."""
     if requested not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}, got {requested!r}")
-    reason = _fused_reason(config) or cudnn_supported(dtype, config.head_dim, config.attn_logit_softcapping)
-    pallas_reason = _fused_reason(config) or pallas_supported(dtype, config.head_dim, config.attn_logit_softcapping)
+    reason = _fused_reason(config) or cudnn_supported(dtype, config.max_head_dim, config.attn_logit_softcapping)
+    pallas_reason = _fused_reason(config) or pallas_supported(dtype, config.max_head_dim, config.attn_logit_softcapping)
     if requested == "auto":
         if platform == "cuda" and reason is None:
             return "cudnn"
@@ -362,9 +362,9 @@ def describe_attention(config, platform: str, dtype=None, requested: str = "auto
             f"blocked online softmax for long inputs)" if impl == "flash" else
             f"{impl} (the reference: one einsum over every key, scores materialised)")
     if platform == "cuda":
-        reason = _fused_reason(config) or cudnn_supported(dtype, config.head_dim, config.attn_logit_softcapping)
+        reason = _fused_reason(config) or cudnn_supported(dtype, config.max_head_dim, config.attn_logit_softcapping)
         text += f"; cuDNN not used: {reason or f'attention={requested!r} requested'}"
     if platform == "tpu":
-        reason = _fused_reason(config) or pallas_supported(dtype, config.head_dim, config.attn_logit_softcapping)
+        reason = _fused_reason(config) or pallas_supported(dtype, config.max_head_dim, config.attn_logit_softcapping)
         text += f"; Pallas kernel not used: {reason or f'attention={requested!r} requested'}"
     return text

@@ -91,10 +91,15 @@ def layer_params(config: ModelConfig, layer: int) -> Dict[str, Dict[str, ParamDe
     block norm), post_attn_norm, post_mlp_norm ("sandwich"/"output": after the sublayer), q, k, v, o,
     q_norm, k_norm; MLP: up, down (+ gate when gated); experts: router [D, E], expert_gate /
     expert_up [E, D, F], expert_down [E, F, D], and for a shared expert shared_gate / shared_up /
-    shared_down and shared_expert_gate [D, 1].
+    shared_down and shared_expert_gate [D, 1]; with a scaled router router_scale [D] and
+    router_expert_scale [E]; a gated MLP beside experts (Gemma 4) adds mlp_norm_2 (the experts'
+    pre-norm), post_mlp_norm_1 / post_mlp_norm_2 (after each); per_layer_gate [D, P], per_layer_proj [P, D],
+    per_layer_norm (per-layer inputs), layer_scale [1]. Shapes follow the layer's head dim, KV
+    heads and MLP width; a layer reusing an earlier layer's keys and values has no k, v, k_norm.
     """
-    d, hd, f = config.hidden_size, config.head_dim, config.intermediate_size
-    q_out, kv_out = config.num_heads * hd, config.num_kv_heads * hd
+    d, hd, f = config.hidden_size, config.layer_head_dim(layer), config.layer_intermediate_size(layer)
+    q_out, kv_out = config.num_heads * hd, config.layer_kv_heads(layer) * hd
+    own_kv = config.kv_source(layer) == layer  # a layer reusing an earlier layer's keys/values has no k, v
     decls: Dict[str, Dict[str, ParamDecl]] = {}
     placement = config.norm_placement
     if placement in ("pre", "sandwich", "post"):
@@ -105,20 +110,35 @@ def layer_params(config: ModelConfig, layer: int) -> Dict[str, Dict[str, ParamDe
         decls["post_attn_norm"] = _norm(config, d)
         decls["post_mlp_norm"] = _norm(config, d)
     decls["q"] = _linear(d, q_out, (HIDDEN, Q_HEADS), config.attention_bias)
-    decls["k"] = _linear(d, kv_out, (HIDDEN, KV_HEADS), config.attention_bias)
-    decls["v"] = _linear(d, kv_out, (HIDDEN, KV_HEADS), config.attention_bias)
+    if own_kv:
+        decls["k"] = _linear(d, kv_out, (HIDDEN, KV_HEADS), config.attention_bias)
+        decls["v"] = _linear(d, kv_out, (HIDDEN, KV_HEADS), config.attention_bias)
     decls["o"] = _linear(q_out, d, (Q_HEADS, HIDDEN), config.attention_out_bias)
     if config.qk_norm == "head":
         decls["q_norm"] = {"weight": ParamDecl((hd,), (HEAD_DIM,), keep_float32=True)}
-        decls["k_norm"] = {"weight": ParamDecl((hd,), (HEAD_DIM,), keep_float32=True)}
+        if own_kv:
+            decls["k_norm"] = {"weight": ParamDecl((hd,), (HEAD_DIM,), keep_float32=True)}
     elif config.qk_norm == "full":
         decls["q_norm"] = {"weight": ParamDecl((q_out,), (Q_HEADS,), keep_float32=True)}
-        decls["k_norm"] = {"weight": ParamDecl((kv_out,), (KV_HEADS,), keep_float32=True)}
+        if own_kv:
+            decls["k_norm"] = {"weight": ParamDecl((kv_out,), (KV_HEADS,), keep_float32=True)}
     kind = config.layer_mlp(layer)
-    if kind == "experts":
+    if kind in ("gated", "gated_and_experts"):
+        decls["gate"] = _linear(d, f, (HIDDEN, MLP), config.mlp_bias)
+    if kind in ("gated", "plain", "gated_and_experts"):
+        decls["up"] = _linear(d, f, (HIDDEN, MLP), config.mlp_bias)
+        decls["down"] = _linear(f, d, (MLP, HIDDEN), config.mlp_bias)
+    if kind == "gated_and_experts":  # Gemma 4: the experts' pre-norm, and a norm after each of the two
+        decls["mlp_norm_2"] = _norm(config, d)
+        decls["post_mlp_norm_1"] = _norm(config, d)
+        decls["post_mlp_norm_2"] = _norm(config, d)
+    if kind in ("experts", "gated_and_experts"):
         e, fe = config.num_experts, config.expert_intermediate_size
         decls["router"] = _linear(d, e, (HIDDEN, None), False)
         decls["router"]["weight"] = dataclasses.replace(decls["router"]["weight"], reduce_axis=None)
+        if config.router == "scaled":
+            decls["router_scale"] = {"weight": ParamDecl((d,), (HIDDEN,), keep_float32=True)}
+            decls["router_expert_scale"] = {"weight": ParamDecl((e,), (None,), keep_float32=True)}
         decls["expert_gate"] = _linear(d, fe, (HIDDEN, MLP), config.mlp_bias, experts=e)
         decls["expert_up"] = _linear(d, fe, (HIDDEN, MLP), config.mlp_bias, experts=e)
         decls["expert_down"] = _linear(fe, d, (MLP, HIDDEN), config.mlp_bias, experts=e)
@@ -130,17 +150,20 @@ def layer_params(config: ModelConfig, layer: int) -> Dict[str, Dict[str, ParamDe
             decls["shared_expert_gate"] = _linear(d, 1, (HIDDEN, None), False)
             decls["shared_expert_gate"]["weight"] = dataclasses.replace(
                 decls["shared_expert_gate"]["weight"], reduce_axis=None)
-    else:
-        if kind == "gated":
-            decls["gate"] = _linear(d, f, (HIDDEN, MLP), config.mlp_bias)
-        decls["up"] = _linear(d, f, (HIDDEN, MLP), config.mlp_bias)
-        decls["down"] = _linear(f, d, (MLP, HIDDEN), config.mlp_bias)
+    if config.per_layer_input_size:  # Gemma 4's per-layer input: gate [D, P], projection [P, D], norm
+        p = config.per_layer_input_size
+        decls["per_layer_gate"] = _linear(d, p, (HIDDEN, None), False)
+        decls["per_layer_proj"] = _linear(p, d, (None, HIDDEN), False)
+        decls["per_layer_norm"] = _norm(config, d)
+    if config.layer_scale:
+        decls["layer_scale"] = {"weight": ParamDecl((1,), (None,), keep_float32=True)}
     return decls
 
 
 def top_params(config: ModelConfig) -> Dict[str, Dict[str, ParamDecl]]:
     """The parameters outside the layers: {module: {kind: ParamDecl}}: embed [V, E], pos_embed
-    [P, D] (learned positions), embed_norm (BLOOM), embed_in [E, D] / embed_out [D, E] (projected
+    [P, D] (learned positions), embed_norm (BLOOM), per_layer_embed / per_layer_model_proj /
+    per_layer_model_norm (Gemma 4's per-layer inputs), embed_in [E, D] / embed_out [D, E] (projected
     embeddings), final_norm, lm_head [D, V] (+ bias; the weight is absent when tied)."""
     d, v, e = config.hidden_size, config.vocab_size, config.embedding_width
     decls: Dict[str, Dict[str, ParamDecl]] = {"embed": {"weight": ParamDecl((v, e), (VOCAB, TABLE), reduce_axis=1)}}
@@ -151,6 +174,11 @@ def top_params(config: ModelConfig) -> Dict[str, Dict[str, ParamDecl]]:
     if config.embedding_size is not None:
         decls["embed_in"] = _linear(e, d, (None, HIDDEN), False)
         decls["embed_out"] = _linear(d, e, (HIDDEN, None), False)
+    if config.per_layer_input_size:  # Gemma 4: embedding [V, L*P], projection [D, L*P], norm [P]
+        width = config.num_layers * config.per_layer_input_size
+        decls["per_layer_embed"] = {"weight": ParamDecl((v, width), (VOCAB, None), reduce_axis=1)}
+        decls["per_layer_model_proj"] = _linear(d, width, (HIDDEN, None), False)
+        decls["per_layer_model_norm"] = _norm(config, config.per_layer_input_size, None)
     if config.final_norm:
         decls["final_norm"] = _norm(config, d)
     if not config.tie_word_embeddings:

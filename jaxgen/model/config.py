@@ -23,9 +23,11 @@ LAYER_TYPES = ("full", "sliding")
 BLOCKS = ("sequential", "parallel")  # parallel: x + attn(norm(x)) + mlp(norm'(x)) (GPT-NeoX, GPT-J, Falcon)
 NORM_PLACEMENTS = ("pre", "sandwich", "output", "post")  # pre: x + f(n(x)); sandwich: x + n'(f(n(x)));
 # output: x + n'(f(x)) (OLMo 2); post: n(x + f(x)) (OPT-350m, the original transformer)
-MLPS = ("plain", "gated", "experts")  # act(x W1) W2; act(x Wg) * (x Wu) Wd; top-k routed gated experts
+MLPS = ("plain", "gated", "experts", "gated_and_experts")  # act(x W1) W2; act(x Wg) * (x Wu) Wd; top-k
+# routed gated experts; a gated MLP and experts side by side, each output normed (Gemma 4)
+ROUTERS = ("plain", "scaled")  # x . W; Gemma 4: rms(x) * scale / sqrt(D) . W, top-k weights * expert scale
 QK_NORMS = ("none", "head", "full")  # RMSNorm of q and k over each head's dims, or over all heads at once
-ROPE_SCALING_TYPES = ("linear", "llama3", "longrope")
+ROPE_SCALING_TYPES = ("linear", "llama3", "longrope", "proportional")
 WEIGHT_DTYPES = ("float32", "float16", "bfloat16", "int8")
 
 
@@ -51,15 +53,21 @@ class ModelConfig:
     norm_bias: bool = True  # LayerNorm has a bias (MPT's has none); RMSNorm never has one
     norm_placement: str = "pre"  # see NORM_PLACEMENTS
     qk_norm: str = "none"  # see QK_NORMS; True/False are read as "head"/"none"
+    value_norm: bool = False  # values RMS-normed over each head's dims, without a weight (Gemma 4)
     final_norm: bool = True  # a norm after the last layer (OPT-350m has none)
     embedding_norm: bool = False  # a norm of the embeddings before the first layer (BLOOM)
     # block
     block: str = "sequential"  # see BLOCKS
     shared_block_norm: bool = False  # parallel blocks: one norm feeds attention and MLP (GPT-J, Phi-2)
     residual_scale: Optional[float] = None  # sublayer outputs are scaled before they are added (Granite)
+    layer_scale: bool = False  # each layer's output is multiplied by its stored scalar (Gemma 4)
+    # per-layer inputs (Gemma 4's PLE): a second embedding of per_layer_input_size per layer, mixed
+    # with a projection of the embeddings, enters each layer after its MLP through a gated projection
+    per_layer_input_size: int = 0
     # MLP
     activation: str = "silu"
     mlp: str = "gated"  # see MLPS
+    intermediate_sizes: tuple = ()  # per-layer MLP widths when they differ (Gemma 4's double-wide layers)
     # mixture of experts (mlp == "experts"): a router picks experts_per_token of num_experts gated
     # MLPs of width expert_intermediate_size for each token; `dense_layers` use a gated MLP of
     # intermediate_size instead; a shared expert (Qwen2-MoE) of shared_expert_intermediate_size runs
@@ -70,6 +78,7 @@ class ModelConfig:
     normalize_expert_weights: bool = True  # the top-k routing weights are renormalised to sum to 1
     shared_expert_intermediate_size: int = 0
     dense_layers: tuple = ()
+    router: str = "plain"  # see ROUTERS
     # attention
     attention_scale: Optional[float] = None  # None: head_dim ** -0.5
     attn_logit_softcapping: Optional[float] = None
@@ -78,6 +87,12 @@ class ModelConfig:
     mlp_bias: bool = False
     layer_types: tuple = ()  # per layer "full" or "sliding"; empty means all full
     sliding_window: Optional[int] = None
+    # full-attention layers' head dim and key/value heads when they differ from the sliding ones' (Gemma 4)
+    full_head_dim: Optional[int] = None
+    full_kv_heads: Optional[int] = None
+    # per layer, the earlier layer whose keys and values it attends to (its own index: its own
+    # projections); empty: every layer its own (Gemma 4's shared-KV layers)
+    kv_sources: tuple = ()
     # positions
     position_embedding: str = "rope"
     max_position_embeddings: int = 8192
@@ -116,7 +131,7 @@ class ModelConfig:
             object.__setattr__(self, "rope_scaling", _freeze(self.rope_scaling))
         if isinstance(self.qk_norm, bool):
             object.__setattr__(self, "qk_norm", "head" if self.qk_norm else "none")
-        for name in ("dense_layers", "nope_layers"):
+        for name in ("dense_layers", "nope_layers", "intermediate_sizes", "kv_sources"):
             object.__setattr__(self, name, tuple(int(i) for i in getattr(self, name)))
         if self.alibi_slopes is not None:
             object.__setattr__(self, "alibi_slopes", tuple(float(x) for x in self.alibi_slopes))
@@ -147,10 +162,23 @@ class ModelConfig:
         need(self.block == "sequential" or self.norm_placement == "pre",
              "parallel blocks take their norms before the sublayers (norm_placement 'pre')")
         need(not self.shared_block_norm or self.block == "parallel", "shared_block_norm needs a parallel block")
-        if self.mlp == "experts":
+        need(self.router in ROUTERS, f"router {self.router!r} not in {ROUTERS}")
+        if self.mlp in ("experts", "gated_and_experts"):
             need(self.num_experts > 0 and 0 < self.experts_per_token <= self.num_experts,
                  f"experts need 0 < experts_per_token ({self.experts_per_token}) <= num_experts ({self.num_experts})")
             need(self.expert_intermediate_size > 0, "experts need a positive expert_intermediate_size")
+        need(not self.intermediate_sizes or (len(self.intermediate_sizes) == self.num_layers
+                                             and min(self.intermediate_sizes) > 0),
+             "intermediate_sizes needs one positive width per layer")
+        need(not self.kv_sources or (len(self.kv_sources) == self.num_layers and all(
+            0 <= s <= i and self.kv_sources[s] == s and self.layer_types[s] == self.layer_types[i]
+            for i, s in enumerate(self.kv_sources))),
+             "kv_sources needs, per layer, itself or an earlier layer of the same type that has its own keys")
+        for name in ("full_head_dim", "full_kv_heads", "per_layer_input_size"):
+            value = getattr(self, name)
+            need(value is None or (isinstance(value, int) and value >= 0), f"{name} must be a non-negative int")
+        need(self.full_kv_heads is None or (self.full_kv_heads > 0 and self.num_heads % self.full_kv_heads == 0),
+             f"num_heads ({self.num_heads}) must be a multiple of full_kv_heads ({self.full_kv_heads})")
         need(all(0 <= i < self.num_layers for i in self.dense_layers + self.nope_layers),
              "dense_layers and nope_layers must be layer indices")
         if self.position_embedding == "alibi":
@@ -167,7 +195,8 @@ class ModelConfig:
             kind = dict(self.rope_scaling).get("rope_type")
             need(kind in ROPE_SCALING_TYPES, f"rope_scaling type {kind!r} not in {ROPE_SCALING_TYPES}")
         rot = self.rotary_dim if self.rotary_dim is not None else self.head_dim
-        need(0 < rot <= self.head_dim and rot % 2 == 0, f"rotary_dim {rot} must be even and <= head_dim")
+        need(0 < rot <= min(self.head_dim, self.full_head_dim or self.head_dim) and rot % 2 == 0,
+             f"rotary_dim {rot} must be even and <= head_dim")
         need(self.weight_dtype in WEIGHT_DTYPES, f"weight_dtype {self.weight_dtype!r} not in {WEIGHT_DTYPES}")
         need(self.format_version == FORMAT_VERSION,
              f"unknown format_version {self.format_version} (this jaxgen reads version {FORMAT_VERSION})")
@@ -180,6 +209,35 @@ class ModelConfig:
     @property
     def rotary(self) -> int:
         return self.rotary_dim if self.rotary_dim is not None else self.head_dim
+
+    def layer_head_dim(self, layer: int) -> int:
+        """Head dim of one layer's attention (full layers may differ: `full_head_dim`)."""
+        if self.full_head_dim and self.layer_types[layer] == "full":
+            return self.full_head_dim
+        return self.head_dim
+
+    def layer_kv_heads(self, layer: int) -> int:
+        """Key/value heads of one layer (full layers may differ: `full_kv_heads`)."""
+        if self.full_kv_heads and self.layer_types[layer] == "full":
+            return self.full_kv_heads
+        return self.num_kv_heads
+
+    def layer_intermediate_size(self, layer: int) -> int:
+        return self.intermediate_sizes[layer] if self.intermediate_sizes else self.intermediate_size
+
+    def kv_source(self, layer: int) -> int:
+        """The layer whose keys and values `layer` attends to (itself unless it shares them)."""
+        return self.kv_sources[layer] if self.kv_sources else layer
+
+    @property
+    def max_head_dim(self) -> int:
+        return max(self.layer_head_dim(i) for i in range(self.num_layers))
+
+    def rotary_of(self, local: bool) -> int:
+        """Rotated dims of full (local=False) or sliding layers' heads."""
+        if self.rotary_dim is not None:
+            return self.rotary_dim
+        return self.head_dim if local or not self.full_head_dim else self.full_head_dim
 
     @property
     def tensor_parallel_size(self) -> int:
@@ -200,9 +258,21 @@ class ModelConfig:
         """Key/value heads as the weights and the KV cache hold them (num_kv_heads * kv_head_copies)."""
         return self.num_kv_heads * self.kv_head_copies
 
+    def layer_stored_kv_heads(self, layer: int) -> int:
+        """Key/value heads of one layer as its weights and cache hold them (see `stored_kv_heads`)."""
+        if self.layer_kv_heads(layer) == self.num_kv_heads:
+            return self.stored_kv_heads
+        n = self.tensor_parallel_size
+        kv = self.layer_kv_heads(layer)
+        return kv * (n // math.gcd(kv, n))
+
     def layer_mlp(self, layer: int) -> str:
         """The MLP kind of one layer: `mlp`, or "gated" for the dense layers of an experts model."""
-        return "gated" if self.mlp == "experts" and layer in self.dense_layers else self.mlp
+        return "gated" if self.has_experts and layer in self.dense_layers else self.mlp
+
+    @property
+    def has_experts(self) -> bool:
+        return self.mlp in ("experts", "gated_and_experts")
 
     def layer_uses_rope(self, layer: int) -> bool:
         return self.position_embedding == "rope" and layer not in self.nope_layers
@@ -227,7 +297,7 @@ class ModelConfig:
     def to_dict(self) -> dict:
         # the mesh is a device layout, not part of the model
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "mesh"}
-        for name in ("layer_types", "dense_layers", "nope_layers"):
+        for name in ("layer_types", "dense_layers", "nope_layers", "intermediate_sizes", "kv_sources"):
             out[name] = list(getattr(self, name))
         out["alibi_slopes"] = list(self.alibi_slopes) if self.alibi_slopes is not None else None
         out["rope_scaling"] = _thaw(self.rope_scaling) if self.rope_scaling else None

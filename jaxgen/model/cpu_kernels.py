@@ -18,9 +18,9 @@ Candidates, named "kind/layout" (layout: the stored weight "kn" = [K, N] or "nk"
         activations, so its result is the dequantized weight's float32 product)
 
 Decisions:
-* At load (`arrange_for_cpu`, single-device CPU): each layer weight's layout, and for int8 weights
-  whether to dequantize it to float32 (when float32 beats every int8 candidate), by the summed time
-  of decode-sized products (1 and 16 rows). A tied head (the embedding, [V, D]) keeps its layout.
+* At load (`arrange_for_cpu`, single-device CPU): each layer weight's (and each expert's) layout,
+  and for int8 weights whether to dequantize it to float32 (when float32 beats every int8
+  candidate), by the summed time of decode-sized products (1 and 16 rows). A tied head (the embedding, [V, D]) keeps its layout.
 * At trace time (`int8_kind`, from `decoder.linear`): the int8 formulation for the product's row
   class (1 row; 2-64 rows; more), within the stored layout.
 * `compute_type="auto"` on CPU (`int8_pays`): int8 only when the model's int8 products beat its
@@ -61,6 +61,12 @@ def _is_layer_product(decl) -> bool:
     """A layer weight that runs as one [K, N] product (a 2-D weight quantized over its input axis,
     per the parameter table): not norms, routers or per-expert stacks."""
     return decl.reduce_axis == 0 and len(decl.shape) == 2
+
+
+def _is_expert_product(decl) -> bool:
+    """A per-expert stack [E, K, N] whose experts each run as one [K, N] product (held as a list of
+    E arrays, see checkpoint.nest_params)."""
+    return decl.reduce_axis == 1 and len(decl.shape) == 3
 INT8_KINDS = {"kn": ("a8", "u8", "w8"), "nk": ("a8", "a8t", "u8", "w8")}  # a8t/kn: 2-4x slower everywhere seen
 PRUNE = 2.5  # int8 candidates slower than this x the fastest at 16 rows are not timed at 1 and 512 rows
 
@@ -344,6 +350,9 @@ def model_shapes(config) -> List[Tuple[int, int, int, Tuple[str, ...]]]:
             continue
         if name.startswith("layers.") and _is_layer_product(decl):
             key = (shape[0], shape[1], ("kn", "nk"))
+        elif name.startswith("layers.") and _is_expert_product(decl):
+            key = (shape[1], shape[2], ("kn", "nk"))
+            counts[key] = counts.get(key, 0) + shape[0] - 1
         elif module == "lm_head" or (module == "embed" and config.tie_word_embeddings):
             key = (shape[1], shape[0], ("nk",)) if module == "embed" else (shape[0], shape[1], ("kn",))
         else:
@@ -387,11 +396,22 @@ def arrange_for_cpu(params: dict, config, chooser: Optional[KernelChooser] = Non
     new = dict(params)
     from jaxgen.model.checkpoint import layer_params
 
+    def arrange_experts(p: dict) -> dict:  # {kind: list of E arrays}: each expert like a layer weight
+        parts = [arrange({kind: arrays[e] for kind, arrays in p.items()}, ("kn", "nk"), False)
+                 for e in range(len(next(iter(p.values()))))]
+        return {kind: [part[kind] for part in parts] for kind in parts[0]}
+
+    def arrange_module(p: dict, decl) -> dict:
+        if _is_layer_product(decl):
+            return arrange(p, ("kn", "nk"), False)
+        if _is_expert_product(decl) and isinstance(p.get("weight"), list):
+            return arrange_experts(p)
+        return p
+
     new["layers"] = []
     for index, layer in enumerate(params["layers"]):
         decls = layer_params(config, index)
-        new["layers"].append({m: (arrange(p, ("kn", "nk"), False) if _is_layer_product(decls[m]["weight"]) else p)
-                              for m, p in layer.items()})
+        new["layers"].append({m: arrange_module(p, decls[m]["weight"]) for m, p in layer.items()})
     if config.tie_word_embeddings and "embed" in params:
         new["embed"] = arrange(params["embed"], ("nk",), True)
     elif "lm_head" in params:

@@ -48,8 +48,8 @@ class PassPlan(NamedTuple):
 class KVCache:
     """Per-layer key/value buffers (separate arrays, so each is updated in place).
 
-    k[i], v[i]: [B, S_i, Hkv, hd] (Hkv = config.stored_kv_heads: tensor parallelism may store
-    copies of each head) with S_i = `length` for full layers and the ring size
+    k[i], v[i]: [B, S_i, Hkv_i, hd_i] (the layer's stored KV heads and head dim, see
+    `ModelConfig.layer_stored_kv_heads`: tensor parallelism may store copies of each head) with S_i = `length` for full layers and the ring size
     min(sliding_window, length) for sliding layers. `length` (static) is the number of positions
     the cache can hold.
     """
@@ -87,7 +87,7 @@ def layer_slots(config: ModelConfig, layer: int, length: int) -> int:
 
 
 def init_cache(config: ModelConfig, batch: int, length: int, dtype) -> KVCache:
-    shapes = [(batch, layer_slots(config, i, length), config.stored_kv_heads, config.head_dim)
+    shapes = [(batch, layer_slots(config, i, length), config.layer_stored_kv_heads(i), config.layer_head_dim(i))
               for i in range(config.num_layers)]
     return KVCache(tuple(jnp.zeros(s, dtype) for s in shapes), tuple(jnp.zeros(s, dtype) for s in shapes), length)
 
@@ -125,8 +125,9 @@ def linear(x: jax.Array, p: dict, transposed: bool = False) -> jax.Array:
     return y
 
 
-def norm(x: jax.Array, p: dict, config: ModelConfig) -> jax.Array:
-    """RMSNorm or LayerNorm over the last axis, computed in float32, returned in x's dtype."""
+def norm(x: jax.Array, p: Optional[dict], config: ModelConfig) -> jax.Array:
+    """RMSNorm or LayerNorm over the last axis, computed in float32, returned in x's dtype
+    (p None: without a weight, Gemma 4's value norm)."""
     x32 = x.astype(jnp.float32)
     if config.norm_type == "layer":
         mean = x32.mean(-1, keepdims=True)
@@ -134,6 +135,8 @@ def norm(x: jax.Array, p: dict, config: ModelConfig) -> jax.Array:
         y = (x32 - mean) * jax.lax.rsqrt(var + config.norm_eps)
     else:
         y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + config.norm_eps)
+    if p is None:
+        return y.astype(x.dtype)
     y = y * (config.norm_offset + p["weight"].astype(jnp.float32))
     if "bias" in p:
         y = y + p["bias"].astype(jnp.float32)
@@ -150,14 +153,19 @@ def activation(x: jax.Array, name: str) -> jax.Array:
     return jax.nn.relu(x)
 
 
+def lookup(p: dict, tokens: jax.Array, dtype) -> jax.Array:
+    """Rows of an embedding table {"weight" [V, E] (+ int8 "weight_scale" [V])} -> [..., E] in dtype."""
+    w = p["weight"]
+    x = jnp.take(w, tokens, axis=0)
+    if w.dtype == jnp.int8:
+        x = x.astype(dtype) * jnp.take(p["weight_scale"], tokens, axis=0)[..., None].astype(dtype)
+    return x.astype(dtype)
+
+
 def embed(params: dict, config: ModelConfig, tokens: jax.Array, dtype) -> jax.Array:
     """tokens [B, T] -> [B, T, D] (scaled for Gemma; projected to the hidden size when the
     embeddings are narrower, OPT-350m)."""
-    w = params["embed"]["weight"]
-    x = jnp.take(w, tokens, axis=0)
-    if w.dtype == jnp.int8:
-        x = x.astype(dtype) * jnp.take(params["embed"]["weight_scale"], tokens, axis=0)[..., None].astype(dtype)
-    x = x.astype(dtype)
+    x = lookup(params["embed"], tokens, dtype)
     if config.embedding_scale is not None:
         # HF casts the multiplier to the activation dtype first; doing the same keeps bf16 parity.
         x = x * jnp.asarray(config.embedding_scale, dtype)
@@ -197,8 +205,9 @@ def compute_logits(params: dict, config: ModelConfig, hidden: jax.Array, start=0
 
 # ---------------------------------------------------------------------------- rotary embeddings
 def rope_inv_freq(config: ModelConfig, local: bool) -> Tuple[np.ndarray, float]:
-    """Inverse frequencies [rotary/2] and the cos/sin multiplier, following HF's rope variants."""
-    dim = config.rotary
+    """Inverse frequencies [rotary/2] and the cos/sin multiplier, following HF's rope variants
+    (of sliding layers when `local`, else of full layers)."""
+    dim = config.rotary_of(local)
     theta = config.rope_local_theta if (local and config.rope_local_theta) else config.rope_theta
     inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
     scaling = {} if local and config.rope_local_theta else config.rope_scaling_dict
@@ -225,6 +234,12 @@ def rope_inv_freq(config: ModelConfig, local: bool) -> Tuple[np.ndarray, float]:
         factor = config.max_position_embeddings / original
         attention_factor = scaling.get("attention_factor") or (
             1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original)))
+    elif kind == "proportional":
+        # Gemma 4: the first partial_rotary_factor of the frequencies (exponents over the whole
+        # head dim), the rest 0 (those dims are not rotated)
+        angles = int(scaling.get("partial_rotary_factor", 1.0) * dim // 2)
+        rotated = 1.0 / (theta ** (np.arange(0, 2 * angles, 2, dtype=np.int64).astype(np.float32) / dim))
+        inv_freq = np.concatenate([rotated, np.zeros(dim // 2 - angles, np.float32)]) / scaling.get("factor", 1.0)
     return inv_freq.astype(np.float32), float(attention_factor)
 
 
@@ -340,23 +355,40 @@ def _attention(config: ModelConfig, q, k, v, k_cache, v_cache, is_sliding: bool,
     return out, k_cache, v_cache
 
 
-def _self_attention(config: ModelConfig, layer: int, h: jax.Array, lp: dict, k_cache, v_cache, args: PassArgs):
-    """The attention sublayer on normed inputs h [B, T, D]: projections, q/k norms, rotary
-    embeddings, attention, output projection. Returns (out [B, T, D], k_cache, v_cache)."""
+def _self_attention(config: ModelConfig, layer: int, h: jax.Array, lp: dict, k_cache, v_cache, args: PassArgs,
+                    reused: Optional[Tuple[jax.Array, jax.Array]] = None):
+    """The attention sublayer on normed inputs h [B, T, D]: projections, q/k (and v) norms, rotary
+    embeddings, attention, output projection. A layer that reuses an earlier layer's keys and
+    values (`config.kv_sources`) takes them as `reused` (k, v [B, T, Hkv, hd], as that layer
+    stored them) and writes them into its own cache. Returns (out [B, T, D], k_cache, v_cache,
+    (k, v) of this call's tokens)."""
     b, t, _ = h.shape
-    hq, hkv, hd = config.num_heads, config.stored_kv_heads, config.head_dim
-    q, k, v = linear(h, lp["q"]), linear(h, lp["k"]), linear(h, lp["v"])
-    if config.qk_norm == "full":  # over every head at once, before the heads are split (OLMo 2)
-        q, k = norm(q, lp["q_norm"], config), norm(k, lp["k_norm"], config)
-    q, k, v = q.reshape(b, t, hq, hd), k.reshape(b, t, hkv, hd), v.reshape(b, t, hkv, hd)
-    if config.qk_norm == "head":
-        q, k = norm(q, lp["q_norm"], config), norm(k, lp["k_norm"], config)
+    hq, hkv, hd = config.num_heads, config.layer_stored_kv_heads(layer), config.layer_head_dim(layer)
     is_sliding = config.layer_types[layer] == "sliding"
-    if config.layer_uses_rope(layer):
-        cos, sin = args.rope["local" if is_sliding else "full"]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    cos_sin = args.rope["local" if is_sliding else "full"] if config.layer_uses_rope(layer) else None
+    q = linear(h, lp["q"])
+    if config.qk_norm == "full":  # over every head at once, before the heads are split (OLMo 2)
+        q = norm(q, lp["q_norm"], config)
+    q = q.reshape(b, t, hq, hd)
+    if config.qk_norm == "head":
+        q = norm(q, lp["q_norm"], config)
+    if cos_sin is not None:
+        q = apply_rope(q, *cos_sin)
+    if reused is not None:
+        k, v = reused
+    else:
+        k, v = linear(h, lp["k"]), linear(h, lp["v"])
+        if config.qk_norm == "full":
+            k = norm(k, lp["k_norm"], config)
+        k, v = k.reshape(b, t, hkv, hd), v.reshape(b, t, hkv, hd)
+        if config.qk_norm == "head":
+            k = norm(k, lp["k_norm"], config)
+        if config.value_norm:
+            v = norm(v, None, config)
+        if cos_sin is not None:
+            k = apply_rope(k, *cos_sin)
     out, k_cache, v_cache = _attention(config, q, k, v, k_cache, v_cache, is_sliding, args)
-    return linear(out, lp["o"]), k_cache, v_cache
+    return linear(out, lp["o"]), k_cache, v_cache, (k, v)
 
 
 def gated_mlp(h: jax.Array, gate: dict, up: dict, down: dict, act: str) -> jax.Array:
@@ -364,28 +396,54 @@ def gated_mlp(h: jax.Array, gate: dict, up: dict, down: dict, act: str) -> jax.A
     return linear(activation(linear(h, gate), act) * linear(h, up), down)
 
 
-def _mlp(config: ModelConfig, layer: int, h: jax.Array, lp: dict) -> jax.Array:
-    """The MLP sublayer on normed inputs h [B, T, D] -> [B, T, D]: plain, gated or experts."""
+def _mlp(config: ModelConfig, layer: int, h: jax.Array, lp: dict, x: jax.Array) -> jax.Array:
+    """The MLP sublayer on normed inputs h [B, T, D] -> [B, T, D]: plain, gated, experts, or (Gemma
+    4) a gated MLP and experts side by side, the experts on their own norm of the residual stream x
+    [B, T, D] and routed on x itself, each output normed."""
     kind = config.layer_mlp(layer)
     if kind == "experts":
         return experts_mlp(config, h, lp)
+    if kind == "gated_and_experts":
+        dense = gated_mlp(h, lp["gate"], lp["up"], lp["down"], config.activation)
+        routed = experts_mlp(config, norm(x, lp["mlp_norm_2"], config), lp, router_input=x)
+        return norm(dense, lp["post_mlp_norm_1"], config) + norm(routed, lp["post_mlp_norm_2"], config)
     if kind == "gated":
         return gated_mlp(h, lp["gate"], lp["up"], lp["down"], config.activation)
     return linear(activation(linear(h, lp["up"]), config.activation), lp["down"])
 
 
+def _per_layer_input(config: ModelConfig, x: jax.Array, lp: dict, inputs: jax.Array) -> jax.Array:
+    """Gemma 4's per-layer input after a layer's MLP: x + norm(proj(act(x . gate) * inputs)),
+    inputs [B, T, P] this layer's slice of `per_layer_inputs`."""
+    h = activation(linear(x, lp["per_layer_gate"]), config.activation) * inputs
+    return x + norm(linear(h, lp["per_layer_proj"]), lp["per_layer_norm"], config)
+
+
+def per_layer_inputs(params: dict, config: ModelConfig, tokens: jax.Array, x: jax.Array) -> jax.Array:
+    """Gemma 4's per-layer inputs [B, T, L, P] from tokens [B, T] and the scaled embeddings x [B, T, D]:
+    (norm(x . W / sqrt(D)) + sqrt(P) * per_layer_embed[tokens]) / sqrt(2), per layer."""
+    b, t, d = x.shape
+    size, layers = config.per_layer_input_size, config.num_layers
+    ids = lookup(params["per_layer_embed"], tokens, x.dtype) * jnp.asarray(size ** 0.5, x.dtype)
+    proj = linear(x, params["per_layer_model_proj"]) * jnp.asarray(d ** -0.5, x.dtype)
+    proj = norm(proj.reshape(b, t, layers, size), params["per_layer_model_norm"], config)
+    return (proj + ids.reshape(b, t, layers, size)) * jnp.asarray(2.0 ** -0.5, x.dtype)
+
+
 def _layer(config: ModelConfig, layer: int, x: jax.Array, lp: dict, k_cache: jax.Array, v_cache: jax.Array,
-           args: PassArgs):
-    """One layer: its block (sequential or parallel residual) with the config's norm placement.
-    Returns (x [B, T, D], k_cache, v_cache)."""
+           args: PassArgs, reused=None, layer_inputs: Optional[jax.Array] = None):
+    """One layer: its block (sequential or parallel residual) with the config's norm placement,
+    then (Gemma 4) its per-layer input `layer_inputs` [B, T, P] and its scale. `reused`: see
+    `_self_attention`. Returns (x [B, T, D], k_cache, v_cache, (k, v) of this call's tokens)."""
     def scaled(y):
         return y if config.residual_scale is None else y * jnp.asarray(config.residual_scale, y.dtype)
 
     if config.block == "parallel":
         h = norm(x, lp["attn_norm"], config)
-        attn, k_cache, v_cache = _self_attention(config, layer, h, lp, k_cache, v_cache, args)
+        attn, k_cache, v_cache, kv = _self_attention(config, layer, h, lp, k_cache, v_cache, args, reused)
         h_mlp = h if config.shared_block_norm else norm(x, lp["mlp_norm"], config)
-        return x + scaled(attn + _mlp(config, layer, h_mlp, lp)), k_cache, v_cache
+        x = x + scaled(attn + _mlp(config, layer, h_mlp, lp, x))
+        return _layer_end(config, x, lp, layer_inputs), k_cache, v_cache, kv
 
     placement = config.norm_placement
 
@@ -398,11 +456,20 @@ def _layer(config: ModelConfig, layer: int, x: jax.Array, lp: dict, k_cache: jax
         x = x + scaled(y)
         return norm(x, lp[pre], config) if placement == "post" else x
 
-    attn, k_cache, v_cache = _self_attention(config, layer, sublayer_input(x, "attn_norm"), lp, k_cache, v_cache,
-                                             args)
+    attn, k_cache, v_cache, kv = _self_attention(config, layer, sublayer_input(x, "attn_norm"), lp, k_cache,
+                                                 v_cache, args, reused)
     x = residual(x, attn, "attn_norm", "post_attn_norm")
-    x = residual(x, _mlp(config, layer, sublayer_input(x, "mlp_norm"), lp), "mlp_norm", "post_mlp_norm")
-    return x, k_cache, v_cache
+    x = residual(x, _mlp(config, layer, sublayer_input(x, "mlp_norm"), lp, x), "mlp_norm", "post_mlp_norm")
+    return _layer_end(config, x, lp, layer_inputs), k_cache, v_cache, kv
+
+
+def _layer_end(config: ModelConfig, x: jax.Array, lp: dict, layer_inputs: Optional[jax.Array]) -> jax.Array:
+    """What follows a layer's block (Gemma 4): its per-layer input, then its scale."""
+    if layer_inputs is not None:
+        x = _per_layer_input(config, x, lp, layer_inputs)
+    if config.layer_scale:
+        x = x * lp["layer_scale"]["weight"].astype(x.dtype)
+    return x
 
 
 def forward(params: dict, config: ModelConfig, tokens: Optional[jax.Array], positions: jax.Array, cache: KVCache,
@@ -434,14 +501,28 @@ def forward(params: dict, config: ModelConfig, tokens: Optional[jax.Array], posi
         x = x + jnp.take(params["pos_embed"]["weight"], clipped, axis=0).astype(dtype)
     if config.embedding_norm:
         x = norm(x, params["embed_norm"], config)
+    layer_inputs = None
+    if config.per_layer_input_size:
+        if tokens is None:
+            raise ValueError("this model's per-layer inputs (Gemma 4) are computed from token ids: "
+                             "input embeddings alone cannot run it")
+        layer_inputs = per_layer_inputs(params, config, tokens, x)
     rope = {}
     if config.position_embedding == "rope":
         rope["full"] = rope_cos_sin(config, clipped, local=False)
-        rope["local"] = rope_cos_sin(config, clipped, local=True) if config.rope_local_theta else rope["full"]
+        separate = config.rope_local_theta or config.rotary_of(True) != config.rotary_of(False)
+        rope["local"] = rope_cos_sin(config, clipped, local=True) if separate else rope["full"]
     args = PassArgs(positions, write_index, rope, attend_len, impl, fresh)
     k_new, v_new = [], []
+    sources = set(config.kv_sources) if config.kv_sources else set()
+    reusable = {}  # layer -> its (k, v) of this call, for the layers that reuse them
     for i, lp in enumerate(params["layers"]):
-        x, k_l, v_l = _layer(config, i, x, lp, cache.k[i], cache.v[i], args)
+        source = config.kv_source(i)
+        x, k_l, v_l, kv = _layer(config, i, x, lp, cache.k[i], cache.v[i], args,
+                                 reusable[source] if source != i else None,
+                                 None if layer_inputs is None else layer_inputs[:, :, i])
+        if i in sources:
+            reusable[i] = kv
         x = pin(x, config)
         k_new.append(k_l)
         v_new.append(v_l)

@@ -33,42 +33,36 @@ def _itemsize(dtype) -> int:
     return int(jnp.dtype(dtype).itemsize)
 
 
-def _layer_counts(config) -> tuple:
-    """(full-attention layers, sliding-window layers); an empty layer_types means all full."""
+def _slot_bytes(config, dtype, kind: str) -> int:
+    """Keys and values of one position summed over the layers of one kind ("full" or "sliding"),
+    as stored (tensor parallelism may hold copies of each KV head; full layers may have their own
+    head dim and KV heads, `ModelConfig.layer_head_dim`)."""
     types = tuple(config.layer_types) or ("full",) * config.num_layers
-    return sum(t != "sliding" for t in types), sum(t == "sliding" for t in types)
-
-
-def _slot_bytes(config, dtype) -> int:
-    """Keys and values of one position in one layer (as stored: tensor parallelism may hold copies
-    of each KV head, `config.stored_kv_heads`)."""
-    return 2 * config.stored_kv_heads * config.head_dim * _itemsize(dtype)
+    return sum(2 * config.layer_stored_kv_heads(i) * config.layer_head_dim(i) * _itemsize(dtype)
+               for i, t in enumerate(types) if (t == "sliding") == (kind == "sliding"))
 
 
 def kv_cache_bytes_per_token(config, dtype) -> int:
     """Bytes the KV cache grows by per token of one sequence: keys and values of the layers with
     full attention (all layers when `config.layer_types` is empty), 2 * num_kv_heads * head_dim
     * itemsize(dtype) per full layer."""
-    full, _ = _layer_counts(config)
-    return full * _slot_bytes(config, dtype)
+    return _slot_bytes(config, dtype, "full")
 
 
 def sliding_cache_bytes_per_sequence(config, dtype) -> int:
     """Bytes of the sliding-window layers' rings for one sequence of at least `sliding_window`
     tokens: 2 * sliding_window * num_kv_heads * head_dim * itemsize(dtype) per sliding layer
     (0 without sliding layers)."""
-    _, sliding = _layer_counts(config)
-    if not sliding:
+    if not config.has_sliding_layers:
         return 0
-    return sliding * int(config.sliding_window) * _slot_bytes(config, dtype)
+    return int(config.sliding_window) * _slot_bytes(config, dtype, "sliding")
 
 
 def kv_cache_bytes(config, dtype, batch: int, length: int) -> int:
     """KV cache of `batch` sequences of `length` slots: full layers hold `length` positions,
     sliding layers min(sliding_window, length)."""
-    _, sliding = _layer_counts(config)
-    ring = min(int(config.sliding_window), length) if sliding else 0
-    per_sequence = length * kv_cache_bytes_per_token(config, dtype) + sliding * ring * _slot_bytes(config, dtype)
+    ring = min(int(config.sliding_window), length) if config.has_sliding_layers else 0
+    per_sequence = length * kv_cache_bytes_per_token(config, dtype) + ring * _slot_bytes(config, dtype, "sliding")
     return batch * per_sequence
 
 

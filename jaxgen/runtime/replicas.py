@@ -65,14 +65,15 @@ def tensor_parallel_layout(config: ModelConfig, devices: List[jax.Device]) -> Mo
     return config.replace(mesh=Mesh(np.array(devices), (AXIS,)))
 
 
-def _copy_kv_heads(a: np.ndarray, axis: int, config: ModelConfig) -> np.ndarray:
-    """A tensor with key/value heads on `axis` with each of the `num_kv_heads` head blocks
-    repeated `kv_head_copies` times (copies adjacent). An array that already holds the stored heads
-    (a host copy of placed weights) is returned as it is."""
-    if a.shape[axis] == config.stored_kv_heads * config.head_dim:
+def _copy_kv_heads(a: np.ndarray, axis: int, config: ModelConfig, layer: int) -> np.ndarray:
+    """A tensor of layer `layer` with key/value heads on `axis` with each of its KV head blocks
+    repeated as the layout needs (`ModelConfig.layer_stored_kv_heads`; copies adjacent). An array
+    that already holds the stored heads (a host copy of placed weights) is returned as it is."""
+    kv, stored = config.layer_kv_heads(layer), config.layer_stored_kv_heads(layer)
+    if a.shape[axis] == stored * config.layer_head_dim(layer):
         return a
-    blocks = np.split(a, config.num_kv_heads, axis=axis)
-    return np.concatenate([b for b in blocks for _ in range(config.kv_head_copies)], axis=axis)
+    blocks = np.split(a, kv, axis=axis)
+    return np.concatenate([b for b in blocks for _ in range(stored // kv)], axis=axis)
 
 
 def _pad_axis(a: np.ndarray, axis: int, multiple: int) -> np.ndarray:
@@ -106,16 +107,16 @@ def layout_layer(layer: dict, config: ModelConfig, n: int, index: int) -> dict:
         for kind, a in kinds.items():
             axes = _decl_axes(decls, module, kind)
             if isinstance(a, list):  # experts: one array each (checkpoint.nest_params)
-                out[module][kind] = [_layout_tensor(np.asarray(x), axes[1:], config, n) for x in a]
+                out[module][kind] = [_layout_tensor(np.asarray(x), axes[1:], config, n, index) for x in a]
             else:
-                out[module][kind] = _layout_tensor(np.asarray(a), axes, config, n)
+                out[module][kind] = _layout_tensor(np.asarray(a), axes, config, n, index)
     return out
 
 
-def _layout_tensor(a: np.ndarray, axes: tuple, config: ModelConfig, n: int) -> np.ndarray:
+def _layout_tensor(a: np.ndarray, axes: tuple, config: ModelConfig, n: int, layer: int) -> np.ndarray:
     for axis, name in enumerate(axes):
         if name == KV_HEADS:
-            a = _copy_kv_heads(a, axis, config)
+            a = _copy_kv_heads(a, axis, config, layer)
         elif name == MLP:
             a = _pad_axis(a, axis, n)
     return a
