@@ -29,6 +29,7 @@ from jaxgen.runtime.devices import resolve_devices
 from jaxgen.runtime.memory import MemoryBudget, MemoryJob
 from jaxgen.runtime.options import GenerationOptions, check_context, positions_fed, validate_options
 from jaxgen.runtime.prefix_cache import DEFAULT_MAX_BYTES, PrefixCache, StaticPrompts
+from jaxgen.runtime.prefix_passes import PrefixPasses
 from jaxgen.runtime.replicas import ReplicaPool, replicate, shard_tensor_parallel, tensor_parallel_layout
 from jaxgen.runtime.scheduler import DEFAULT_WIDTHS, Call, SlotScheduler, schedulable
 from jaxgen.runtime.scoring import Scorer, pad_rows, truncate_for_scoring
@@ -69,10 +70,12 @@ class Generator:
     (`JAXGEN_COMPILATION_CACHE=0` turns that off; see `jaxgen.runtime.compilation_cache`).
 
     `prefix_cache` (an extension): True (default) keeps the KV states of token prefixes per
-    device (up to 2 GiB each, least recently used first out) and computes a prefix that rows of
-    `score_batch` share, within one call or across calls, once (`jaxgen.runtime.prefix_cache`,
-    `jaxgen.runtime.scoring`); an int sets the bytes per device; False turns sharing off (static
-    prompts are still cached, `static_prompt_cache_size` of them per device).
+    device (up to 2 GiB each, least recently used first out) and computes a prefix that rows
+    share (in whole blocks of 32 tokens: a few-shot context, a document asked several questions,
+    a prompt sampled several times), within one call or across calls, once, in `score_batch`,
+    `generate_batch`, `generate_iterable` and the scheduler (`jaxgen.runtime.prefix_cache`,
+    `jaxgen.runtime.prefix_passes`); an int sets the bytes per device; False (or 0) turns sharing
+    off (static prompts are still cached, `static_prompt_cache_size` of them per device).
     """
 
     _stop_tables: Optional[StopTables] = None  # the vocabulary's stop-string tables, made on first use
@@ -125,8 +128,9 @@ class Generator:
         share = prefix_cache is not False and prefix_cache != 0
         self._prefixes = PrefixCache(max_bytes=DEFAULT_MAX_BYTES if isinstance(prefix_cache, bool) else prefix_cache,
                                      static_entries=static_prompt_cache_size)
-        self._static_prompts = StaticPrompts(self._prefixes, self.config, self._plan, ctype.dtype)
-        self._scorer = Scorer(self.config, self._plan, ctype.dtype, self._prefixes, share)
+        passes = PrefixPasses(self.config, self._plan, ctype.dtype, self._prefixes) if share else None
+        self._static_prompts = StaticPrompts(self._prefixes, self.config, self._plan, ctype.dtype, passes)
+        self._scorer = Scorer(self.config, self._plan, ctype.dtype, passes)
         self._budget = MemoryBudget(self.config, ctype.dtype, self._devices, self._platform, len(replicas),
                                     inter_threads, self._plan.chunk, memory_limit,
                                     len(self._devices) if self._tensor_parallel else 1)
@@ -496,24 +500,32 @@ class Generator:
         return ids, lens
 
     def score_batch(self, tokens, *, max_batch_size: int = 0, batch_type: str = "examples",
-                    max_input_length: int = 1024, offset: int = 0, asynchronous: bool = False,
+                    max_input_length: int = 1024, offset: Union[int, Sequence[int]] = 0, asynchronous: bool = False,
                     return_greedy: bool = False):
         """Log-likelihood of each token given its prefix (CTranslate2 §4.1).
 
         Returns one ScoringResult(tokens=input[1:], log_probs) per sequence; sequences shorter
         than 2 tokens get empty results. Sequences longer than `max_input_length` are truncated,
-        keeping a final end token. `offset` drops the first `offset` scored tokens.
+        keeping a final end token. `offset` drops the first `offset` scored tokens; a list (an
+        extension) gives one offset per sequence (e.g. a context's length: only the continuation
+        is returned, and a shared context's state is then computed without the vocabulary head).
         `return_greedy` (an extension): ScoringResult.greedy[t] tells whether token t has the
         highest logit at its position (what greedy search would choose; lm-eval's `is_greedy`).
+        Rows that share a prefix compute it once (see the class's `prefix_cache`).
         """
         check_batch_options(max_batch_size, batch_type)
         self._check_loaded()
-        for name, value in (("max_input_length", max_input_length), ("offset", offset)):
+        offsets = list(offset) if isinstance(offset, (list, tuple)) else None
+        for name, value in [("max_input_length", max_input_length)] + (
+                [(f"offset[{i}]", v) for i, v in enumerate(offsets)] if offsets is not None else [("offset", offset)]):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         ids = as_id_batch(tokens, self._vocab, "tokens", allow_ids=True)
+        if offsets is not None and len(offsets) != len(ids):
+            raise ValueError(f"offset has {len(offsets)} entries for {len(ids)} sequences")
         if not ids:
             return []
+        offsets = offsets if offsets is not None else [offset] * len(ids)
         eos = self._eos_ids()
         prepared = [truncate_for_scoring(seq, max_input_length, eos) for seq in ids]
         longest = max(range(len(prepared)), key=lambda i: len(prepared[i]))
@@ -532,16 +544,16 @@ class Generator:
         def job(replica, _: int, group: List[int]) -> List[ScoringResult]:
             todo = [i for i in group if len(prepared[i]) >= 2]
             scored = dict(zip(todo, self._scorer.score(replica, [prepared[i] for i in todo], bool(return_greedy),
-                                                       [offset] * len(todo)) if todo else []))
+                                                       [offsets[i] for i in todo]) if todo else []))
             out = []
             for i in group:
                 if i not in scored:
-                        out.append(ScoringResult([], []))
+                    out.append(ScoringResult([], []))
                 else:
-                    targets = prepared[i][1:]
+                    targets, skip = prepared[i][1:], offsets[i]
                     log_probs, greedy = scored[i]
-                    out.append(ScoringResult(self._vocab.to_tokens(targets[offset:]), log_probs[offset:],
-                                             greedy[offset:] if return_greedy else []))
+                    out.append(ScoringResult(self._vocab.to_tokens(targets[skip:]), log_probs[skip:],
+                                             greedy[skip:] if return_greedy else []))
             return out
 
         return self._batches.run(groups, job, len(prepared), asynchronous)

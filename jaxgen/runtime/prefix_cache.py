@@ -180,15 +180,17 @@ class PrefixCache:
 
 
 class StaticPrompts:
-    """The static prompts' KV states, kept in the prefix cache: `(replica, resolved options) ->
-    (batch-1 KVCache, static prompt length)`, what the slot scheduler and the static sub-batches
-    start every row from."""
+    """Where a generation call's rows start: the static prompt's KV state, kept in the prefix
+    cache (`(replica, resolved options) -> (batch-1 KVCache, static prompt length)`), and with
+    prefix passes the prompts' shared prefixes (`sharing`). The slot scheduler and the static
+    sub-batches start every row from them."""
 
-    def __init__(self, prefixes: PrefixCache, config, plan, dtype):
+    def __init__(self, prefixes: PrefixCache, config, plan, dtype, passes=None):
         self.prefixes = prefixes
         self.config = config
         self.plan = plan
         self.dtype = dtype
+        self.passes = passes  # jaxgen.runtime.prefix_passes.PrefixPasses; None: no sharing
 
     def __call__(self, replica, resolved) -> Tuple[KVCache, int]:
         return self.state(replica, resolved.static_prompt_ids, resolved.options.cache_static_prompt)
@@ -212,3 +214,16 @@ class StaticPrompts:
         if use_cache and self.prefixes.static_entries > 0:
             self.prefixes.put(PrefixEntry(replica.name, tuple(ids), cache, static=True))
         return cache, len(ids)
+
+    def sharing(self, replica, resolved, prefix: KVCache):
+        """prefill_rows' `share` for a call (`jaxgen.runtime.generation.prefill_rows`): rows
+        sharing a prefix of static prompt + prompt start from its state; None without prefix
+        passes. prefix: the static prompt's state (from `state`)."""
+        if self.passes is None:
+            return None
+        static_ids = list(resolved.static_prompt_ids)
+        static = PrefixEntry(replica.name, tuple(static_ids), prefix) if static_ids else None
+
+        def share(rows, batch: int, length: int):
+            return self.passes.prefill(replica, static, [static_ids + r.prompt[:-1] for r in rows], batch, length)
+        return share

@@ -80,18 +80,19 @@ def generate_group(replica, config, plan, vocabulary, bos_id, static_prompts, pr
     """Generation results of one static sub-batch on `replica` (greedy/sampling, prompt lookup,
     beam search, alternatives). static_prompts: `jaxgen.runtime.prefix_cache.StaticPrompts`."""
     prefix, prefix_len = static_prompts(replica, resolved)
+    share = static_prompts.sharing(replica, resolved, prefix)
     runs = iter(range(1 << 30))
 
     def run(rows, res):
         if res.options.beam_size > 1:
             # One key per sub-batch and run (a fresh buffer: the loop state donates it).
             run_key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), group_index), next(runs))
-            return run_beam(replica.params, config, rows, res, prefix, prefix_len, run_key, plan)
+            return run_beam(replica.params, config, rows, res, prefix, prefix_len, run_key, plan, share)
         if res.options.prompt_lookup_tokens:
-            decoded = run_lookup_rows(replica.params, config, rows, res, prefix, prefix_len, plan)
+            decoded = run_lookup_rows(replica.params, config, rows, res, prefix, prefix_len, plan, share)
         else:
             decoded = run_rows(replica.params, config, rows, res, prefix, prefix_len, seed, vocabulary,
-                               res.options.callback, plan)
+                               res.options.callback, plan, share)
         return [[d] for d in decoded]
 
     if resolved.options.return_alternatives:
