@@ -23,11 +23,12 @@ def engines(request, gen_pair):  # noqa: F811
 
 def _items(pair: ModelPair, seed: int, contexts: int = 3, answers: int = 4):
     """Rows like a few-shot multiple-choice task: 70 shared "shot" tokens, then per item a
-    25-token question and `answers` continuations of 1-5 tokens."""
+    40-token question and `answers` continuations of 1-5 tokens. With blocks of 32 tokens, the
+    items share 2 blocks and each item's rows a third one (shots and question)."""
     shots = pair.prompt(seed, 70)
     rows = []
     for c in range(contexts):
-        question = pair.prompt(seed * 100 + c, 25, bos=False)
+        question = pair.prompt(seed * 100 + c, 40, bos=False)
         for a in range(answers):
             rows.append(shots + question + pair.prompt(seed * 1000 + c * 10 + a, 1 + a % 5, bos=False))
     return rows
@@ -50,7 +51,7 @@ def test_shared_prefixes_score_as_without_sharing(engines):
     got = shared.score_batch(rows, return_greedy=True)
     _assert_same(got, plain.score_batch(rows, return_greedy=True))
     stats = shared.prefix_cache.stats
-    # the shots (70 tokens: 64 in whole blocks) once, then each context (95 tokens: 64 again)
+    # the shots' first 64 tokens once, then each context's first 96
     assert stats["inserted"] > before["inserted"] and shared.prefix_cache.count(static=False) >= 1
     assert plain.prefix_cache.count() == 0
 
@@ -104,16 +105,17 @@ def test_generation_from_shared_prefixes(engines):
     prompts = [r[:-2] for r in _items(pair, 4, contexts=2, answers=2)]
     static = pair.prompt(40, 40)
     for options in (dict(max_length=6), dict(max_length=6, static_prompt=static),
-                    dict(max_length=5, beam_size=2, num_hypotheses=2),
-                    dict(max_length=6, include_prompt_in_result=False, return_end_token=True)):
-        options = dict(options, return_scores=True)
+                    dict(max_length=5, beam_size=2, num_hypotheses=2), dict(max_length=6, return_end_token=True)):
+        options = dict(options, return_scores=True, include_prompt_in_result=False)
         want = plain.generate_batch(prompts, **options)
+        assert any(r.sequences_ids[0] for r in want)
         inserted = shared.prefix_cache.stats["inserted"]
         _assert_same_generations(shared.generate_batch(prompts, **options), want)
         assert shared.prefix_cache.stats["inserted"] > inserted or shared.prefix_cache.stats["hits"]
         _assert_same_generations(shared.generate_batch(prompts, max_batch_size=2, **options), want)
-    got = list(shared.generate_iterable(iter(prompts), max_batch_size=2, max_length=6, return_scores=True))
-    _assert_same_generations(got, plain.generate_batch(prompts, max_length=6, return_scores=True))
+    options = dict(max_length=6, return_scores=True, include_prompt_in_result=False)
+    got = list(shared.generate_iterable(iter(prompts), max_batch_size=2, **options))
+    _assert_same_generations(got, plain.generate_batch(prompts, **options))
 
 
 def test_prefix_cache_argument():

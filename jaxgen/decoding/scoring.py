@@ -17,7 +17,7 @@ from jaxgen.model.attention import resolve_attention
 from jaxgen.model.config import ModelConfig
 from jaxgen.model.decoder import DEFAULT_CHUNKS, KVCache, PassPlan, chunked_pass, compute_logits, forward
 from jaxgen.model.int8 import runs_int8_products
-from jaxgen.runtime.batching import pass_width
+from jaxgen.runtime.batching import bucket, pass_width
 
 SCORE_CHUNK = 32  # positions are scored in pieces of a multiple of this many
 LOGIT_ROWS = 512  # rows (batch x positions) of one scoring piece, when the shape allows
@@ -27,6 +27,13 @@ VOCAB_BLOCK = 16384  # vocabulary columns whose logits exist at once while scori
 # caches, and the product then runs at a third of its speed with 4,096 columns
 # (benchmarks/run.py int8_kernels --shapes head_block,head_block_int8; 7.8 vs 20.5 ms per 16,384 columns).
 VOCAB_BLOCK_INT8 = 4096
+
+
+def score_width(longest: int, chunk: int) -> int:
+    """Padded positions of a scoring pass over rows of up to `longest` tokens: a bucket, a
+    multiple of SCORE_CHUNK, and of `chunk` past one chunk."""
+    t = max(bucket(longest), SCORE_CHUNK)
+    return pass_width(-(-t // SCORE_CHUNK) * SCORE_CHUNK, chunk)
 
 
 def score_piece(batch: int, width: int) -> int:

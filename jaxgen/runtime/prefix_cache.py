@@ -26,7 +26,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from jaxgen.model.decoder import KVCache
+from jaxgen.decoding.search import start_cache
+from jaxgen.model.decoder import KVCache, init_cache
+from jaxgen.runtime.batching import bucket, pass_width
+from jaxgen.runtime.generation import prefill_sequences
 
 DEFAULT_BLOCK = 32  # tokens per key block
 DEFAULT_MAX_BYTES = 2 << 30  # per device
@@ -197,11 +200,6 @@ class StaticPrompts:
 
     def state(self, replica, ids: Sequence[int], use_cache: bool) -> Tuple[KVCache, int]:
         """KV state (batch 1) after the static prompt `ids`, from the cache when allowed."""
-        from jaxgen.decoding.search import start_cache
-        from jaxgen.model.decoder import init_cache
-        from jaxgen.runtime.batching import bucket, pass_width
-        from jaxgen.runtime.generation import prefill_sequences
-
         if not ids:
             return init_cache(self.config, 1, 0, self.dtype), 0
         if use_cache:

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.decoding.scoring import extend_log_probs
+from jaxgen.decoding.scoring import extend_log_probs, score_width
 from jaxgen.decoding.search import gather_prefixes, start_cache
 from jaxgen.executables import cached_jit
 from jaxgen.model.decoder import KVCache, PassPlan, init_cache, layer_slots
@@ -150,8 +150,6 @@ class PrefixPasses:
         positions starts[r]..., scoring targets[r] (with `scores`). Rows are padded to `batch`
         (default: bucketed) in a cache of `length` positions (default: what the rows need,
         bucketed). Returns (log-probs [B, W], flags [B, W] or None, the cache)."""
-        from jaxgen.runtime.scoring import score_width
-
         n = len(tokens)
         b = batch or bucket(n, minimum=1)
         t = score_width(max([len(x) for x in tokens] + [1]), self.plan.chunk)

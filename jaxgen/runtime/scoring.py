@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgen.decoding.scoring import SCORE_CHUNK, target_log_probs
+from jaxgen.decoding.scoring import score_width, target_log_probs
 from jaxgen.model.decoder import PassPlan
-from jaxgen.runtime.batching import bucket, pass_width
+from jaxgen.runtime.batching import bucket
 from jaxgen.runtime.prefix_passes import PrefixPasses
 
 
@@ -44,12 +44,6 @@ def pad_rows(seqs: List[List[int]], lens: List[int], t: int, b: int) -> Tuple[ja
     lengths[:len(lens)] = lens
     lengths[len(lens):] = 1
     return jnp.asarray(arr), jnp.asarray(lengths)
-
-
-def score_width(longest: int, chunk: int) -> int:
-    """Padded positions of a scoring pass over rows of up to `longest` tokens."""
-    t = max(bucket(longest), SCORE_CHUNK)
-    return pass_width(-(-t // SCORE_CHUNK) * SCORE_CHUNK, chunk)
 
 
 class Scorer:
