@@ -145,9 +145,10 @@ def _score_hidden(params: dict, config: ModelConfig, hidden: jax.Array, targets:
     return jax.tree_util.tree_map(lambda a: a.swapaxes(0, 1).reshape(b, width), out)
 
 
-@cached_jit(static_argnames=("config", "chunk", "impl", "greedy", "scores"), donate_argnums=(1,))
-def extend_log_probs(params: dict, cache: KVCache, tokens: jax.Array, positions: jax.Array, targets: jax.Array, *,
-                     config: ModelConfig, chunk: int, impl: str = "flash", greedy: bool = False, scores: bool = True):
+@cached_jit(static_argnames=("config", "chunk", "impl", "greedy", "scores", "score_count"), donate_argnums=(1,))
+def extend_log_probs(params: dict, cache: KVCache, tokens: jax.Array, positions: jax.Array, targets: jax.Array,
+                     score_from: Optional[jax.Array] = None, *, config: ModelConfig, chunk: int, impl: str = "flash",
+                     greedy: bool = False, scores: bool = True, score_count: int = 0):
     """Feeds tokens [B, T] at their own positions [B, T] (-1: padding; each row's valid positions
     consecutive, its earlier positions already in `cache`, e.g. a shared prefix tiled into the
     rows) and scores targets [B, T] there: log p(targets[b, t] | the row's tokens up to
@@ -155,10 +156,16 @@ def extend_log_probs(params: dict, cache: KVCache, tokens: jax.Array, positions:
     flags as in target_log_prob; the updated cache); with scores=False only the cache is updated
     (a prefill without the vocabulary head) and the log-probs are zeros.
 
+    score_count K > 0 (static; T <= chunk): only columns score_from[b] ... score_from[b] + K - 1
+    of each row are scored (the vocabulary head runs on B x K positions, not B x T), returned as
+    [B, K] (columns past T repeat the last one).
+
     T must divide by SCORE_CHUNK and be <= chunk or a multiple of it; the chunks run in turn,
     each writing its keys and values at their positions before the next reads them."""
     b, t = tokens.shape
     width = min(chunk, t)
+    if score_count and width != t:
+        raise ValueError(f"score_count needs one chunk: {t} columns, chunk {chunk}")
 
     def run(cache, c):
         tok = jax.lax.dynamic_slice_in_dim(tokens, c * width, width, axis=1)
@@ -168,8 +175,15 @@ def extend_log_probs(params: dict, cache: KVCache, tokens: jax.Array, positions:
             zeros = jnp.zeros((b, width), jnp.float32)
             return cache, (zeros, jnp.zeros((b, width), bool)) if greedy else zeros
         tgt = jax.lax.dynamic_slice_in_dim(targets, c * width, width, axis=1)
+        if score_count:
+            columns = jnp.minimum(score_from[:, None] + jnp.arange(score_count, dtype=jnp.int32)[None, :], t - 1)
+            picked = jnp.take_along_axis(hidden, columns[..., None], axis=1)  # [B, K, D]
+            return cache, target_log_prob(params, config, picked, jnp.take_along_axis(tgt, columns, axis=1), greedy)
         return cache, _score_hidden(params, config, hidden, tgt, greedy)
 
+    if score_count:
+        cache, out = run(cache, jnp.int32(0))
+        return out, cache
     cache, out = jax.lax.scan(run, cache, jnp.arange(t // width, dtype=jnp.int32))
     # out: [n, B, width] -> [B, T]
     out = jax.tree_util.tree_map(lambda a: jnp.moveaxis(a, 0, 1).reshape(b, t), out)

@@ -145,9 +145,10 @@ class PrefixPasses:
     # ------------------------------------------------------------------ passes
     def extend(self, replica, bases: List[Optional[PrefixEntry]], starts: List[int], tokens: List[List[int]],
                targets: List[List[int]], greedy: bool, scores: bool, batch: Optional[int] = None,
-               length: Optional[int] = None):
+               length: Optional[int] = None, score_from: Optional[List[int]] = None):
         """One pass: row r starts from bases[r]'s state (None: nothing) and feeds tokens[r] at
-        positions starts[r]..., scoring targets[r] (with `scores`). Rows are padded to `batch`
+        positions starts[r]..., scoring targets[r] (with `scores`; only from its column
+        score_from[r] on when given: the values before are NaN). Rows are padded to `batch`
         (default: bucketed) in a cache of `length` positions (default: what the rows need,
         bucketed). Returns (log-probs [B, W], flags [B, W] or None, the cache)."""
         n = len(tokens)
@@ -166,14 +167,30 @@ class PrefixPasses:
             tgt[r, :len(y)] = y
             pos[r, :len(x)] = s + np.arange(len(x))
         cache = self.gather(bases, b, length)
+        count = 0
+        if scores and score_from is not None and t <= self.plan.chunk:
+            count = bucket(max(len(x) - f for x, f in zip(tokens, score_from)), minimum=8)
+            count = count if count < t else 0
+        first = np.zeros((b,), np.int32)
+        if count:
+            first[:n] = score_from
         out, cache = extend_log_probs(replica.params, cache, jnp.asarray(tok), jnp.asarray(pos), jnp.asarray(tgt),
-                                      config=self.config, chunk=self.plan.chunk, impl=self.plan.impl,
-                                      greedy=bool(greedy and scores), scores=bool(scores))
+                                      jnp.asarray(first), config=self.config, chunk=self.plan.chunk,
+                                      impl=self.plan.impl, greedy=bool(greedy and scores), scores=bool(scores),
+                                      score_count=count)
         if not scores:
             return None, None, cache
-        if greedy:
-            return np.asarray(out[0]), np.asarray(out[1]), cache
-        return np.asarray(out), None, cache
+        log_probs, flags = (np.asarray(out[0]), np.asarray(out[1])) if greedy else (np.asarray(out), None)
+        if count:  # [B, K] from each row's first scored column -> [B, T], NaN (flags False) before
+            wide = np.full((b, t), np.nan, np.float32)
+            wide_flags = np.zeros((b, t), bool)
+            for r in range(n):
+                m = min(count, t - first[r])
+                wide[r, first[r]:first[r] + m] = log_probs[r, :m]
+                if greedy:
+                    wide_flags[r, first[r]:first[r] + m] = flags[r, :m]
+            log_probs, flags = wide, wide_flags if greedy else None
+        return log_probs, flags, cache
 
     def gather(self, bases: List[Optional[PrefixEntry]], batch: int, length: int) -> KVCache:
         """A cache of `batch` rows x `length` positions, row r holding bases[r]'s state."""

@@ -79,7 +79,10 @@ class Scorer:
             starts = [e.length - 1 for e in entries]
             tokens = [inputs[i][s:] for i, s in zip(rows, starts)]
             targets = [seqs[i][s + 1:] for i, s in zip(rows, starts)]
-            log_probs, flags, _ = self.passes.extend(replica, entries, starts, tokens, targets, greedy, True)
+            # The head runs only where the row's offset asks for log-probs.
+            score_from = [min(max(offsets[i] - s, 0), len(x) - 1) for i, s, x in zip(rows, starts, tokens)]
+            log_probs, flags, _ = self.passes.extend(replica, entries, starts, tokens, targets, greedy, True,
+                                                     score_from=score_from)
             for j, (i, e) in enumerate(zip(rows, entries)):
                 n = len(tokens[j])
                 head = (e.log_probs[:e.length - 1] if e.has_scores
