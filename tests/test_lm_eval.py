@@ -229,8 +229,8 @@ def test_jaxgen_eval_runs_lm_evals_cli(checkpoints, tmp_path):
 
 
 def test_shared_contexts_score_as_without_sharing(checkpoints, tmp_path):
-    """The multiple-choice task's contexts (2 shots, truncated to 48 tokens) are computed once per
-    context with the prefix cache: the same log-likelihoods and is_greedy flags as without it."""
+    """The multiple-choice task's contexts (2 shots and a question, not truncated here) are computed
+    once with the prefix cache: the same log-likelihoods and is_greedy flags as without it."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -240,7 +240,7 @@ def test_shared_contexts_score_as_without_sharing(checkpoints, tmp_path):
     manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
     out = {}
     for share in (True, False):
-        lm = JaxgenLM(model=checkpoints[1], max_length=MAX_LENGTH, max_batch_size=4, prefix_cache=share)
+        lm = JaxgenLM(model=checkpoints[1], max_length=200, max_batch_size=6, prefix_cache=share)
         res = lm_eval.simple_evaluate(model=lm, tasks=["tiny_mc"], task_manager=manager, log_samples=True,
                                       random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
         out[share] = (sorted(res["samples"]["tiny_mc"], key=lambda s: s["doc_id"]), lm.generator.prefix_cache.stats)

@@ -111,10 +111,14 @@ class PrefixCache:
                         and entry.tokens == tuple(tokens[:n * self.block]):
                     self._entries.move_to_end((device, keys[n - 1]))
                     self.stats["hits"] += 1
-                    self.stats["reused_tokens"] += entry.length
                     return entry
             self.stats["misses"] += 1
         return None
+
+    def reused(self, tokens: int) -> None:
+        """Counts prefix tokens that rows started from instead of computing them (stats["reused_tokens"])."""
+        with self._lock:
+            self.stats["reused_tokens"] += int(tokens)
 
     def get(self, device: str, tokens: Sequence[int]) -> Optional[PrefixEntry]:
         """The entry of exactly `tokens` (a static prompt), marked recently used; None if none."""

@@ -89,6 +89,8 @@ class PrefixPasses:
                 chosen.append((cached, entry))
             else:
                 chosen.append(None)
+        # Every row but the first of each new prefix state starts from tokens it does not compute.
+        self.prefixes.reused(sum(c[0] for c in chosen if c is not None) - sum(len(t) for t in needed))
         return chosen, needed
 
     def cached(self, device: str, tokens: Sequence[int], limit: int, offset: int,
