@@ -5,8 +5,9 @@
 SPEC: {"engine": "jaxgen" | "hf", "model": DIR, "prefix_cache": bool (jaxgen), "batch": N,
 "task": NAME, "include_path": DIR, "warmup": items}. The model is loaded, `warmup` items are
 evaluated untimed (jaxgen compiles its programs there; its prefix cache is emptied afterwards, so
-the timed run starts cold), then the whole task is evaluated with `lm_eval.simple_evaluate`, timed.
-OUT: seconds, the metrics, every sample's per-choice log-likelihoods, peak RSS, and jaxgen's
+the timed run starts cold), then the whole task is evaluated with `lm_eval.simple_evaluate`, timed
+(wall seconds, and the process's CPU seconds over all its threads, which a shared machine's load
+disturbs less). OUT: seconds, cpu_seconds, the metrics, every sample's per-choice log-likelihoods, peak RSS, and jaxgen's
 prefix-cache counters.
 """
 
@@ -47,13 +48,13 @@ def main(spec_path: str, out_path: str) -> None:
     if generator is not None:
         generator.prefix_cache.clear()
         stats_before = dict(generator.prefix_cache.stats)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     result = evaluate()
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
     task = spec["task"]
     samples = sorted(result["samples"][task], key=lambda s: s["doc_id"])
     out = {
-        "seconds": seconds, "load_seconds": load_seconds,
+        "seconds": seconds, "cpu_seconds": cpu_seconds, "load_seconds": load_seconds,
         "metrics": {k: v for k, v in result["results"][task].items() if isinstance(v, (int, float))},
         "samples": [{"doc_id": s["doc_id"], "target": s["target"],
                      "loglikelihoods": [float(r[0][0]) for r in s["resps"]],

@@ -878,13 +878,15 @@ metric_list:
           "backend (CPU, float32)",
           tiny=dict(items=8, shots=2, passage_words=20, hf_batch=4, warmup=2),
           items=200, shots=5, passage_words=100, batch=32, hf_batch=2, engines="jaxgen,jaxgen-noshare,hf",
-          sampler="first_n", warmup=4)
+          sampler="first_n", warmup=8, hf_warmup=1)
 def lm_eval_prefix(ctx: Context) -> List[str]:
     """`lm_eval.simple_evaluate` on a local YAML task (passages of Python's documentation, the
     passage's last word to pick among 4; `shots` examples before each item, the same ones for every
     item with --sampler first_n, as tasks with fixed few-shot examples have them). Each engine in its
-    own process (benchmarks/lm_eval_engine.py): the model loaded, `warmup` items untimed, then the
-    whole task timed once. jaxgen: max_batch_size `batch`, with its prefix cache (a context's four
+    own process (benchmarks/lm_eval_engine.py): the model loaded, `warmup` items untimed (jaxgen
+    compiles its programs there: 8 items are one batch of 32 requests; `hf_warmup` for hf), then the
+    whole task timed once: wall seconds, and the process's CPU seconds (all threads), which a
+    machine shared with other jobs disturbs less; speeds are compared in items per CPU second. jaxgen: max_batch_size `batch`, with its prefix cache (a context's four
     continuations, and the shots every item repeats, computed once) and without it
     (`prefix_cache=false`); lm-eval's hf backend with batch size `hf_batch` (it keeps logits of every
     position: [batch, ~800, 262,144] floats). The log-likelihoods must agree."""
@@ -907,7 +909,7 @@ def lm_eval_prefix(ctx: Context) -> List[str]:
     for engine in engines:
         spec = {"engine": "hf" if engine == "hf" else "jaxgen", "model": paths["hf" if engine == "hf" else "jaxgen"],
                 "prefix_cache": engine == "jaxgen", "batch": p.hf_batch if engine == "hf" else p.batch,
-                "task": name, "include_path": task_dir, "warmup": p.warmup}
+                "task": name, "include_path": task_dir, "warmup": p.hf_warmup if engine == "hf" else p.warmup}
         spec_path, out_path = (os.path.join(task_dir, f"{engine}.{x}.json") for x in ("spec", "out"))
         with open(spec_path, "w", encoding="utf-8") as f:
             json.dump(spec, f)
@@ -935,7 +937,7 @@ def lm_eval_prefix(ctx: Context) -> List[str]:
     failed = [f"- {k} failed: {e}" for k, e in errors.items() if e]
     any_result = next(iter(results.values()))
     contexts = [len(s["arguments"][0][0]) for s in any_result["samples"]]
-    rate = {k: len(r["samples"]) / r["seconds"] for k, r in results.items()}
+    rate = {k: len(r["samples"]) / r["cpu_seconds"] for k, r in results.items()}
     ref = results.get("jaxgen-noshare")
 
     def agreement(r) -> Tuple[str, str]:
@@ -951,13 +953,13 @@ def lm_eval_prefix(ctx: Context) -> List[str]:
     for k, r in results.items():
         diff, same = agreement(r)
         reused = r.get("prefix_cache", {}).get("reused_tokens")
-        rows.append([k, str(len(r["samples"])), h.fmt(r["seconds"]), h.fmt(rate[k]),
+        rows.append([k, str(len(r["samples"])), h.fmt(r["seconds"]), h.fmt(r["cpu_seconds"]), h.fmt(rate[k]),
                      h.ratio(rate[k], rate.get("hf")), h.ratio(rate[k], rate.get("jaxgen-noshare")),
                      f"{r['metrics'].get('acc,none', float('nan')):.3f}", diff, same,
                      f"{reused:,}" if reused is not None else "", f"{r['peak_rss_mib']:,.0f}"])
     return [f"- {len(docs)} items, {p.shots}-shot contexts (sampler {p.sampler}) of {distribution(contexts)} "
             f"characters, 4 answers each; jaxgen batch {p.batch}, hf batch {p.hf_batch}; warm-up {p.warmup} items "
-            f"untimed", "",
-            *h.markdown_table(["engine", "items", "seconds", "items/s", "vs hf", "vs jaxgen without sharing", "acc",
-                               "max |Δ log-lik| vs no sharing", "same choice", "prefix tokens reused",
-                               "peak RSS MiB"], rows, "lrrrrrrrrrr"), *failed]
+            f"untimed ({p.hf_warmup} for hf)", "",
+            *h.markdown_table(["engine", "items", "wall s", "CPU s", "items per CPU s", "vs hf",
+                               "vs jaxgen without sharing", "acc", "max |Δ log-lik| vs no sharing", "same choice",
+                               "prefix tokens reused", "peak RSS MiB"], rows, "lrrrrrrrrrrr"), *failed]
