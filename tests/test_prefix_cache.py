@@ -97,6 +97,7 @@ def _assert_same_generations(got, want):
         np.testing.assert_allclose(g.scores, w.scores, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_generation_from_shared_prefixes(engines):
     """Greedy generations (the slot scheduler, static sub-batches, beam search, a static prompt,
     generate_iterable) from prompts that share few-shot tokens equal those without sharing."""
