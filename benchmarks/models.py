@@ -354,3 +354,47 @@ def random_jaxgen_model(work_dir: str, name: str, log=print, **fields) -> str:
     if os.path.isdir(path) and ModelConfig.load(path) != config:
         shutil.rmtree(path)
     return _build(path, build, log)
+
+def lm_eval_tiny_model(work_dir: str, corpus: List[str], log=print) -> Dict[str, str]:
+    """tests/hf_models.py's random "gemma3_text" checkpoint (sliding window 4) with 1,024 positions
+    and a byte-level BPE tokenizer trained on `corpus` (as tests/test_lm_eval.py makes one), so that
+    lm-eval's hf backend and jaxgen read the same tokenizer: {"hf": dir, "jaxgen": dir}."""
+    root = os.path.join(work_dir, "tiny", "lm-eval")
+    os.makedirs(root, exist_ok=True)
+
+    def build_hf(out: str) -> None:
+        import torch
+        from tokenizers import Tokenizer, decoders, models as bpe, pre_tokenizers, processors, trainers
+
+        hf_models = _hf_models()
+        cls, cfg = hf_models.ARCHITECTURES["gemma3_text"]()
+        cfg.max_position_embeddings = 1024
+        torch.manual_seed(0)
+        model = cls._from_config(cfg, attn_implementation="eager").float().eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        model.save_pretrained(out)
+        tok = Tokenizer(bpe.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        tok.train_from_iterator(corpus, trainer)
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B",
+                                                           special_tokens=[("<bos>", 2)])
+        tok.save(os.path.join(out, "tokenizer.json"))
+        with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>",
+                       "unk_token": "<unk>", "pad_token": "<pad>", "add_bos_token": True,
+                       "model_max_length": 1024}, f)
+
+    def build_jaxgen(out: str) -> None:
+        from jaxgen.converters import TransformersConverter
+
+        TransformersConverter(paths["hf"]).convert(out)
+
+    with _locked(os.path.join(root, ".lock")):
+        paths = {"hf": _build(os.path.join(root, "hf"), build_hf, log)}
+        paths["jaxgen"] = _build(os.path.join(root, "jaxgen"), build_jaxgen, log)
+        return paths

@@ -11,6 +11,7 @@ import collections
 import dataclasses
 import importlib
 import importlib.util
+import json
 import math
 import os
 import pkgutil
@@ -19,8 +20,9 @@ import re
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import harness as h
 import models
@@ -895,3 +897,167 @@ def gpu(ctx: Context) -> List[str]:
             "(weights + KV cache); prefill / score: useful FLOP/s against the dense bf16 rate.", *notes, "",
             "First call (compilation included) against the warm median, seconds:", "",
             *h.markdown_table(["model", "workload", "engine", "first call s", "warm median s"], first_rows, "lllrr")]
+
+
+# ============================================================================ lm-eval with shared prefixes
+def mc_sentences() -> List[str]:
+    """Prose sentences (10-40 words) of Python's documentation (pydoc_data), in a fixed order."""
+    from pydoc_data.topics import topics
+
+    out = []
+    for name in sorted(topics):
+        for paragraph in topics[name].split("\n\n"):
+            lines = paragraph.split("\n")
+            if any(line.startswith((" ", "\t", ">>>", "*", "-", "=")) for line in lines):
+                continue
+            for s in re.split(r"(?<=[.!?])\s+", " ".join(line.strip() for line in lines)):
+                if 10 <= len(s.split()) <= 40 and s.isascii() and "::" not in s and "`" not in s and "{" not in s:
+                    out.append(s)
+    return out
+
+
+def mc_documents(n: int, passage_words: int, seed: int) -> List[dict]:
+    """n multiple-choice documents: a passage of consecutive sentences (about `passage_words`
+    words) whose last word is cut off; the choices are that word and the last words of three
+    other sentences, in a seeded order ({"passage", "choices", "label"})."""
+    sentences = mc_sentences()
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        start = rng.randrange(len(sentences) - 40)
+        words: List[str] = []
+        i = start
+        while len(words) < passage_words:
+            words += sentences[i].split()
+            i += 1
+        answer = words[-1].strip(".!?,;:")
+        others = []
+        while len(others) < 3:
+            w = rng.choice(sentences).split()[-1].strip(".!?,;:")
+            if w and w != answer and w not in others:
+                others.append(w)
+        choices = others + [answer]
+        rng.shuffle(choices)
+        docs.append({"passage": " ".join(words[:-1]), "choices": choices, "label": choices.index(answer)})
+    return docs
+
+
+def write_mc_task(directory: str, name: str, docs: List[dict], shots: List[dict], num_fewshot: int,
+                  sampler: str) -> None:
+    """A local lm-eval YAML task over JSON files (nothing downloaded)."""
+    for split, records in (("test", docs), ("train", shots)):
+        with open(os.path.join(directory, f"{split}.json"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    with open(os.path.join(directory, f"{name}.yaml"), "w", encoding="utf-8") as f:
+        f.write(f"""task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    train: {directory}/train.json
+    test: {directory}/test.json
+training_split: train
+fewshot_split: train
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Passage: {{{{passage}}}}\\nQuestion: Which word ends the passage?\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+target_delimiter: " "
+fewshot_delimiter: "\\n\\n"
+num_fewshot: {num_fewshot}
+fewshot_config:
+  sampler: {sampler}
+metric_list:
+  - metric: acc
+""")
+
+
+@workload("lm-eval multiple choice with few-shot contexts: jaxgen with and without prefix sharing, lm-eval's hf "
+          "backend (CPU, float32)",
+          tiny=dict(items=8, shots=2, passage_words=20, hf_batch=4, warmup=2),
+          items=200, shots=5, passage_words=100, batch=32, hf_batch=2, engines="jaxgen,jaxgen-noshare,hf",
+          sampler="first_n", warmup=8, hf_warmup=1)
+def lm_eval_prefix(ctx: Context) -> List[str]:
+    """`lm_eval.simple_evaluate` on a local YAML task (passages of Python's documentation, the
+    passage's last word to pick among 4; `shots` examples before each item, the same ones for every
+    item with --sampler first_n, as tasks with fixed few-shot examples have them). Each engine in its
+    own process (benchmarks/lm_eval_engine.py): the model loaded, `warmup` items untimed (jaxgen
+    compiles its programs there: 8 items are one batch of 32 requests; `hf_warmup` for hf), then the
+    whole task timed once: wall seconds, and the process's CPU seconds (all threads), which a
+    machine shared with other jobs disturbs less; speeds are compared in items per CPU second. jaxgen: max_batch_size `batch`, with its prefix cache (a context's four
+    continuations, and the shots every item repeats, computed once) and without it
+    (`prefix_cache=false`); lm-eval's hf backend with batch size `hf_batch` (it keeps logits of every
+    position: [batch, ~800, 262,144] floats). The log-likelihoods must agree."""
+    p = ctx.p
+    engines = [e for e in p.engines.split(",") if e]
+    docs = mc_documents(p.items + p.shots, p.passage_words, seed=0)
+    shots, docs = docs[:p.shots], docs[p.shots:]
+    task_dir = tempfile.mkdtemp(prefix="lm-eval-task-", dir=ctx.work_dir)
+    name = "jaxgen_bench_mc"
+    write_mc_task(task_dir, name, docs, shots, p.shots, p.sampler)
+    if ctx.tiny:
+        import models
+
+        corpus = [d["passage"] + " " + " ".join(d["choices"]) for d in shots + docs]
+        paths = models.lm_eval_tiny_model(ctx.work_dir, corpus, ctx.log)
+    else:
+        paths = ctx.paths(need=["hf"] if "hf" in engines else [])
+    results, errors, logs = {}, {}, os.path.join(ctx.work_dir, "logs")
+    os.makedirs(logs, exist_ok=True)
+    for engine in engines:
+        spec = {"engine": "hf" if engine == "hf" else "jaxgen", "model": paths["hf" if engine == "hf" else "jaxgen"],
+                "prefix_cache": engine == "jaxgen", "batch": p.hf_batch if engine == "hf" else p.batch,
+                "task": name, "include_path": task_dir, "warmup": p.hf_warmup if engine == "hf" else p.warmup}
+        spec_path, out_path = (os.path.join(task_dir, f"{engine}.{x}.json") for x in ("spec", "out"))
+        with open(spec_path, "w", encoding="utf-8") as f:
+            json.dump(spec, f)
+        env = {**os.environ, **h.thread_env(ctx.threads)}
+        env["PYTHONPATH"] = os.pathsep.join(x for x in (h.REPO, env.get("PYTHONPATH")) if x)
+        ctx.log(f"lm_eval_prefix: {engine} ...")
+        with open(os.path.join(logs, f"lm_eval_prefix-{engine}.log"), "w", encoding="utf-8") as log:
+            code = subprocess.call([sys.executable, os.path.join(h.HERE, "lm_eval_engine.py"), spec_path, out_path],
+                                   stdout=log, stderr=subprocess.STDOUT, env=env, cwd=h.REPO)
+        errors[engine] = None
+        if code == 0:
+            with open(out_path, encoding="utf-8") as f:
+                results[engine] = json.load(f)
+        else:
+            errors[engine] = f"exit status {code}; see {log.name}"
+            ctx.log(f"lm_eval_prefix: {engine} failed ({errors[engine]})")
+    ctx.records.append({"cases": [], "workers": {k: {"error": e} for k, e in errors.items()},
+                        "results": [{"case": "lm_eval", "engine": k, "error": None, "runs": [],
+                                     "first": {x: r.get(x) for x in ("seconds", "load_seconds", "metrics",
+                                                                     "prefix_cache", "peak_rss_mib")}}
+                                    for k, r in results.items()]})
+    shutil.rmtree(task_dir, ignore_errors=True)
+    if not results:
+        return ["- every engine failed (see the logs)"]
+    failed = [f"- {k} failed: {e}" for k, e in errors.items() if e]
+    any_result = next(iter(results.values()))
+    contexts = [len(s["arguments"][0][0]) for s in any_result["samples"]]
+    rate = {k: len(r["samples"]) / r["cpu_seconds"] for k, r in results.items()}
+    ref = results.get("jaxgen-noshare")
+
+    def agreement(r) -> Tuple[str, str]:
+        if ref is None or r is ref:
+            return "", ""
+        diff = max(abs(a - b) for x, y in zip(r["samples"], ref["samples"])
+                   for a, b in zip(x["loglikelihoods"], y["loglikelihoods"]))
+        same = sum(max(range(4), key=x["loglikelihoods"].__getitem__) == max(range(4), key=y["loglikelihoods"].__getitem__)
+                   for x, y in zip(r["samples"], ref["samples"]))
+        return f"{diff:.1e}", f"{same}/{len(r['samples'])}"
+
+    rows = []
+    for k, r in results.items():
+        diff, same = agreement(r)
+        reused = r.get("prefix_cache", {}).get("reused_tokens")
+        rows.append([k, str(len(r["samples"])), h.fmt(r["seconds"]), h.fmt(r["cpu_seconds"]), h.fmt(rate[k]),
+                     h.ratio(rate[k], rate.get("hf")), h.ratio(rate[k], rate.get("jaxgen-noshare")),
+                     f"{r['metrics'].get('acc,none', float('nan')):.3f}", diff, same,
+                     f"{reused:,}" if reused is not None else "", f"{r['peak_rss_mib']:,.0f}"])
+    return [f"- {len(docs)} items, {p.shots}-shot contexts (sampler {p.sampler}) of {distribution(contexts)} "
+            f"characters, 4 answers each; jaxgen batch {p.batch}, hf batch {p.hf_batch}; warm-up {p.warmup} items "
+            f"untimed ({p.hf_warmup} for hf)", "",
+            *h.markdown_table(["engine", "items", "wall s", "CPU s", "items per CPU s", "vs hf",
+                               "vs jaxgen without sharing", "acc", "max |Δ log-lik| vs no sharing", "same choice",
+                               "prefix tokens reused", "peak RSS MiB"], rows, "lrrrrrrrrrrr"), *failed]

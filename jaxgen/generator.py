@@ -1,7 +1,9 @@
 """`Generator`: the thin stateful layer over the pure, jitted decoding functions.
 
-It validates inputs, maps tokens <-> ids, splits and pads batches to shape buckets, owns the
-devices and the static-prompt caches, and runs asynchronous jobs. No model math lives here.
+It validates inputs, maps tokens <-> ids and splits batches; the work runs in `jaxgen.runtime`:
+static sub-batches (`static_batches`), the slot scheduler (`scheduler`), scoring (`scoring`), the
+prefix cache that holds shared prefixes and static prompts (`prefix_cache`), memory checks
+(`memory`). No model math lives here.
 """
 
 from __future__ import annotations
@@ -18,22 +20,21 @@ import numpy as np
 
 from jaxgen.constraints import Constraint, ConstraintCompiler, as_constraints, compile_all
 from jaxgen.decoding.custom import as_processors, check_processors
-from jaxgen.decoding.scoring import LOGIT_ROWS, SCORE_CHUNK, forward_logits, pass_plan, target_log_probs
-from jaxgen.decoding.search import start_cache
-from jaxgen.model.decoder import init_cache
+from jaxgen.decoding.scoring import LOGIT_ROWS, SCORE_CHUNK, forward_logits, pass_plan
 from jaxgen.model.cpu_kernels import arrange_for_cpu
 from jaxgen.model.loading import load_params
 from jaxgen.results import ScoringResult
-from jaxgen.runtime.alternatives import generate_alternatives
-from jaxgen.runtime.batching import BATCH_TYPES, bucket, pass_width, split_batches
+from jaxgen.runtime.batching import bucket, pass_width, split_batches
 from jaxgen.runtime.compilation_cache import enable_compilation_cache
-from jaxgen.runtime.devices import on_device, resolve_devices
-from jaxgen.runtime.generation import (assemble_results, plan_rows, prefill_sequences, run_beam, run_lookup_rows,
-                                       run_rows)
-from jaxgen.runtime.memory import check_jobs_fit
+from jaxgen.runtime.devices import resolve_devices
+from jaxgen.runtime.memory import MemoryBudget, MemoryJob
 from jaxgen.runtime.options import GenerationOptions, check_context, positions_fed, validate_options
+from jaxgen.runtime.prefix_cache import DEFAULT_MAX_BYTES, PrefixCache, StaticPrompts
+from jaxgen.runtime.prefix_passes import PrefixPasses
 from jaxgen.runtime.replicas import ReplicaPool, replicate, shard_tensor_parallel, tensor_parallel_layout
 from jaxgen.runtime.scheduler import DEFAULT_WIDTHS, Call, SlotScheduler, schedulable
+from jaxgen.runtime.scoring import Scorer, pad_rows, truncate_for_scoring
+from jaxgen.runtime.static_batches import StaticBatches, check_batch_options, generate_group
 from jaxgen.runtime.stops import StopTables
 from jaxgen.runtime.streaming import TokenStream, bridge_async, iterate_in_chunks
 from jaxgen.vocabulary import Vocabulary, as_id_batch, as_ids
@@ -68,6 +69,14 @@ class Generator:
     trained positions on purpose (RoPE scaling experiments); learned position tables still end.
     Compiled programs are kept in JAX's persistent cache, `<jaxgen cache dir>/xla`
     (`JAXGEN_COMPILATION_CACHE=0` turns that off; see `jaxgen.runtime.compilation_cache`).
+
+    `prefix_cache` (an extension): True (default) keeps the KV states of token prefixes per
+    device (up to 2 GiB each, least recently used first out) and computes a prefix that rows
+    share (in whole blocks of 32 tokens: a few-shot context, a document asked several questions,
+    a prompt sampled several times), within one call or across calls, once, in `score_batch`,
+    `generate_batch`, `generate_iterable` and the scheduler (`jaxgen.runtime.prefix_cache`,
+    `jaxgen.runtime.prefix_passes`); an int sets the bytes per device; False (or 0) turns sharing
+    off (static prompts are still cached, `static_prompt_cache_size` of them per device).
     """
 
     _stop_tables: Optional[StopTables] = None  # the vocabulary's stop-string tables, made on first use
@@ -78,8 +87,10 @@ class Generator:
                  max_queued_batches: int = 0, tensor_parallel: bool = False,
                  static_prompt_cache_size: int = 16, memory_limit: Optional[int] = None,
                  attention: str = "auto", prefill_chunk: Optional[int] = None, continuous_batching: bool = True,
-                 context_length: Optional[int] = None):
+                 context_length: Optional[int] = None, prefix_cache: Union[bool, int] = True):
         enable_compilation_cache()
+        if not isinstance(prefix_cache, (bool, int)) or (not isinstance(prefix_cache, bool) and prefix_cache < 0):
+            raise TypeError(f"prefix_cache must be a bool or an int >= 0 (bytes), got {prefix_cache!r}")
         if context_length is not None and (not isinstance(context_length, int) or isinstance(context_length, bool)):
             raise TypeError(f"context_length must be an int or None, got {type(context_length).__name__}")
         if context_length is not None and context_length < 1:
@@ -116,17 +127,23 @@ class Generator:
         self._host_params: Optional[dict] = None  # kept by unload_model(to_cpu=True)
         self._loaded = True
         self.model_path = os.fspath(model_path)
-        self._static_cache_size = static_prompt_cache_size
-        self._static_cache: "collections.OrderedDict[tuple, object]" = collections.OrderedDict()
+        share = prefix_cache is not False and prefix_cache != 0
+        self._prefixes = PrefixCache(max_bytes=DEFAULT_MAX_BYTES if isinstance(prefix_cache, bool) else prefix_cache,
+                                     static_entries=static_prompt_cache_size)
+        passes = PrefixPasses(self.config, self._plan, ctype.dtype, self._prefixes) if share else None
+        self._static_prompts = StaticPrompts(self._prefixes, self.config, self._plan, ctype.dtype, passes)
+        self._scorer = Scorer(self.config, self._plan, ctype.dtype, passes)
+        self._budget = MemoryBudget(self.config, ctype.dtype, self._devices, self._platform, len(replicas),
+                                    inter_threads, self._plan.chunk, memory_limit,
+                                    len(self._devices) if self._tensor_parallel else 1)
         self._static_lock = threading.Lock()
         self._seed_lock = threading.Lock()
         self._seed_rng = np.random.default_rng()
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=inter_threads * len(replicas), thread_name_prefix="jaxgen")
-        self._scheduler = SlotScheduler(
-            self.config, self._plan, self._vocab, self._bos_id(), self._pool.replicas,
-            lambda replica, resolved: self._static_prefix(replica, resolved.static_prompt_ids,
-                                                          resolved.options.cache_static_prompt))
+        self._batches = StaticBatches(self._pool, self._executor)
+        self._scheduler = SlotScheduler(self.config, self._plan, self._vocab, self._bos_id(), self._pool.replicas,
+                                        self._static_prompts)
 
     def _place(self, params: dict):
         """Host params -> replicas (one per device, or one sharded over all of them)."""
@@ -142,7 +159,7 @@ class Generator:
         """Frees the device weights (CTranslate2 §1.2). Does nothing while batches are active.
 
         to_cpu=True keeps a host copy for a fast `load_model()` (and does nothing on a CPU device);
-        otherwise the static-prompt cache is dropped too.
+        otherwise the prefix cache (static prompts included) is dropped too.
         """
         if not self._loaded or self.num_active_batches > 0 or (to_cpu and self._platform == "cpu"):
             return
@@ -150,7 +167,7 @@ class Generator:
             self._host_params = jax.device_get(self._pool.replicas[0].params)
         elif not to_cpu:
             self._host_params = None
-            self.clear_static_prompt_cache()
+            self._prefixes.clear()  # static prompts and shared prefixes
         for replica in self._pool.replicas:
             replica.params = None
         self._loaded = False
@@ -225,6 +242,12 @@ class Generator:
     def vocabulary(self) -> Vocabulary:
         return self._vocab
 
+    @property
+    def prefix_cache(self) -> PrefixCache:
+        """The prefix cache (static prompts and shared prefixes; see `jaxgen.runtime.prefix_cache`):
+        `count()`, `nbytes()`, `stats` (hits, misses, reused tokens, ...), `clear()`."""
+        return self._prefixes
+
     # ------------------------------------------------------------------ generation
     def generate_batch(self, start_tokens, *, max_batch_size: int = 0, batch_type: str = "examples",
                        asynchronous: bool = False, beam_size: int = 1, patience: float = 1,
@@ -269,7 +292,7 @@ class Generator:
         """
         if isinstance(start_tokens, list) and not start_tokens:
             return []  # nothing is validated for an empty batch (spec §2.1)
-        _check_batch_options(max_batch_size, batch_type)
+        check_batch_options(max_batch_size, batch_type)
         self._check_loaded()
         if not isinstance(asynchronous, (bool, int, float)) and asynchronous is not None:
             raise TypeError(f"asynchronous must be a bool, got {type(asynchronous).__name__}")
@@ -312,25 +335,26 @@ class Generator:
         for group in groups:
             for i in group:
                 min_len[i] = min(len(prompts[j]) for j in group)
-        groups = self._spread(groups)
+        groups = self._batches.spread(groups)
         opts, static_len = resolved.options, len(resolved.static_prompt_ids)
         per_prompt = opts.beam_size if opts.beam_size > 1 else opts.num_hypotheses
         jobs = []
         for group in groups:
             longest, rows = max(len(prompts[i]) for i in group), len(group) * per_prompt
-            jobs.append(dict(batch=rows, cache_length=static_len + longest + opts.max_length,
-                             chunk_tokens=longest, decode=True, vocab_rows=rows,
-                             stored_logits_rows=rows * opts.max_length if opts.return_logits_vocab else 0))
-        self._check_memory("generate_batch", jobs, len(groups), "lower the batch size (max_batch_size), "
+            jobs.append(MemoryJob(batch=rows, cache_length=static_len + longest + opts.max_length,
+                                  chunk_tokens=longest, decode=True, vocab_rows=rows,
+                                  stored_logits_rows=rows * opts.max_length if opts.return_logits_vocab else 0))
+        self._budget.check("generate_batch", jobs, len(groups), "lower the batch size (max_batch_size), "
                            + ("beam_size, " if opts.beam_size > 1 else "")
                            + ("num_hypotheses, " if per_prompt > 1 and opts.beam_size == 1 else "")
                            + "max_length, or the prompt length")
 
         def job(replica, group_index: int, group: List[int]):
-            return self._generate_group(replica, [prompts[i] for i in group], group, resolved, seed, group_index,
-                                        min(min_len[i] for i in group), [compiled[i] for i in group])
+            return generate_group(replica, self.config, self._plan, self._vocab, self._bos_id(), self._static_prompts,
+                                  [prompts[i] for i in group], group, resolved, seed, group_index,
+                                  min(min_len[i] for i in group), [compiled[i] for i in group])
 
-        return self._run_jobs(groups, job, len(prompts), asynchronous)
+        return self._batches.run(groups, job, len(prompts), asynchronous)
 
     def generate_tokens(self, prompt, max_batch_size: int = 0, batch_type: str = "examples", *,
                         max_length: int = 512, min_length: int = 0, sampling_topk: int = 1,
@@ -379,7 +403,7 @@ class Generator:
         for a free prompt) read alongside the prompts, one per prompt (the loop then asks for masks
         whatever the entries). A bad constraint raises like a bad prompt, naming its index.
         """
-        _check_batch_options(max_batch_size, batch_type)
+        check_batch_options(max_batch_size, batch_type)
         if "asynchronous" in kwargs:
             raise TypeError("generate_iterable() got an unexpected keyword argument 'asynchronous'")
         self._check_loaded()
@@ -473,89 +497,13 @@ class Generator:
             chunk, max_batch_size=max_batch_size, batch_type=batch_type, asynchronous=True, **kwargs),
             max_batch_size, batch_type)
 
-    def _generate_group(self, replica, prompts: List[List[int]], batch_ids: List[int], resolved, seed: int,
-                        group_index: int, min_prompt_len: int, constraints: Optional[list] = None):
-        prefix, prefix_len = self._static_prefix(replica, resolved.static_prompt_ids,
-                                                 resolved.options.cache_static_prompt)
-        bos = self._bos_id()
-
-        runs = iter(range(1 << 30))
-
-        def run(rows, res):
-            if res.options.beam_size > 1:
-                # One key per sub-batch and run (a fresh buffer: the loop state donates it).
-                run_key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), group_index), next(runs))
-                return run_beam(replica.params, self.config, rows, res, prefix, prefix_len, run_key, self._plan)
-            if res.options.prompt_lookup_tokens:
-                decoded = run_lookup_rows(replica.params, self.config, rows, res, prefix, prefix_len, self._plan)
-            else:
-                decoded = run_rows(replica.params, self.config, rows, res, prefix, prefix_len, seed, self._vocab,
-                                   res.options.callback, self._plan)
-            return [[d] for d in decoded]
-
-        if resolved.options.return_alternatives:
-            return generate_alternatives(prompts, batch_ids, resolved, min_prompt_len, prefix_len, run,
-                                         self._vocab, bos)
-        rows = plan_rows(prompts, batch_ids, resolved, min_prompt_len, constraints)
-        return assemble_results(rows, run(rows, resolved), resolved, self._vocab, bos, batch_ids)
-
-    def _static_prefix(self, replica, ids: List[int], use_cache: bool):
-        """KV state (batch 1) after the static prompt, from the per-device LRU cache when allowed."""
-        if not ids:
-            return init_cache(self.config, 1, 0, self._ctype.dtype), 0
-        key = (replica.name, tuple(ids))
-        if use_cache:
-            with self._static_lock:
-                if key in self._static_cache:
-                    self._static_cache.move_to_end(key)
-                    return self._static_cache[key], len(ids)
-        length = pass_width(bucket(len(ids), minimum=16), self._plan.chunk)
-        cache = start_cache(init_cache(self.config, 1, 0, self._ctype.dtype), config=self.config, batch=1,
-                            length=length)
-        cache = prefill_sequences(replica.params, self.config, cache, [ids], 0, length, self._plan)
-        if use_cache and self._static_cache_size > 0:
-            with self._static_lock:
-                self._static_cache[key] = cache
-                self._static_cache.move_to_end(key)
-                while len(self._static_cache) > self._static_cache_size:
-                    self._static_cache.popitem(last=False)
-        return cache, len(ids)
-
     def clear_static_prompt_cache(self) -> None:
         """Drops every cached static-prompt state (on every device)."""
-        with self._static_lock:
-            self._static_cache.clear()
-
-    def _spread(self, groups: List[List[int]]) -> List[List[int]]:
-        """With several replicas and fewer sub-batches than replicas, splits the sub-batches so
-        that every replica gets work (data parallelism)."""
-        n = len(self._pool.replicas)
-        if n == 1 or len(groups) >= n:
-            return groups
-        out: List[List[int]] = []
-        for g in groups:
-            parts = min(n // len(groups), len(g)) or 1
-            out.extend(g[i::parts] for i in range(parts))
-        return out
+        self._prefixes.clear(static=True)
 
     def _next_seed(self) -> int:
         with self._seed_lock:
             return int(self._seed_rng.integers(0, 2**31 - 1))
-
-    def _run_jobs(self, groups: List[List[int]], job, n: int, asynchronous: bool):
-        """Runs one job per sub-batch; returns per-example results (or futures) in input order."""
-        futures = []
-        for gi, g in enumerate(groups):
-            self._pool.submitted()
-            futures.append(self._executor.submit(self._pool.run, job, gi, g))
-        index = {}
-        for gi, g in enumerate(groups):
-            for j, i in enumerate(g):
-                index[i] = (gi, j)
-        if asynchronous:
-            return [_ExampleFuture(futures[index[i][0]], index[i][1]) for i in range(n)]
-        outputs = [f.result() for f in futures]
-        return [outputs[index[i][0]][index[i][1]] for i in range(n)]
 
     # ------------------------------------------------------------------ forward / score
     def forward_batch(self, tokens, lengths=None, *, return_log_probs: bool = False) -> jax.Array:
@@ -570,11 +518,11 @@ class Generator:
         batch, max_len = len(ids), int(max(lens))
         longest = lens.index(max_len)
         check_context(max_len, self.context_length, f"inputs[{longest}] ({max_len} tokens)")
-        self._check_memory("forward_batch", [dict(batch=batch, cache_length=max_len, chunk_tokens=max_len,
-                                                  decode=False, vocab_rows=batch * max_len)], 1,
+        self._budget.check("forward_batch", [MemoryJob(batch=batch, cache_length=max_len, chunk_tokens=max_len,
+                                                       decode=False, vocab_rows=batch * max_len)], 1,
                            "pass fewer or shorter sequences at a time")
         width = pass_width(bucket(max_len), self._plan.chunk)
-        padded, lengths_arr = self._pad(ids, lens, width, bucket(batch, minimum=1))
+        padded, lengths_arr = pad_rows(ids, lens, width, bucket(batch, minimum=1))
         out = forward_logits(self._pool.replicas[0].params, padded, lengths_arr, config=self.config,
                              dtype=self._ctype.dtype, log_probs=bool(return_log_probs), chunk=self._plan.chunk,
                              impl=self._plan.impl)
@@ -605,72 +553,63 @@ class Generator:
         return ids, lens
 
     def score_batch(self, tokens, *, max_batch_size: int = 0, batch_type: str = "examples",
-                    max_input_length: int = 1024, offset: int = 0, asynchronous: bool = False,
+                    max_input_length: int = 1024, offset: Union[int, Sequence[int]] = 0, asynchronous: bool = False,
                     return_greedy: bool = False):
         """Log-likelihood of each token given its prefix (CTranslate2 §4.1).
 
         Returns one ScoringResult(tokens=input[1:], log_probs) per sequence; sequences shorter
         than 2 tokens get empty results. Sequences longer than `max_input_length` are truncated,
-        keeping a final end token. `offset` drops the first `offset` scored tokens.
+        keeping a final end token. `offset` drops the first `offset` scored tokens; a list (an
+        extension) gives one offset per sequence (e.g. a context's length: only the continuation
+        is returned, and a shared context's state is then computed without the vocabulary head).
         `return_greedy` (an extension): ScoringResult.greedy[t] tells whether token t has the
         highest logit at its position (what greedy search would choose; lm-eval's `is_greedy`).
+        Rows that share a prefix compute it once (see the class's `prefix_cache`).
         """
-        _check_batch_options(max_batch_size, batch_type)
+        check_batch_options(max_batch_size, batch_type)
         self._check_loaded()
-        for name, value in (("max_input_length", max_input_length), ("offset", offset)):
+        offsets = list(offset) if isinstance(offset, (list, tuple)) else None
+        for name, value in [("max_input_length", max_input_length)] + (
+                [(f"offset[{i}]", v) for i, v in enumerate(offsets)] if offsets is not None else [("offset", offset)]):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         ids = as_id_batch(tokens, self._vocab, "tokens", allow_ids=True)
+        if offsets is not None and len(offsets) != len(ids):
+            raise ValueError(f"offset has {len(offsets)} entries for {len(ids)} sequences")
         if not ids:
             return []
+        offsets = offsets if offsets is not None else [offset] * len(ids)
         eos = self._eos_ids()
-        prepared = [_truncate_for_scoring(seq, max_input_length, eos) for seq in ids]
+        prepared = [truncate_for_scoring(seq, max_input_length, eos) for seq in ids]
         longest = max(range(len(prepared)), key=lambda i: len(prepared[i]))
         check_context(len(prepared[longest]) - 1, self.context_length,
                       f"tokens[{longest}] ({len(prepared[longest])} tokens after max_input_length)")
         groups = split_batches([max(len(seq) - 1, 0) for seq in prepared], max_batch_size, batch_type)
-        groups = self._spread(groups)
+        groups = self._batches.spread(groups)
         jobs = []
         for group in groups:
             longest = max(len(prepared[i]) for i in group)
-            jobs.append(dict(batch=len(group), cache_length=longest, chunk_tokens=longest, decode=False,
-                             vocab_rows=max(len(group) * SCORE_CHUNK, LOGIT_ROWS)))
-        self._check_memory("score_batch", jobs, len(groups),
+            jobs.append(MemoryJob(batch=len(group), cache_length=longest, chunk_tokens=longest, decode=False,
+                                  vocab_rows=max(len(group) * SCORE_CHUNK, LOGIT_ROWS)))
+        self._budget.check("score_batch", jobs, len(groups),
                            "lower the batch size (max_batch_size) or the sequence length (max_input_length)")
 
         def job(replica, _: int, group: List[int]) -> List[ScoringResult]:
             todo = [i for i in group if len(prepared[i]) >= 2]
-            scored = dict(zip(todo, self._score_rows(replica, [prepared[i] for i in todo], bool(return_greedy))
-                              if todo else []))
+            scored = dict(zip(todo, self._scorer.score(replica, [prepared[i] for i in todo], bool(return_greedy),
+                                                       [offsets[i] for i in todo]) if todo else []))
             out = []
             for i in group:
                 if i not in scored:
-                        out.append(ScoringResult([], []))
+                    out.append(ScoringResult([], []))
                 else:
-                    targets = prepared[i][1:]
+                    targets, skip = prepared[i][1:], offsets[i]
                     log_probs, greedy = scored[i]
-                    out.append(ScoringResult(self._vocab.to_tokens(targets[offset:]), log_probs[offset:],
-                                             greedy[offset:] if return_greedy else []))
+                    out.append(ScoringResult(self._vocab.to_tokens(targets[skip:]), log_probs[skip:],
+                                             greedy[skip:] if return_greedy else []))
             return out
 
-        return self._run_jobs(groups, job, len(prepared), asynchronous)
-
-    def _score_rows(self, replica, seqs: List[List[int]], greedy: bool = False) -> List[tuple]:
-        """Per sequence (log-probs of its tokens but the first, and with `greedy` whether each is
-        the most likely token there, else [])."""
-        inputs = [s[:-1] for s in seqs]
-        targets = [s[1:] for s in seqs]
-        lens = [len(s) for s in inputs]
-        t = max(bucket(max(lens)), SCORE_CHUNK)
-        t = pass_width(-(-t // SCORE_CHUNK) * SCORE_CHUNK, self._plan.chunk)
-        b = bucket(len(seqs), minimum=1)
-        inp, lengths = self._pad(inputs, lens, t, b)
-        tgt, _ = self._pad(targets, lens, t, b)
-        out = target_log_probs(replica.params, inp, tgt, lengths, config=self.config, dtype=self._ctype.dtype,
-                               chunk=self._plan.chunk, impl=self._plan.impl, **({"greedy": True} if greedy else {}))
-        out, flags = (np.asarray(out[0]), np.asarray(out[1])) if greedy else (np.asarray(out), None)
-        return [(out[i, :n].astype(np.float32).tolist(), flags[i, :n].tolist() if greedy else [])
-                for i, n in enumerate(lens)]
+        return self._batches.run(groups, job, len(prepared), asynchronous)
 
     # ------------------------------------------------------------------ helpers
     def _resolve_options(self, **options):
@@ -741,36 +680,11 @@ class Generator:
         opts = call.resolved.options
         rows = min(call.width, len(prompts) * opts.num_hypotheses)
         longest = max(len(p) for p in prompts)
-        job = dict(batch=rows, cache_length=len(call.resolved.static_prompt_ids) + longest + opts.max_length,
-                   chunk_tokens=longest, decode=True, vocab_rows=rows, stored_logits_rows=0)
+        job = MemoryJob(batch=rows, cache_length=len(call.resolved.static_prompt_ids) + longest + opts.max_length,
+                        chunk_tokens=longest, decode=True, vocab_rows=rows, stored_logits_rows=0)
         replicas = min(len(self._pool.replicas), -(-len(prompts) * opts.num_hypotheses // rows))
-        self._check_memory("generate_batch", [job] * replicas, replicas,
+        self._budget.check("generate_batch", [job] * replicas, replicas,
                            "lower the batch size (max_batch_size), max_length, or the prompt length")
-
-    def _check_memory(self, what: str, jobs: List[dict], n_jobs: int, advice: str) -> None:
-        """Raises ValueError, before anything runs, when the jobs of one call would not fit in
-        device memory (estimates from `jaxgen.runtime.memory`; `memory_limit` replaces the free bytes
-        the devices report). The jobs on one replica run `inter_threads` at a time, and process
-        at most one prefill chunk of tokens at once."""
-        chunk = getattr(getattr(self, "_plan", None), "chunk", None) or 512
-        jobs = [dict(job, chunk_tokens=min(job["chunk_tokens"], chunk)) for job in jobs]
-        replicas = len(self._pool.replicas)
-        if self._platform == "cpu":  # CPU devices share the host's memory
-            concurrent = min(self._inter_threads * replicas, n_jobs)
-        else:
-            concurrent = min(self._inter_threads, -(-n_jobs // replicas))
-        check_jobs_fit(self.config, self._ctype.dtype, self._devices, jobs, what=what, advice=advice,
-                       memory_limit=self._memory_limit, concurrent=concurrent,
-                       shards=len(self._devices) if self._tensor_parallel else 1)
-
-    def _pad(self, seqs: List[List[int]], lens: List[int], t: int, b: int):
-        arr = np.zeros((b, t), np.int32)
-        for i, s in enumerate(seqs):
-            arr[i, :len(s)] = s
-        lengths = np.zeros((b,), np.int32)
-        lengths[:len(lens)] = lens
-        lengths[len(lens):] = 1  # padding rows: one dummy token
-        return on_device(arr), on_device(lengths)
 
     def _bos_id(self) -> Optional[int]:
         return self._vocab.id_of(self.config.bos_token) if self.config.bos_token in self._vocab else None
@@ -780,40 +694,7 @@ class Generator:
         return [self._vocab.id_of(eos)] if eos is not None and eos in self._vocab else []
 
 
+
 def _words(compiled: list) -> int:
     """Mask words of a call's compiled constraints (0: none; see jaxgen.decoding.constrain)."""
     return max((c.words for c in compiled if c is not None), default=0)
-
-
-def _check_batch_options(max_batch_size, batch_type) -> None:
-    # Wrong types (and negative sizes, unsigned in CTranslate2) are TypeErrors, as in CTranslate2.
-    if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 0:
-        raise TypeError(f"max_batch_size must be an int >= 0, got {max_batch_size!r}")
-    if not isinstance(batch_type, str):
-        raise TypeError(f"batch_type must be a str, got {type(batch_type).__name__}")
-    if batch_type not in BATCH_TYPES:
-        raise ValueError(f"Invalid batch type: {batch_type}")
-
-
-def _truncate_for_scoring(ids: List[int], max_input_length: int, eos_ids: List[int]) -> List[int]:
-    """CTranslate2's truncation: keep the first ids, but keep a final EOS as the last element."""
-    if max_input_length <= 0 or len(ids) <= max_input_length or len(ids) < 2:
-        return ids
-    out = ids[:max_input_length]
-    if ids[-1] in eos_ids:
-        out[-1] = ids[-1]
-    return out
-
-
-class _ExampleFuture:
-    """One example's result inside a sub-batch job (CTranslate2's AsyncGenerationResult)."""
-
-    def __init__(self, future: concurrent.futures.Future, position: int):
-        self._future = future
-        self._position = position
-
-    def result(self):
-        return self._future.result()[self._position]
-
-    def done(self) -> bool:
-        return self._future.done()

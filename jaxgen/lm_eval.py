@@ -9,13 +9,17 @@ use), `device` ("cpu", "cuda", "cuda:1", "tpu", "auto"), `compute_type`, `tensor
 `max_batch_size` (rows scored / decoded together; lm-eval's `--batch_size` sets it too),
 `max_length` (context window in tokens; default: the model's `max_position_embeddings`),
 `max_gen_toks` (default 256), `add_bos_token` (default: as the model's tokenizer does),
-`seed` (sampling seed, default 0).
+`seed` (sampling seed, default 0), `prefix_cache` (default true: shared contexts computed once).
 
 Requests are handled as lm-eval's backends handle them:
 - loglikelihood: each request is tokenized as context + continuation (lm-eval's `_encode_pair`),
-  sorted by decreasing length (as the vLLM backend sorts them) and scored `max_batch_size` at a
-  time with `Generator.score_batch` (`is_greedy` from `return_greedy`); a request longer than
-  max_length + 1 tokens keeps its last max_length + 1 tokens (the HF backend's left truncation).
+  sorted by decreasing context length with a context's continuations side by side, and scored
+  `max_batch_size` at a time with `Generator.score_batch` (`is_greedy` from `return_greedy`),
+  which returns the continuations' log-probs only (per-row offsets); a context shared by several
+  requests (its continuations, and the few-shot examples every item repeats) is computed once
+  and kept in the Generator's prefix cache (model_args `prefix_cache=false` turns that off). A
+  request longer than max_length + 1 tokens keeps its last max_length + 1 tokens (the HF
+  backend's left truncation).
 - loglikelihood_rolling: lm-eval's disjoint rolling windows of max_length tokens, scored the same way.
 - generate_until: requests grouped by generation kwargs, sorted by decreasing context length, each
   group decoded in one `generate_batch` call (the slot scheduler keeps `max_batch_size` rows busy);
@@ -72,7 +76,8 @@ class JaxgenLM(TemplateLM):
 
     def __init__(self, model: Optional[str] = None, device: Optional[str] = None, compute_type: str = "default",
                  tensor_parallel=False, max_batch_size: Optional[int] = None, max_length: Optional[int] = None,
-                 batch_size=None, max_gen_toks: int = 256, add_bos_token=None, seed: int = 0, **kwargs):
+                 batch_size=None, max_gen_toks: int = 256, add_bos_token=None, seed: int = 0, prefix_cache=True,
+                 **kwargs):
         super().__init__()
         from jaxgen.generator import Generator
         from jaxgen.tokenizer import load_tokenizer
@@ -85,7 +90,7 @@ class JaxgenLM(TemplateLM):
             model = default_model_path()
         name, index = _device(device)
         self.generator = Generator(str(model), device=name, device_index=index, compute_type=compute_type,
-                                   tensor_parallel=_as_bool(tensor_parallel))
+                                   tensor_parallel=_as_bool(tensor_parallel), prefix_cache=_as_bool(prefix_cache))
         self.jaxgen_tokenizer = load_tokenizer(str(model))
         config = self.generator.config
         self._max_length = int(max_length) if max_length else int(config.max_position_embeddings)
@@ -139,9 +144,8 @@ class JaxgenLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> List[Tuple[float, bool]]:
         """requests: ((context, continuation) or None, context ids, continuation ids) ->
         (sum of the continuation's log-probs, whether every continuation token is the greedy choice)."""
-        def order(req):
-            tokens = req[1] + req[2]
-            return -len(tokens), tuple(tokens)
+        def order(req):  # a context's continuations side by side: the context's state is computed once
+            return -len(req[1]), tuple(req[1]), -len(req[2]), tuple(req[2])
 
         collator = Collator(requests, sort_fn=order)
         out = []
@@ -154,8 +158,10 @@ class JaxgenLM(TemplateLM):
                     raise ValueError(f"continuation of {len(continuation)} tokens is longer than max_length "
                                      f"({self._max_length})")
                 inputs.append((context + continuation)[-(self._max_length + 1):])
+            # Only the continuations' log-probs are returned (one offset per row).
+            offsets = [len(x) - 1 - len(c) for x, (_, _, c) in zip(inputs, chunk)]
             scored = self.generator.score_batch(inputs, max_batch_size=self.batch, max_input_length=0,
-                                                return_greedy=True)
+                                                return_greedy=True, offset=offsets)
             for (key, _, continuation), result in zip(chunk, scored):
                 n = len(continuation)
                 answer = (float(sum(result.log_probs[-n:])), bool(all(result.greedy[-n:])))

@@ -255,3 +255,19 @@ def test_gpu_workload_on_cpu(bench_dir):
         cells = table(data, f"gemma3-270m | {workload}")
         assert num(cells[0]) > 0 and num(cells[1]) > 0, workload
     assert replies(data, "stress", "jaxgen")
+
+
+@pytest.mark.slow
+def test_lm_eval_prefix(bench_dir):
+    """lm-eval's simple_evaluate on a local few-shot multiple-choice task: jaxgen with and without
+    its prefix cache and lm-eval's hf backend, each in its own process, agree on every item."""
+    pytest.importorskip("lm_eval")
+    data = run_workload(bench_dir, "lm_eval_prefix")
+    # cells: items, wall s, CPU s, items per CPU s, vs hf, vs no sharing, acc, max |diff|, same choice,
+    # tokens reused, RSS
+    shared, plain, hf = (table(data, k) for k in ("jaxgen", "jaxgen-noshare", "hf"))  # the first row matching
+    assert shared[0] == plain[0] == hf[0] == "8"  # items
+    assert float(shared[7]) <= 1e-4 and shared[8] == "8/8"  # against jaxgen without sharing
+    assert float(hf[7]) <= 1e-2 and hf[8] == "8/8"
+    assert num(shared[9]) > 0 and plain[9] == "0"  # prefix tokens reused
+    assert shared[6] == plain[6] == hf[6]  # acc

@@ -350,11 +350,11 @@ def test_clear_static_prompt_cache(pair, jg):
     kwargs = dict(static_prompt=static, max_length=8, return_scores=True)
     jg.clear_static_prompt_cache()
     first = jg.generate_batch(prompts, **kwargs)
-    assert len(jg._static_cache) == 1
+    assert jg.prefix_cache.count(static=True) == 1
     jg.generate_batch(prompts, cache_static_prompt=False, **dict(kwargs, static_prompt=static[:4]))
-    assert len(jg._static_cache) == 1  # cache_static_prompt=False stores nothing
+    assert jg.prefix_cache.count(static=True) == 1  # cache_static_prompt=False stores nothing
     jg.clear_static_prompt_cache()
-    assert len(jg._static_cache) == 0
+    assert jg.prefix_cache.count(static=True) == 0
     assert_results_equal(jg.generate_batch(prompts, **kwargs), first, "after clear")
 
 

@@ -226,3 +226,26 @@ def test_jaxgen_eval_runs_lm_evals_cli(checkpoints, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "tiny_mc" in proc.stdout and "acc" in proc.stdout
+
+
+def test_shared_contexts_score_as_without_sharing(checkpoints, tmp_path):
+    """The multiple-choice task's contexts (2 shots and a question, not truncated here) are computed
+    once with the prefix cache: the same log-likelihoods and is_greedy flags as without it."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from jaxgen.lm_eval import JaxgenLM
+
+    _write_tasks(str(tmp_path))
+    manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
+    out = {}
+    for share in (True, False):
+        lm = JaxgenLM(model=checkpoints[1], max_length=200, max_batch_size=6, prefix_cache=share)
+        res = lm_eval.simple_evaluate(model=lm, tasks=["tiny_mc"], task_manager=manager, log_samples=True,
+                                      random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+        out[share] = (sorted(res["samples"]["tiny_mc"], key=lambda s: s["doc_id"]), lm.generator.prefix_cache.stats)
+    (shared, stats), (plain, plain_stats) = out[True], out[False]
+    assert stats["reused_tokens"] > 0 and plain_stats["reused_tokens"] == 0
+    for a, b in zip(shared, plain):
+        for (ll_a, greedy_a), (ll_b, greedy_b) in zip((r[0] for r in a["resps"]), (r[0] for r in b["resps"])):
+            assert abs(ll_a - ll_b) <= 1e-4 and greedy_a == greedy_b

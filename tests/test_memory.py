@@ -121,8 +121,9 @@ def test_check_jobs_fit_uses_the_least_free_device_and_concurrency():
         def memory_stats(self):
             return {"bytes_limit": self.free, "bytes_in_use": 0}
 
-    job = dict(batch=1, cache_length=100, chunk_tokens=10, vocab_rows=1)
-    need = memory.estimate_job_bytes(cfg, jnp.float32, **job)
+    job = memory.MemoryJob(batch=1, cache_length=100, chunk_tokens=10, vocab_rows=1)
+    need = memory.estimate_job_bytes(cfg, jnp.float32, batch=1, cache_length=100, chunk_tokens=10, vocab_rows=1)
+    assert job.estimate(cfg, jnp.float32).total == need
     memory.check_jobs_fit(cfg, jnp.float32, [Device(0, need)], [job], what="w", advice="a")
     with pytest.raises(ValueError, match=r"gpu:1 has"):
         memory.check_jobs_fit(cfg, jnp.float32, [Device(0, 10 * need), Device(1, need - 1)], [job],

@@ -39,7 +39,7 @@ def test_unload_then_load_gives_the_same_answers(generator):
 
 def test_unload_clears_the_static_prompt_cache(generator):
     generator.generate_batch(PROMPTS[:1], max_length=2, static_prompt=["<s>", "t9"])
-    assert generator._static_cache
+    assert generator.prefix_cache.count(static=True)
     generator.unload_model()
-    assert not generator._static_cache
+    assert not generator.prefix_cache.count()
     generator.load_model()

@@ -15,9 +15,9 @@ import jax.numpy as jnp
 from jaxgen.executables import cached_jit
 from jaxgen.model.attention import resolve_attention
 from jaxgen.model.config import ModelConfig
-from jaxgen.model.decoder import DEFAULT_CHUNKS, PassPlan, chunked_pass, compute_logits
+from jaxgen.model.decoder import DEFAULT_CHUNKS, KVCache, PassPlan, chunked_pass, compute_logits, forward
 from jaxgen.model.int8 import runs_int8_products
-from jaxgen.runtime.batching import pass_width
+from jaxgen.runtime.batching import bucket, pass_width
 
 SCORE_CHUNK = 32  # positions are scored in pieces of a multiple of this many
 LOGIT_ROWS = 512  # rows (batch x positions) of one scoring piece, when the shape allows
@@ -27,6 +27,13 @@ VOCAB_BLOCK = 16384  # vocabulary columns whose logits exist at once while scori
 # caches, and the product then runs at a third of its speed with 4,096 columns
 # (benchmarks/run.py int8_kernels --shapes head_block,head_block_int8; 7.8 vs 20.5 ms per 16,384 columns).
 VOCAB_BLOCK_INT8 = 4096
+
+
+def score_width(longest: int, chunk: int) -> int:
+    """Padded positions of a scoring pass over rows of up to `longest` tokens: a bucket, a
+    multiple of SCORE_CHUNK, and of `chunk` past one chunk."""
+    t = max(bucket(longest), SCORE_CHUNK)
+    return pass_width(-(-t // SCORE_CHUNK) * SCORE_CHUNK, chunk)
 
 
 def score_piece(batch: int, width: int) -> int:
@@ -114,24 +121,73 @@ def target_log_probs(params: dict, inputs: jax.Array, targets: jax.Array, length
     SCORE_CHUNK). Logits are computed `score_piece` positions at a time so that [B, T, V] never
     exists.
     """
-    b, t = inputs.shape
-    width = min(chunk, t)
-
-    piece = score_piece(b, width)
+    width = min(chunk, inputs.shape[1])
 
     def per_chunk(hidden, i):  # hidden [B, width, D]
-        d = hidden.shape[-1]
-        tgt = jax.lax.dynamic_slice_in_dim(targets, i * width, width, axis=1)
-        pieces = hidden.reshape(b, width // piece, piece, d).swapaxes(0, 1)
-        target_pieces = tgt.reshape(b, width // piece, piece).swapaxes(0, 1)
-
-        def one_piece(_, xs):
-            h, tg = xs
-            return None, target_log_prob(params, config, h, tg, greedy)
-        _, out = jax.lax.scan(one_piece, None, (pieces, target_pieces))
-        return jax.tree_util.tree_map(lambda a: a.swapaxes(0, 1).reshape(b, width), out)
+        return _score_hidden(params, config, hidden, jax.lax.dynamic_slice_in_dim(targets, i * width, width, axis=1),
+                             greedy)
 
     return chunked_pass(params, config, inputs, lengths, dtype, width, per_chunk, impl)
+
+
+def _score_hidden(params: dict, config: ModelConfig, hidden: jax.Array, targets: jax.Array, greedy: bool):
+    """target_log_prob of hidden [B, W, D] and targets [B, W], `score_piece` positions at a time
+    (W a multiple of SCORE_CHUNK) -> float32 [B, W] (with `greedy`, and bool [B, W])."""
+    b, width, d = hidden.shape
+    piece = score_piece(b, width)
+    pieces = hidden.reshape(b, width // piece, piece, d).swapaxes(0, 1)
+    target_pieces = targets.reshape(b, width // piece, piece).swapaxes(0, 1)
+
+    def one_piece(_, xs):
+        h, tg = xs
+        return None, target_log_prob(params, config, h, tg, greedy)
+    _, out = jax.lax.scan(one_piece, None, (pieces, target_pieces))
+    return jax.tree_util.tree_map(lambda a: a.swapaxes(0, 1).reshape(b, width), out)
+
+
+@cached_jit(static_argnames=("config", "chunk", "impl", "greedy", "scores", "score_count"), donate_argnums=(1,))
+def extend_log_probs(params: dict, cache: KVCache, tokens: jax.Array, positions: jax.Array, targets: jax.Array,
+                     score_from: Optional[jax.Array] = None, *, config: ModelConfig, chunk: int, impl: str = "flash",
+                     greedy: bool = False, scores: bool = True, score_count: int = 0):
+    """Feeds tokens [B, T] at their own positions [B, T] (-1: padding; each row's valid positions
+    consecutive, its earlier positions already in `cache`, e.g. a shared prefix tiled into the
+    rows) and scores targets [B, T] there: log p(targets[b, t] | the row's tokens up to
+    positions[b, t]). Returns (float32 [B, T] log-probs, or with `greedy` a pair with bool [B, T]
+    flags as in target_log_prob; the updated cache); with scores=False only the cache is updated
+    (a prefill without the vocabulary head) and the log-probs are zeros.
+
+    score_count K > 0 (static; T <= chunk): only columns score_from[b] ... score_from[b] + K - 1
+    of each row are scored (the vocabulary head runs on B x K positions, not B x T), returned as
+    [B, K] (columns past T repeat the last one).
+
+    T must divide by SCORE_CHUNK and be <= chunk or a multiple of it; the chunks run in turn,
+    each writing its keys and values at their positions before the next reads them."""
+    b, t = tokens.shape
+    width = min(chunk, t)
+    if score_count and width != t:
+        raise ValueError(f"score_count needs one chunk: {t} columns, chunk {chunk}")
+
+    def run(cache, c):
+        tok = jax.lax.dynamic_slice_in_dim(tokens, c * width, width, axis=1)
+        pos = jax.lax.dynamic_slice_in_dim(positions, c * width, width, axis=1)
+        hidden, cache = forward(params, config, tok, pos, cache, None, impl=impl)
+        if not scores:
+            zeros = jnp.zeros((b, width), jnp.float32)
+            return cache, (zeros, jnp.zeros((b, width), bool)) if greedy else zeros
+        tgt = jax.lax.dynamic_slice_in_dim(targets, c * width, width, axis=1)
+        if score_count:
+            columns = jnp.minimum(score_from[:, None] + jnp.arange(score_count, dtype=jnp.int32)[None, :], t - 1)
+            picked = jnp.take_along_axis(hidden, columns[..., None], axis=1)  # [B, K, D]
+            return cache, target_log_prob(params, config, picked, jnp.take_along_axis(tgt, columns, axis=1), greedy)
+        return cache, _score_hidden(params, config, hidden, tgt, greedy)
+
+    if score_count:
+        cache, out = run(cache, jnp.int32(0))
+        return out, cache
+    cache, out = jax.lax.scan(run, cache, jnp.arange(t // width, dtype=jnp.int32))
+    # out: [n, B, width] -> [B, T]
+    out = jax.tree_util.tree_map(lambda a: jnp.moveaxis(a, 0, 1).reshape(b, t), out)
+    return out, cache
 
 
 def pass_plan(attention: str, chunk: Optional[int], platform: str, config: ModelConfig, dtype,

@@ -86,6 +86,22 @@ def start_cache(prefix: KVCache, *, config: ModelConfig, batch: int, length: int
                    tuple(place(d, s) for d, s in zip(cache.v, prefix.v)), length)
 
 
+@cached_jit(static_argnames=("config", "length"))
+def gather_prefixes(prefixes: tuple, index: jax.Array, *, config: ModelConfig, length: int) -> KVCache:
+    """A cache of `length` positions for rows [B] whose row b starts with prefixes[index[b]]:
+    prefixes is a tuple of batch-1 caches of one length (see start_cache for how a prefix's slots
+    map to the new cache's, rings included)."""
+    batch = index.shape[0]
+    cache = init_cache(config, batch, length, prefixes[0].dtype)
+
+    def place(dst: jax.Array, srcs) -> jax.Array:
+        src = jnp.concatenate(srcs, axis=0)[:, :dst.shape[1]]
+        return dst.at[:, :src.shape[1]].set(jnp.take(src, index, axis=0))
+
+    return KVCache(tuple(place(d, [p.k[i] for p in prefixes]) for i, d in enumerate(cache.k)),
+                   tuple(place(d, [p.v[i] for p in prefixes]) for i, d in enumerate(cache.v)), length)
+
+
 @cached_jit(static_argnames=("config", "impl", "fresh"), donate_argnums=(1,))
 def prefill(params: dict, cache: KVCache, tokens: jax.Array, positions: jax.Array, write_index: jax.Array,
             *, config: ModelConfig, impl: str = "flash", fresh: bool = False) -> KVCache:

@@ -117,11 +117,19 @@ def prompt_width(rows: List[Row], plan: PassPlan) -> int:
     return pass_width(bucket(longest, minimum=16), plan.chunk) if longest > 0 else 0
 
 
+Share = Callable[[List[Row], int, int], Optional[KVCache]]
+
+
 def prefill_rows(params: dict, config, rows: List[Row], prefix: KVCache, prefix_len: int, plan: PassPlan,
-                 batch: int, cache_len: int) -> KVCache:
+                 batch: int, cache_len: int, share: Optional[Share] = None) -> KVCache:
     """A cache of `batch` rows x `cache_len` positions holding the static prompt and each row's
     prompt but its last token (rows past len(rows) are padding). cache_len must be at least
-    prefix_len + prompt_width(rows, plan)."""
+    prefix_len + prompt_width(rows, plan). share(rows, batch, cache_len): the same cache built
+    from shared prefix states (`jaxgen.runtime.prefix_passes`), or None when the rows share none."""
+    if share is not None:
+        cache = share(rows, batch, cache_len)
+        if cache is not None:
+            return cache
     width = prompt_width(rows, plan)
     cache = start_cache(prefix, config=config, batch=batch, length=cache_len)
     if width:
@@ -223,13 +231,14 @@ def loop_sizes(rows: List[Row], opts, prefix_len: int, plan: PassPlan):
 
 
 def prepare(params: dict, config, rows: List[Row], resolved: ResolvedOptions, prefix: KVCache,
-            prefix_len: int, plan: PassPlan) -> Prepared:
-    """Prefills the prompts (all but their last token, right-padded, after the static prompt) and
-    builds the traced loop options. Array sizes are bucketed to limit recompilation."""
+            prefix_len: int, plan: PassPlan, share: Optional[Share] = None) -> Prepared:
+    """Prefills the prompts (all but their last token, right-padded, after the static prompt;
+    from shared prefixes with `share`, see prefill_rows) and builds the traced loop options.
+    Array sizes are bucketed to limit recompilation."""
     opts = resolved.options
     b = len(rows)
     bp, n_out, cache_len = loop_sizes(rows, opts, prefix_len, plan)
-    cache = prefill_rows(params, config, rows, prefix, prefix_len, plan, bp, cache_len)
+    cache = prefill_rows(params, config, rows, prefix, prefix_len, plan, bp, cache_len, share)
     hist_len = bucket(max(len(r.history) for r in rows) + n_out, minimum=64)
     pad = [0] * (bp - b)
     return Prepared(
@@ -282,12 +291,13 @@ def run_in_segments(loop, state, until: int, first_position: int, cache_len: int
 
 
 def run_rows(params: dict, config, rows: List[Row], resolved: ResolvedOptions, prefix: KVCache,
-             prefix_len: int, seed: int, vocabulary, callback: Optional[Callable], plan: PassPlan) -> List[dict]:
+             prefix_len: int, seed: int, vocabulary, callback: Optional[Callable], plan: PassPlan,
+             share: Optional[Share] = None) -> List[dict]:
     """Greedy/sampling. Returns per row {"ids", "log_probs", "logits"} of its generated steps.
     seed: the call's random seed (each row's key derives from it and the row's indices)."""
     opts = resolved.options
     b = len(rows)
-    p = prepare(params, config, rows, resolved, prefix, prefix_len, plan)
+    p = prepare(params, config, rows, resolved, prefix, prefix_len, plan, share)
     bp, n_out, max_new = p.bp, p.n_out, p.max_new
     stops = stop_options(resolved, config.vocab_size)
     consts = DecodeConsts(proc=p.proc, samp=p.samp, max_new=on_device(max_new), min_new=on_device(p.min_new),
@@ -358,7 +368,7 @@ def _decode_rows(params, config, rows: List[Row], resolved: ResolvedOptions, sta
 
 
 def run_lookup_rows(params: dict, config, rows: List[Row], resolved: ResolvedOptions, prefix: KVCache,
-                    prefix_len: int, plan: PassPlan) -> List[dict]:
+                    prefix_len: int, plan: PassPlan, share: Optional[Share] = None) -> List[dict]:
     """Greedy search with prompt-lookup speculation (`jaxgen.decoding.speculative`): the same
     results as `run_rows`. Drafts are capped to fit the model's sliding-window rings (`max_draft`).
     Returns per row {"ids", "log_probs", "logits": None} of its generated steps."""
@@ -366,8 +376,8 @@ def run_lookup_rows(params: dict, config, rows: List[Row], resolved: ResolvedOpt
     b = len(rows)
     draft = max_draft(config, loop_sizes(rows, opts, prefix_len, plan)[2], opts.prompt_lookup_tokens)
     if draft == 0:  # sliding-window rings of one slot
-        return run_rows(params, config, rows, resolved, prefix, prefix_len, 0, None, None, plan)
-    p = prepare(params, config, rows, resolved, prefix, prefix_len, plan)
+        return run_rows(params, config, rows, resolved, prefix, prefix_len, 0, None, None, plan, share)
+    p = prepare(params, config, rows, resolved, prefix, prefix_len, plan, share)
     static = list(resolved.static_prompt_ids)
     contexts = [static + r.prompt for r in rows]
     width = bucket(max(len(c) for c in contexts) + p.n_out, minimum=64)
@@ -398,12 +408,12 @@ def run_lookup_rows(params: dict, config, rows: List[Row], resolved: ResolvedOpt
 
 
 def run_beam(params: dict, config, rows: List[Row], resolved: ResolvedOptions, prefix: KVCache,
-             prefix_len: int, key: jax.Array, plan: PassPlan) -> List[List[dict]]:
+             prefix_len: int, key: jax.Array, plan: PassPlan, share: Optional[Share] = None) -> List[List[dict]]:
     """Beam search. Returns per row its finished hypotheses, best first: {"ids", "score"}."""
     opts = resolved.options
     k = opts.beam_size
     b = len(rows)
-    p = prepare(params, config, rows, resolved, prefix, prefix_len, plan)
+    p = prepare(params, config, rows, resolved, prefix, prefix_len, plan, share)
     cache, history = expand_beams(p.cache, p.history, beam_size=k)
     has_prefix = any(r.offset > 0 for r in rows)
     consts = BeamConsts(

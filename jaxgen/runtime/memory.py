@@ -68,6 +68,26 @@ def kv_cache_bytes(config, dtype, batch: int, length: int) -> int:
 
 # ============================================================================ job estimate
 @dataclasses.dataclass(frozen=True)
+class MemoryJob:
+    """The shapes of one job (one sub-batch on one device), what `estimate_job` reads.
+
+    batch: rows (prompts x beams or hypotheses); cache_length: KV cache positions per row;
+    chunk_tokens: new tokens per row processed at once (a prompt chunk); decode: a generation
+    loop (its per-row state counts); vocab_rows: rows of float32 logits at once;
+    stored_logits_rows: logits rows kept for the result (`return_logits_vocab`)."""
+
+    batch: int
+    cache_length: int
+    chunk_tokens: int
+    vocab_rows: int
+    decode: bool = True
+    stored_logits_rows: int = 0
+
+    def estimate(self, config, dtype) -> "JobEstimate":
+        return estimate_job(config, dtype, **dataclasses.asdict(self))
+
+
+@dataclasses.dataclass(frozen=True)
 class JobEstimate:
     """Bytes of one job by kind (see `estimate_job`). `activations` are hidden-size activations
     (whole on every device under tensor parallelism), `head_activations` the MLP intermediates and
@@ -193,16 +213,16 @@ def check_fits(required: int, available: Optional[int], what: str, advice: str, 
                      f"{format_bytes(available)} available; {advice}")
 
 
-def check_jobs_fit(config, dtype, devices: Sequence, jobs: Iterable[dict], *, what: str, advice: str,
+def check_jobs_fit(config, dtype, devices: Sequence, jobs: Iterable[MemoryJob], *, what: str, advice: str,
                    memory_limit: Optional[int] = None, concurrent: int = 1, shards: int = 1) -> None:
     """Checks, before anything runs, that the jobs of one call fit on the device with the least
     free memory (`memory_limit` bytes per device instead of what the devices report, when given).
 
-    jobs: keyword arguments of `estimate_job`, one dict per job. The `concurrent` largest jobs
+    jobs: one MemoryJob per job. The `concurrent` largest jobs
     may run at once on one device; `shards` > 1 splits a job over that many devices (tensor
     parallelism; see `JobEstimate.per_device`). Raises ValueError (see `check_fits`).
     """
-    estimates: List[JobEstimate] = sorted((estimate_job(config, dtype, **job) for job in jobs),
+    estimates: List[JobEstimate] = sorted((job.estimate(config, dtype) for job in jobs),
                                           key=lambda e: e.total, reverse=True)
     if not estimates:
         return
@@ -226,3 +246,31 @@ def check_jobs_fit(config, dtype, devices: Sequence, jobs: Iterable[dict], *, wh
 
 def _device_name(device) -> str:
     return f"{getattr(device, 'platform', 'device')}:{getattr(device, 'id', 0)}"
+
+
+@dataclasses.dataclass
+class MemoryBudget:
+    """What one Generator checks its calls against: the model's shapes, its devices, how many
+    jobs run at once. `check` raises ValueError, before anything runs, when the jobs of one call
+    would not fit (estimates above; `memory_limit` replaces the free bytes the devices report).
+    The jobs on one replica run `inter_threads` at a time and process at most one prefill chunk
+    of `chunk` tokens at once."""
+
+    config: object
+    dtype: object
+    devices: Sequence
+    platform: str
+    replicas: int
+    inter_threads: int
+    chunk: int
+    memory_limit: Optional[int] = None
+    shards: int = 1
+
+    def check(self, what: str, jobs: List[MemoryJob], n_jobs: int, advice: str) -> None:
+        jobs = [dataclasses.replace(job, chunk_tokens=min(job.chunk_tokens, self.chunk)) for job in jobs]
+        if self.platform == "cpu":  # CPU devices share the host's memory
+            concurrent = min(self.inter_threads * self.replicas, n_jobs)
+        else:
+            concurrent = min(self.inter_threads, -(-n_jobs // self.replicas))
+        check_jobs_fit(self.config, self.dtype, self.devices, jobs, what=what, advice=advice,
+                       memory_limit=self.memory_limit, concurrent=concurrent, shards=self.shards)

@@ -131,7 +131,9 @@ class PromptFuture:
 class SlotScheduler:
     """The queue and one worker per replica (started on demand, gone when idle).
 
-    prefix_of(replica, resolved) -> (KVCache, prefix_len): the static prompt's cached state.
+    prefix_of(replica, resolved) -> (KVCache, prefix_len): the static prompt's cached state; its
+    `sharing(replica, resolved, prefix)`, when it has one, builds prefill_rows' `share` (prompts'
+    shared prefixes, see `jaxgen.runtime.prefix_cache.StaticPrompts`).
     """
 
     def __init__(self, config, plan: PassPlan, vocabulary, bos_id: Optional[int], replicas: list,
@@ -284,6 +286,8 @@ class _Session:
         self.width = call.width
         config = scheduler.config
         self.prefix, self.prefix_len = scheduler.prefix_of(replica, call.resolved)
+        sharing = getattr(scheduler.prefix_of, "sharing", None)  # shared prompt prefixes (prefix_cache.StaticPrompts)
+        self.share = sharing(replica, call.resolved, self.prefix) if sharing is not None else None
         opts = call.resolved.options
         self.spec = loop_spec(config, opts)._replace(constraint_words=call.constraint_words)
         self.proc = processor_options(call.resolved)
@@ -358,7 +362,7 @@ class _Session:
         n = bucket(len(pending), minimum=1)
         config = self.s.config
         cache = prefill_rows(self.replica.params, config, rows, self.prefix, self.prefix_len, self.s.plan, n,
-                             self.state.cache.length)
+                             self.state.cache.length, self.share)
         history = row_history(rows, n, self.state.history.tokens.shape[1], config.vocab_size)
         pad = [0] * (n - len(rows))
         slots = np.array(free + [self.batch] * (n - len(rows)), np.int32)
