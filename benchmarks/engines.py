@@ -158,7 +158,8 @@ class JaxgenEngine(GeneratorEngine):
         out["cpu_seconds"] = time.process_time() - cpu  # every thread of the process (XLA's, the callbacks')
         out["matchers"] = {k: v - host[k] for k, v in matchers.stats().items()}  # host time of the constraints
         after = self.gen.scheduler_stats
-        out["scheduler"] = {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], (int, float))}
+        out["scheduler"] = {k: after[k] - before.get(k, 0) for k in after
+                            if isinstance(after[k], (int, float)) and k != "utilisation"}  # counters only
         return out
 
     @staticmethod

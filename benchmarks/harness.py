@@ -307,19 +307,24 @@ def version_of(dist: str) -> str:
 
 
 def cpu_name() -> Tuple[str, str]:
-    """(model name, vector extensions) from /proc/cpuinfo, e.g. ("AMD EPYC 7B13", "AVX2")."""
-    name, flags = platform.processor() or platform.machine(), set()
+    """(model name, vector extensions) from /proc/cpuinfo, e.g. ("AMD EPYC 7B13 (family 25 model 1)",
+    "AVX2"): the family and model tell CPUs apart whose name is only "AMD EPYC"."""
+    name, flags, fields = platform.processor() or platform.machine(), set(), {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
                 key, _, value = line.partition(":")
                 key = key.strip().lower()
-                if key == "model name" and name == (platform.processor() or platform.machine()):
-                    name = value.strip()
+                if key in ("model name", "cpu family", "model") and key not in fields:
+                    fields[key] = value.strip()
                 elif key in ("flags", "features") and not flags:
                     flags = set(value.split())
     except OSError:
         pass
+    if "model name" in fields:
+        name = fields["model name"]
+        if "cpu family" in fields and "model" in fields:
+            name += f" (family {fields['cpu family']} model {fields['model']})"
     return name, cpu_extensions(flags)
 
 

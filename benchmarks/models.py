@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import importlib
 import math
 import os
 import random
@@ -221,13 +222,12 @@ def default_model(work_dir: str, log=print, need=("hf", "ct2")) -> Dict[str, str
         return _with_ct2(paths, work_dir, log) if "ct2" in need else paths
 
 
-def _hf_models():
+def tests_module(name: str):
+    """A helper module of tests/ (hf_models: tiny HF checkpoints; cli_models: the CLI tests' tiny model)."""
     tests = os.path.join(REPO, "tests")
     if tests not in sys.path:
         sys.path.insert(0, tests)
-    import hf_models
-
-    return hf_models
+    return importlib.import_module(name)
 
 
 def tiny_model(work_dir: str, log=print, need=("hf", "ct2")) -> Dict[str, str]:
@@ -249,7 +249,8 @@ def tiny_model(work_dir: str, log=print, need=("hf", "ct2")) -> Dict[str, str]:
 
     with _locked(os.path.join(root, ".lock")):
         paths = {"gguf": os.fspath(assemble())}
-        paths["hf"] = _build(os.path.join(root, "hf"), lambda out: _hf_models().build("gemma3_text", out), log)
+        paths["hf"] = _build(os.path.join(root, "hf"), lambda out: tests_module("hf_models").build("gemma3_text", out),
+                             log)
         paths["jaxgen"] = _build(os.path.join(root, "jaxgen"), build_jaxgen, log)
         return _with_ct2(paths, root, log)
 
@@ -292,7 +293,7 @@ def random_model(name: str, work_dir: str, tiny: bool, device: str, dtype: str, 
     `device` (real shapes), or with `tiny` tests/hf_models.py's checkpoint of the same family."""
     root = os.path.join(work_dir, "random", name + ("-tiny" if tiny else f"-{dtype}"))
     os.makedirs(root, exist_ok=True)
-    hf_models = _hf_models()
+    hf_models = tests_module("hf_models")
     class_name, arch, fields = GPU_MODELS[name]
 
     def build_hf(out: str) -> None:
@@ -366,7 +367,7 @@ def lm_eval_tiny_model(work_dir: str, corpus: List[str], log=print) -> Dict[str,
         import torch
         from tokenizers import Tokenizer, decoders, models as bpe, pre_tokenizers, processors, trainers
 
-        hf_models = _hf_models()
+        hf_models = tests_module("hf_models")
         cls, cfg = hf_models.ARCHITECTURES["gemma3_text"]()
         cfg.max_position_embeddings = 1024
         torch.manual_seed(0)

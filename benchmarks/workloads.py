@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 import harness as h
@@ -230,6 +231,107 @@ def startup_rows(ctx: Context, specs: List[Spec], prompts: dict, columns: List[s
     return [row + [""]]
 
 
+# ============================================================================ the command's start-up
+CLI_PHASES = r"""
+import json, os, sys, time
+t0 = time.perf_counter()
+spawned = float(os.environ["SPAWNED_AT"])
+marks = {"process start (interpreter, site)": time.time() - spawned}
+import jax  # noqa: F401
+marks["import jax"] = time.perf_counter() - t0
+t = time.perf_counter()
+import jaxgen.cli as cli
+import jaxgen.generator as generator
+import jaxgen.tokenizer as tokenizer
+marks["import jaxgen (cli, generator, tokenizer)"] = time.perf_counter() - t
+spent = {"tokenizer": 0.0, "Generator()": 0.0}
+
+def timed(name, fn):
+    def run(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            spent[name] += time.perf_counter() - start
+    return run
+
+tokenizer.load_tokenizer = timed("tokenizer", tokenizer.load_tokenizer)
+generator.Generator.__init__ = timed("Generator()", generator.Generator.__init__)
+for label in ("first", "again"):
+    before = dict(spent)
+    t = time.perf_counter()
+    cli.main(sys.argv[1:])
+    total = time.perf_counter() - t
+    loads = sum(spent.values()) - sum(before.values())
+    if label == "first":
+        marks.update((k, v - before[k]) for k, v in spent.items())
+        marks["generation (prefill, 16 steps, detokenizing, printing)"] = total - loads
+    else:
+        marks["the same command again in the process (load + generation)"] = total
+with open(os.environ["PHASES_OUT"], "w") as f:
+    json.dump(marks, f)
+"""
+
+
+def _cli_run(argv: List[str], env: dict) -> Tuple[float, Optional[float]]:
+    """(seconds to exit, seconds to the first byte on stdout) of one new process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    first = proc.stdout.read(1)
+    first_at = time.perf_counter() - start if first else None
+    _, err = proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(argv)} failed: {err.decode()[-2000:]}")
+    return time.perf_counter() - start, first_at
+
+
+@workload("The jaxgen command's start-up: a warm `jaxgen generate --max-length 16` from process start to exit",
+          tiny=dict(reps=2, models="tiny"), reps=5, models="default,tiny", prompt="The capital of France is")
+def cli_startup(ctx: Context) -> List[str]:
+    """`jaxgen generate --max-length 16 PROMPT` in new processes, warm: after one untimed call that
+    fills JAX's compilation cache (a fresh JAXGEN_HOME of the work directory, the user's default).
+    The default model, and the CLI tests' tiny model (tests/cli_models.py: 2 layers, 100 tokens).
+    Wall time to exit (the README's command), and to the first generated text on stdout (the same
+    with --no-echo), alternating; medians and ranges. Then where one warm process spends its time
+    (the command run in-process, its loads timed)."""
+    cli_models = models.tests_module("cli_models")
+    exe = os.path.join(os.path.dirname(sys.executable), "jaxgen")
+    home = os.path.join(ctx.work_dir, "cli-startup-home")
+    env = {**os.environ, "JAXGEN_HOME": home, **h.thread_env(ctx.threads)}
+    models_dirs = {}
+    for name in ctx.p.models.split(","):
+        if name == "tiny":
+            directory = os.path.join(ctx.work_dir, "tiny", "cli-model")
+            models_dirs[name] = directory if os.path.isdir(directory) else cli_models.build_cli_tiny_model(directory)
+        else:
+            models_dirs[name] = models.default_model(ctx.work_dir, ctx.log, need=())["jaxgen"]
+    rows, phases = [], {}
+    for name, directory in models_dirs.items():
+        argv = [exe, "generate", "--model", directory, "--max-length", "16", ctx.p.prompt]
+        _cli_run(argv, env)  # fills the cache
+        exits, firsts = [], []
+        for _ in range(ctx.reps):
+            exits.append(_cli_run(argv, env)[0])
+            firsts.append(_cli_run(argv[:2] + ["--no-echo"] + argv[2:], env)[1])
+            ctx.log(f"  {name}: exit {exits[-1]:.2f} s, first token {firsts[-1]:.2f} s")
+        rows.append([name, f"{statistics.median(exits):.2f} ({min(exits):.2f}-{max(exits):.2f})",
+                     f"{statistics.median(firsts):.2f} ({min(firsts):.2f}-{max(firsts):.2f})"])
+        out = os.path.join(ctx.work_dir, "cli-phases.json")
+        child = subprocess.run([sys.executable, "-c", CLI_PHASES, *argv[1:]], capture_output=True, text=True,
+                               env={**env, "SPAWNED_AT": repr(time.time()), "PHASES_OUT": out})
+        if child.returncode:
+            raise RuntimeError(f"the phase breakdown failed: {child.stderr[-2000:]}")
+        with open(out, encoding="utf-8") as f:
+            phases[name] = json.load(f)
+    lines = [f"- command: `jaxgen generate --model DIR --max-length 16 {ctx.p.prompt!r}`; {ctx.reps} runs each", "",
+             *h.markdown_table(["model", "process start to exit, s", "process start to first token, s"], rows, "lrr"),
+             "", "Where one warm process spends its time (seconds):", ""]
+    names = list(next(iter(phases.values())))
+    lines += h.markdown_table(["phase", *phases], [[k, *(f"{p[k]:.2f}" for p in phases.values())] for k in names],
+                              "l" + "r" * len(phases))
+    return lines
+
+
 # ============================================================================ int8: numerics
 @workload("int8 against float32: jaxgen next to CTranslate2, on the same text",
           tiny=dict(prompts=2, prompt_tokens=4, new_tokens=8, score_tokens=3), prompts=6, prompt_tokens=24,
@@ -396,12 +498,14 @@ def continuous(ctx: Context) -> List[str]:
                      h.ratio(rate["scheduler"], rate["static"]), h.fmt(tokens / len(prose) * rate["static"]),
                      h.fmt(tokens / len(prose) * rate["scheduler"]),
                      f"{sched.get('tokens', 0) / max(sched.get('slot_steps', 0), 1):.0%}",
+                     f"{sched.get('refills', 0)} / {sched.get('prefill_seconds', 0):.1f} s", str(sched.get("shrinks", 0)),
                      f"{sum(a == b for a, b in zip(out['static'], out['scheduler']))}/{len(prose)}"])
         notes.append(f"- {case.id}: output tokens {distribution([len(x) for x in out['scheduler']])}")
     return [f"- {len(prose)} prompts of {distribution([len(x) for x in prose])} tokens; end tokens {end[:3]!r}, "
             f"max_length {p.max_length}", *notes, "",
             *h.markdown_table(["mode", "width", "static prompts/s", "scheduler prompts/s", "scheduler / static",
-                               "static tok/s", "scheduler tok/s", "slot use", "same outputs"], rows, "llrrrrrrr"),
+                               "static tok/s", "scheduler tok/s", "slot use", "refills / prefill", "shrinks",
+                               "same outputs"], rows, "llrrrrrrrrr"),
             *failures(results)]
 
 

@@ -458,6 +458,7 @@ def _generate_file(args) -> int:
         prompts = _read_prompts(args.input, fmt, tokenizer, kwargs.get("static_prompt"), report,
                                 generator.prepare_constraint)
         start, generated, done = time.monotonic(), 0, 0
+        slots_before = generator.scheduler_stats
         per_line = fmt == "jsonl" and (args.input == "-" or _mentions_constraints(args.input))
         for prompt, result in _generate_in_order(generator, prompts, args, kwargs, per_line):
             ids = result.sequences_ids[0]
@@ -467,11 +468,19 @@ def _generate_file(args) -> int:
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
             out.flush()
             done, generated = done + 1, generated + len(ids)
-            bar.set_postfix_str(f"{generated / max(time.monotonic() - start, 1e-6):.1f} tokens/s", refresh=False)
+            bar.set_postfix_str(f"{generated / max(time.monotonic() - start, 1e-6):.1f} tokens/s"
+                                f"{_slot_use(slots_before, generator.scheduler_stats)}", refresh=False)
             bar.update(1)
     if done == 0 and bad == 0:
         raise CLIError(f"{args.input} has no prompts")
     return 1 if bad else 0
+
+
+def _slot_use(before: dict, now: dict) -> str:
+    """", slots 83%": the scheduler's slot utilisation (generated tokens / slot-steps) since
+    `before`; "" when no slot ran (static sub-batches)."""
+    slot_steps = now["slot_steps"] - before["slot_steps"]
+    return f", slots {(now['tokens'] - before['tokens']) / slot_steps:.0%}" if slot_steps else ""
 
 
 def _generate_in_order(generator, prompts: Iterator[_Prompt], args, kwargs: dict,

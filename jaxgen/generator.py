@@ -230,7 +230,8 @@ class Generator:
     @property
     def scheduler_stats(self) -> dict:
         """Counters of the slot scheduler since the Generator was made: sessions, prompts admitted,
-        refills (prefills into free slots), decode steps and generated tokens (see
+        refills (prefills into free slots) and their prefill_seconds, shrinks, decode steps,
+        slot_steps, generated tokens, and the slot `utilisation` (tokens / slot_steps; see
         `jaxgen.runtime.scheduler.SlotScheduler.stats`)."""
         return self._scheduler.stats
 

@@ -1,6 +1,6 @@
 """`jaxgen.default_model`: cache location, reuse, and concurrent first use.
 
-The conversion itself is replaced by writing the tiny CLI model (conftest.py), so these tests are
+The conversion itself is replaced by writing the tiny CLI model (cli_models.py), so these tests are
 fast; the real conversion runs in the slow tests (test_cli.py, test_notebooks.py).
 """
 
@@ -38,14 +38,14 @@ def test_cache_dir(monkeypatch, tmp_path):
 @pytest.fixture
 def fake_convert(monkeypatch, tmp_path):
     """Replaces the GGUF conversion by writing the tiny model (after `delay` seconds)."""
-    import conftest
+    import cli_models
 
     calls = []
 
     def convert(workdir, progress, delay=0.0):
         calls.append(workdir)
         time.sleep(delay)
-        return conftest.build_cli_tiny_model(os.path.join(workdir, "model"))
+        return cli_models.build_cli_tiny_model(os.path.join(workdir, "model"))
 
     monkeypatch.setenv("JAXGEN_HOME", str(tmp_path / "home"))
     monkeypatch.setattr(default_model, "_convert", convert)
@@ -80,10 +80,10 @@ def test_older_conversion_revision_is_converted_again(fake_convert):
     """A valid directory from an older converter (no stamp, or another revision) is replaced."""
     import json
 
-    import conftest
+    import cli_models
 
     target = default_model.default_model_dir()
-    conftest.build_cli_tiny_model(target)  # valid, but never stamped: an old jaxgen's conversion
+    cli_models.build_cli_tiny_model(target)  # valid, but never stamped: an old jaxgen's conversion
     assert default_model.is_valid_model_dir(target) and not default_model.is_current_model_dir(target)
     assert default_model.default_model_path() == target
     assert len(fake_convert) == 1
@@ -147,13 +147,13 @@ def test_two_processes_convert_once(tmp_path):
     script = textwrap.dedent(f"""
         import os, sys, time
         sys.path.insert(0, {tests_dir!r})
-        import conftest
+        import cli_models
         from jaxgen import default_model
 
         def convert(workdir, progress):
             print("converting", flush=True)
             time.sleep(1.0)
-            return conftest.build_cli_tiny_model(os.path.join(workdir, "model"))
+            return cli_models.build_cli_tiny_model(os.path.join(workdir, "model"))
 
         default_model._convert = convert
         print(default_model.default_model_path(), flush=True)

@@ -76,6 +76,8 @@ def test_greedy_equals_static_batching(pair, static, options):
     after = jg.scheduler_stats
     assert after["prompts"] - before["prompts"] == 2 * len(prompts)
     assert after["refills"] - before["refills"] >= 4  # finished slots were refilled
+    assert after["prefill_seconds"] > before["prefill_seconds"]
+    assert after["utilisation"] == after["tokens"] / after["slot_steps"] and 0 < after["utilisation"] <= 1
 
 
 def test_refilled_slots_run_fewer_steps(pair, static):
@@ -113,6 +115,42 @@ def test_last_rows_move_to_a_smaller_batch(pair, static):
     # asynchronous calls reach the worker: a long row that starts alone runs narrow from the start; on a
     # loaded machine that happened, and `shrinks` stayed put.)
     assert after["slot_steps"] - before["slot_steps"] < 8 * 30
+
+
+def test_the_tail_shrinks_through_finer_batches(pair, static):
+    """Twelve slots, rows ending at different steps and nothing waiting: each chunk ends as soon as
+    the running rows fit a smaller batch (12 -> 8 -> 6 -> 4 -> 3 -> 2 -> 1 here), so the tail's
+    slot-steps follow the running rows, and the answers stay those of static batching."""
+    jg = pair.jaxgen
+    prompts = prompts_of(pair, n=12, seed=470)
+    kwargs = dict(end_token=[], include_prompt_in_result=False, return_scores=True)
+    lengths = [4 * (i + 1) for i in range(12)]  # row i runs 4(i + 1) steps
+    expected = [static.generate_batch([p], max_length=n, **kwargs)[0] for p, n in zip(prompts, lengths)]
+    before = jg.scheduler_stats
+    with jg._scheduler._cond:  # submitted together: the worker admits all twelve at once
+        futures = [jg.generate_batch([p], max_batch_size=12, asynchronous=True, max_length=n, **kwargs)[0]
+                   for p, n in zip(prompts, lengths)]
+    assert_same([f.result() for f in futures], expected, "the shrinking tail")
+    after = jg.scheduler_stats
+    slot_steps = after["slot_steps"] - before["slot_steps"]
+    tokens = after["tokens"] - before["tokens"]
+    assert tokens == sum(lengths)
+    assert after["shrinks"] - before["shrinks"] >= 5
+    # Twelve slots for all 48 steps would be 576 slot-steps; the tail's batches keep them near the work.
+    assert slot_steps <= 1.25 * tokens, (slot_steps, tokens)
+
+
+def test_slot_batch_sizes():
+    from jaxgen.runtime.batching import slot_batch, smaller_slot_batch
+
+    assert [slot_batch(n, 64) for n in (1, 2, 3, 4, 5, 7, 9, 13, 17, 25, 33, 49, 64)] == \
+        [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 64]
+    assert slot_batch(17, 20) == 20 and slot_batch(70, 64) == 70  # capped at the width; a bigger request
+    assert slot_batch(300, 512) == 320 and smaller_slot_batch(320) == 256
+    for n in range(1, 300):
+        size = slot_batch(n, 1000)
+        assert size >= n and size <= max(1.5 * n, n + 1) + 63 * (n > 256)
+        assert smaller_slot_batch(size) < n  # the next size down no longer holds n rows
 
 
 def _generate_with_lengths(jg, prompts, lengths, kwargs):

@@ -21,6 +21,25 @@ def bucket(n: int, minimum: int = 16) -> int:
     return -(-n // 256) * 256
 
 
+SLOT_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+def slot_batch(n: int, width: int) -> int:
+    """Rows of a slot-scheduler batch that holds n running rows (n <= width): the smallest of
+    SLOT_SIZES (powers of two and three times them: steps of at most 1.5x), past 256 a multiple of
+    64, capped at `width`. Finer than `bucket` because a job's tail runs on it: a step costs more
+    with every row, and each size is one more compiled loop."""
+    size = next((s for s in SLOT_SIZES if s >= n), -(-n // 64) * 64)
+    return min(size, max(width, n))
+
+
+def smaller_slot_batch(batch: int) -> int:
+    """The largest slot batch size below `batch` (0 below 1)."""
+    if batch > SLOT_SIZES[-1]:
+        return max(SLOT_SIZES[-1], (batch - 1) // 64 * 64)
+    return max((s for s in SLOT_SIZES if s < batch), default=0)
+
+
 def pass_width(length: int, chunk: int) -> int:
     """Padded length of a full pass over `length` tokens: a chunk's multiple past one chunk."""
     return length if length <= chunk else -(-length // chunk) * chunk

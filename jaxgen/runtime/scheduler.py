@@ -20,6 +20,7 @@ import concurrent.futures
 import dataclasses
 import math
 import threading
+import time
 from collections import deque
 from typing import Callable, Deque, Dict, List, Optional, Tuple
 
@@ -31,24 +32,22 @@ from jaxgen.decoding.slots import grow_state, insert_rows, keep_rows
 from jaxgen.model.decoder import PassPlan, init_cache
 from jaxgen.results import GenerationResult
 from jaxgen.runtime import matchers
-from jaxgen.runtime.batching import bucket
+from jaxgen.runtime.batching import bucket, slot_batch, smaller_slot_batch
 from jaxgen.runtime.devices import on_device, on_device_int32
 from jaxgen.runtime.generation import (Row, _device_zeros, assemble_results, check_positions, completion, keys_of,
                                        loop_spec, loop_state, plan_rows, prefill_rows, processor_options,
                                        prompt_width, row_history, sampling_options, stop_options)
 from jaxgen.runtime.options import ResolvedOptions
 
-# Decode steps per dispatch: between two chunks finished rows are retired, waiting prompts
-# admitted and closed iterables noticed. The loop also returns as soon as a row finishes while
-# prompts wait for a slot.
+# Decode steps per dispatch at most: between two chunks finished rows are retired, waiting prompts
+# admitted and closed iterables noticed. A chunk also ends early, as soon as enough rows finished
+# for a refill group while prompts wait, or, when none wait, as soon as the running rows fit a
+# smaller batch (`slot_batch`).
 CHUNK_STEPS = 16
 # Free slots are refilled in groups of width / REFILL_FRACTION rows (fewer when fewer wait): a
 # prefill reads every weight once, like a decode step, so one prefill per finished row would cost
 # about a decode step each; a group keeps that overhead small at the price of a few idle slots.
-REFILL_FRACTION = 4
-# When nothing waits and at most 1 / SHRINK_FRACTION of the slots still run, the running rows
-# move into a smaller batch (the width comes back when new prompts arrive).
-SHRINK_FRACTION = 4
+REFILL_FRACTION = 8
 # Slots per replica when the caller sets no max_batch_size.
 DEFAULT_WIDTHS = {"cpu": 64, "cuda": 256, "tpu": 256}
 
@@ -149,7 +148,8 @@ class SlotScheduler:
         self._workers: Dict[str, threading.Thread] = {}
         self._sessions = 0
         self._unfinished: Dict[Call, int] = {}  # prompts not resolved yet, per call
-        self._stats = {"sessions": 0, "prompts": 0, "refills": 0, "shrinks": 0, "steps": 0, "slot_steps": 0, "tokens": 0}
+        self._stats = {"sessions": 0, "prompts": 0, "refills": 0, "shrinks": 0, "steps": 0, "slot_steps": 0, "tokens": 0,
+                       "prefill_seconds": 0.0}
 
     # ------------------------------------------------------------------ submitting
     def submit(self, call: Call, prompts: List[List[int]], indices: List[int],
@@ -177,12 +177,15 @@ class SlotScheduler:
     @property
     def stats(self) -> dict:
         """A copy of the counters: sessions started, prompts admitted, refills (prefills into free
-        slots), decode steps (loop iterations, summed over replicas), slot_steps (steps x slots)
-        and generated tokens. tokens / slot_steps is the slot utilisation."""
+        slots), shrinks (moves to a smaller batch), decode steps (loop iterations, summed over
+        replicas), slot_steps (steps x slots), generated tokens and prefill_seconds (wall time of
+        the refills' prefills); and `utilisation`, tokens / slot_steps (0.0 before any step)."""
         with self._cond:
-            return dict(self._stats)
+            stats = dict(self._stats)
+        stats["utilisation"] = stats["tokens"] / stats["slot_steps"] if stats["slot_steps"] else 0.0
+        return stats
 
-    def count(self, **increments: int) -> None:
+    def count(self, **increments: float) -> None:
         with self._cond:
             for name, value in increments.items():
                 self._stats[name] += value
@@ -354,15 +357,17 @@ class _Session:
         if not pending:
             return
         need = sum(s is not None for s in self.slots) + len(pending)
-        # Up to the width in bucketed steps (one request with more hypotheses than the width gets them all).
-        batch = self.batch if need <= self.batch else max(need, min(self.width, bucket(need, minimum=1)))
+        # Up to the width in slot_batch steps (one request with more hypotheses than the width gets them all).
+        batch = self.batch if need <= self.batch else slot_batch(need, self.width)
         rows = [req.rows[j] for req, j in pending]
         self._ensure_capacity(batch, rows)
         free = [i for i, s in enumerate(self.slots) if s is None][:len(pending)]
         n = bucket(len(pending), minimum=1)
         config = self.s.config
-        cache = prefill_rows(self.replica.params, config, rows, self.prefix, self.prefix_len, self.s.plan, n,
-                             self.state.cache.length, self.share)
+        started = time.perf_counter()
+        cache = jax.block_until_ready(prefill_rows(self.replica.params, config, rows, self.prefix, self.prefix_len,
+                                                   self.s.plan, n, self.state.cache.length, self.share))
+        self.s.count(prefill_seconds=time.perf_counter() - started)
         history = row_history(rows, n, self.state.history.tokens.shape[1], config.vocab_size)
         pad = [0] * (n - len(rows))
         slots = np.array(free + [self.batch] * (n - len(rows)), np.int32)
@@ -462,15 +467,15 @@ class _Session:
             occupied_slots = [i for i, slot in enumerate(self.slots) if slot is not None]
             if not occupied_slots:
                 return
-            if not waiting and len(occupied_slots) <= self.batch // SHRINK_FRACTION:
+            if not waiting and slot_batch(len(occupied_slots), self.width) < self.batch:
                 occupied_slots = self._shrink(occupied_slots)
             self._decode_chunk(occupied_slots, waiting)
             self.retire()
 
     def _shrink(self, occupied: List[int]) -> List[int]:
-        """Moves the running rows into a batch of bucket(len(occupied)) slots (the tail of a job:
-        nothing waits, and a step of the full width would cost for the idle slots)."""
-        batch = bucket(len(occupied), minimum=1)
+        """Moves the running rows into a batch of slot_batch(len(occupied)) slots (the tail of a
+        job: nothing waits, and a step of the full width would cost for the idle slots)."""
+        batch = slot_batch(len(occupied), self.width)
         keep = occupied + [i for i, slot in enumerate(self.slots) if slot is None][:batch - len(occupied)]
         self.state = keep_rows(self.state, on_device(np.array(keep, np.int32)))
         self.slots = [self.slots[i] for i in keep]
@@ -485,11 +490,15 @@ class _Session:
 
     def _decode_chunk(self, occupied: List[int], waiting: int) -> None:
         """Runs up to CHUNK_STEPS steps; while rows wait for slots, stops as soon as enough rows
-        finished for a refill group."""
+        finished for a refill group; while none wait, as soon as the running rows fit a smaller
+        batch (the next chunk runs on it)."""
         state = self.state
         attend_len = live_length(int(self.position[occupied].max()) + 1, state.cache.length)
         free = self.batch - len(occupied)
-        stop_done = max(min(self.refill_rows, waiting), free + 1) if waiting else self.batch + 1
+        if waiting:
+            stop_done = max(min(self.refill_rows, waiting), free + 1)
+        else:
+            stop_done = self.batch - smaller_slot_batch(self.batch) if self.batch > 1 else self.batch + 1
         consts = DecodeConsts(proc=self.proc, samp=self.samp, max_new=on_device(self.max_new),
                               min_new=on_device(self.min_new), stops=self.stops)
         self.state = decode(self.replica.params, state, consts, on_device_int32(self.step + CHUNK_STEPS), on_device_int32(stop_done),
