@@ -286,13 +286,13 @@ def _cli_run(argv: List[str], env: dict) -> Tuple[float, Optional[float]]:
 
 
 @workload("The jaxgen command's start-up: a warm `jaxgen generate --max-length 16` from process start to exit",
-          tiny=dict(reps=2, models="tiny"), reps=5, models="default,tiny", prompt="The capital of France is")
+          tiny=dict(models="tiny"), models="default,tiny", prompt="The capital of France is")
 def cli_startup(ctx: Context) -> List[str]:
     """`jaxgen generate --max-length 16 PROMPT` in new processes, warm: after one untimed call that
     fills JAX's compilation cache (a fresh JAXGEN_HOME of the work directory, the user's default).
     The default model, and the CLI tests' tiny model (tests/cli_models.py: 2 layers, 100 tokens).
     Wall time to exit (the README's command), and to the first generated text on stdout (the same
-    with --no-echo), alternating; medians and ranges. Then where one warm process spends its time
+    with --no-echo), alternating, --reps times each; medians and ranges. Then where one warm process spends its time
     (the command run in-process, its loads timed)."""
     cli_models = models.tests_module("cli_models")
     exe = os.path.join(os.path.dirname(sys.executable), "jaxgen")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -183,6 +184,7 @@ def test_generate_input_bad_jsonl_lines(cli_tiny_model, tmp_path):
     assert "not valid JSON" in proc.stderr and 'no "prompt" string' in proc.stderr
     assert '"prompt" is empty' in proc.stderr and '"max_length" must be a positive integer' in proc.stderr
     assert "prompts/s" in proc.stderr and "tokens/s" in proc.stderr
+    assert re.search(r"slots \d+%", proc.stderr)  # the scheduler's slot utilisation
     records = _json_lines(out.read_text(encoding="utf-8"))
     assert [r["line"] for r in records] == [1, 3, 8]
     assert records[0]["id"] == 7
