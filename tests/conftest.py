@@ -24,6 +24,22 @@ os.environ.setdefault("JAXGEN_HOME", os.path.join(os.path.dirname(os.path.dirnam
 os.environ.setdefault("JAXGEN_COMPILATION_CACHE", "0")
 
 
+# `make test-fast` runs these modules' tests (marked `fast` here): jaxgen's own functions on tiny
+# models, no case-by-case reference comparison, no subprocesses (`make test` runs them too). Keep
+# the set under five minutes on 2 cores.
+FAST_MODULES = frozenset({
+    "test_chat", "test_context_length", "test_cpu_kernels", "test_experts", "test_functional",
+    "test_generation_invariants", "test_int8_compute", "test_logits_processors", "test_memory",
+    "test_model_errors", "test_prefix_cache", "test_prompt_lookup", "test_scoring_blocks", "test_unload",
+})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module is not None and item.module.__name__.rpartition(".")[2] in FAST_MODULES:
+            item.add_marker(pytest.mark.fast)
+
+
 @pytest.fixture(autouse=True)
 def _no_executable_cache_when_patching(request):
     """A test that monkeypatches may change module globals that traced code reads, which the keys
