@@ -327,11 +327,14 @@ def resolve_attention(requested: str, platform: str, config, dtype) -> str:
     if requested not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)}, got {requested!r}")
     reason = _fused_reason(config) or cudnn_supported(dtype, config.max_head_dim, config.attn_logit_softcapping)
-    pallas_reason = _fused_reason(config) or pallas_supported(dtype, config.max_head_dim, config.attn_logit_softcapping)
+
+    def pallas_reason() -> Optional[str]:  # asked only on a TPU or for "pallas": it imports the TPU kernel (0.3 s)
+        return _fused_reason(config) or pallas_supported(dtype, config.max_head_dim, config.attn_logit_softcapping)
+
     if requested == "auto":
         if platform == "cuda" and reason is None:
             return "cudnn"
-        if platform == "tpu" and pallas_reason is None:
+        if platform == "tpu" and pallas_reason() is None:
             return "pallas"
         return "flash"
     if requested == "cudnn":
@@ -342,8 +345,9 @@ def resolve_attention(requested: str, platform: str, config, dtype) -> str:
     if requested == "pallas":
         if platform != "tpu" and not _PALLAS_INTERPRET:
             raise ValueError(f"attention='pallas' needs a TPU (device is {platform})")
-        if pallas_reason is not None:
-            raise ValueError(f"attention='pallas' cannot run this model: {pallas_reason}")
+        why = pallas_reason()
+        if why is not None:
+            raise ValueError(f"attention='pallas' cannot run this model: {why}")
     return requested
 
 

@@ -68,3 +68,16 @@ def on_device_int32(value) -> jax.Array:
 def on_device_float32(value) -> jax.Array:
     """`on_device(value, np.float32)` (as `jnp.float32(value)`)."""
     return on_device(value, np.float32)
+
+
+def committed_like(tree, params):
+    """`tree`'s arrays committed to the one device `params` live on (unchanged when params span
+    several devices: tensor parallelism). A jitted loop's outputs are committed to the params'
+    device; inputs made by `on_device` are not, and JAX lowers (and loads or compiles) a program
+    per placement, so a loop state that starts uncommitted costs a second program at its second
+    call. Arrays already there are not copied."""
+    devices = jax.tree_util.tree_leaves(params)[0].sharding.device_set
+    if len(devices) != 1:
+        return tree
+    return jax.device_put(tree, next(iter(devices)))
+

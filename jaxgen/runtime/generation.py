@@ -29,7 +29,7 @@ from jaxgen.model.decoder import KVCache, PassPlan
 from jaxgen.results import GenerationResult, GenerationStepResult
 from jaxgen.runtime import matchers
 from jaxgen.runtime.batching import bucket, pass_width
-from jaxgen.runtime.devices import on_device, on_device_float32, on_device_int32
+from jaxgen.runtime.devices import committed_like, on_device, on_device_float32, on_device_int32
 from jaxgen.runtime.options import ResolvedOptions, max_candidates
 
 # Decode steps per dispatch when a callback must see tokens as they come: the first token is handed
@@ -305,10 +305,11 @@ def run_rows(params: dict, config, rows: List[Row], resolved: ResolvedOptions, p
     spec = loop_spec(config, opts)._replace(constraint_words=constraint_words(rows))
     handles = matchers.open_rows([r.constraint for r in rows] + [None] * (bp - b))
     try:
-        state = loop_state(last=p.last, position=p.position, done=max_new <= 0, n_out=n_out, history=p.history,
-                           cache=p.cache, keys=keys_of(rows, [seed] * b, bp),
-                           logits=_device_zeros((bp, n_out if opts.return_logits_vocab else 0, config.vocab_size)),
-                           stop_count=stops.lengths.shape[0], constraint=handles)
+        state = committed_like(loop_state(
+            last=p.last, position=p.position, done=max_new <= 0, n_out=n_out, history=p.history, cache=p.cache,
+            keys=keys_of(rows, [seed] * b, bp),
+            logits=_device_zeros((bp, n_out if opts.return_logits_vocab else 0, config.vocab_size)),
+            stop_count=stops.lengths.shape[0], constraint=handles), params)
         return _decode_rows(params, config, rows, resolved, state, consts, spec, p, vocabulary, callback, prefix_len)
     finally:
         matchers.close_rows(handles)
