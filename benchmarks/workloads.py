@@ -467,10 +467,11 @@ def distribution(lengths: List[int]) -> str:
 
 @workload("Continuous batching (the slot scheduler) against static sub-batches of the same width",
           tiny=dict(prompts=12, widths=(4,), max_length=16), prompts=256, widths=(16, 64), modes="greedy,sampling",
-          max_length=256)
+          max_length=256, sampling_temperature=1.0)
 def continuous(ctx: Context) -> List[str]:
-    """Real prose prompts, end tokens "<eos>", "\\n", "."; greedy, then top-k 40 sampling with seed 0;
-    each (mode, width) once on both paths after a warm-up on `width` prompts; the outputs must agree."""
+    """Real prose prompts, end tokens "<eos>", "\\n", "."; greedy, then top-k 40 sampling with seed 0 at
+    --sampling-temperature; each (mode, width) once on both paths after a warm-up on `width` prompts;
+    the outputs must agree."""
     p, paths = ctx.p, ctx.paths()
     tok = ctx.tokens()
     prose = [tok.prompt(t) for t in prose_prompts(p.prompts)]
@@ -483,7 +484,7 @@ def continuous(ctx: Context) -> List[str]:
             args = dict(prompts="prose", new_tokens=p.max_length, exact=False, outputs=True, end_token=end,
                         max_batch_size=w, return_end_token=True)
             if mode == "sampling":
-                args.update(sampling_topk=40, random_seed=0)
+                args.update(sampling_topk=40, random_seed=0, sampling_temperature=p.sampling_temperature)
             cases.append(Case(f"{mode} {w}", "generate", args, work=len(prose), reps=1, warmup={"prompts": prose[:w]}))
     results = ctx.run(specs, cases, {"prose": prose})
     rows, notes = [], []
