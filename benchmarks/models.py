@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import json
 import importlib
+import json
 import math
 import os
 import random

@@ -80,4 +80,3 @@ def committed_like(tree, params):
     if len(devices) != 1:
         return tree
     return jax.device_put(tree, next(iter(devices)))
-

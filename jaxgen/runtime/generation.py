@@ -252,24 +252,25 @@ def prepare(params: dict, config, rows: List[Row], resolved: ResolvedOptions, pr
 
 
 def loop_state(*, last: np.ndarray, position: np.ndarray, done: np.ndarray, n_out: int, history, cache: KVCache,
-               keys: jax.Array, logits: jax.Array, stop_count: int,
+               keys: jax.Array, logits: jax.Array, stop_count: int, params: dict,
                constraint: Optional[np.ndarray] = None) -> DecodeState:
     """A greedy/sampling (or prompt-lookup) loop state at step 0 for rows starting from their last
     prompt token `last` [B] at `position` [B]; done [B] marks rows with nothing to generate (or
     free slots). Host zeros (a transfer, not one small compiled program per shape); `logits` is
     the [B, N or 0, V] buffer of stored logits, made on the device by the caller; stop_count: the
     stop strings followed (S of the call's StopStrings); constraint: the rows' matcher handles [B]
-    (jaxgen.runtime.matchers; None: every row free)."""
+    (jaxgen.runtime.matchers; None: every row free). The state is committed to the device of
+    `params`, the weights the loop runs with (`devices.committed_like`)."""
     b = len(last)
     if constraint is None:
         constraint = np.full((b,), -1, np.int32)
     zeros = lambda shape, dtype: on_device(np.zeros(shape, dtype))  # noqa: E731
-    return DecodeState(
+    return committed_like(DecodeState(
         step=on_device_int32(0), last_token=on_device(np.asarray(last, np.int32)),
         position=on_device(np.asarray(position, np.int32)), done=on_device(np.asarray(done, bool)),
         out_tokens=zeros((b, n_out), np.int32), out_log_probs=zeros((b, n_out), np.float32),
         gen_len=zeros((b,), np.int32), history=history, cache=cache, key=keys, logits=logits,
-        stop=zeros((b, stop_count), np.int32), constraint=on_device(np.asarray(constraint, np.int32)))
+        stop=zeros((b, stop_count), np.int32), constraint=on_device(np.asarray(constraint, np.int32))), params)
 
 
 def run_in_segments(loop, state, until: int, first_position: int, cache_len: int):
@@ -305,11 +306,10 @@ def run_rows(params: dict, config, rows: List[Row], resolved: ResolvedOptions, p
     spec = loop_spec(config, opts)._replace(constraint_words=constraint_words(rows))
     handles = matchers.open_rows([r.constraint for r in rows] + [None] * (bp - b))
     try:
-        state = committed_like(loop_state(
-            last=p.last, position=p.position, done=max_new <= 0, n_out=n_out, history=p.history, cache=p.cache,
-            keys=keys_of(rows, [seed] * b, bp),
-            logits=_device_zeros((bp, n_out if opts.return_logits_vocab else 0, config.vocab_size)),
-            stop_count=stops.lengths.shape[0], constraint=handles), params)
+        state = loop_state(last=p.last, position=p.position, done=max_new <= 0, n_out=n_out, history=p.history,
+                           cache=p.cache, keys=keys_of(rows, [seed] * b, bp),
+                           logits=_device_zeros((bp, n_out if opts.return_logits_vocab else 0, config.vocab_size)),
+                           stop_count=stops.lengths.shape[0], params=params, constraint=handles)
         return _decode_rows(params, config, rows, resolved, state, consts, spec, p, vocabulary, callback, prefix_len)
     finally:
         matchers.close_rows(handles)
@@ -387,11 +387,12 @@ def run_lookup_rows(params: dict, config, rows: List[Row], resolved: ResolvedOpt
                           stops=stops)
     base = loop_state(last=p.last, position=p.position, done=p.max_new <= 0, n_out=p.n_out, history=p.history,
                       cache=p.cache, keys=on_device(np.zeros((p.bp, 2), np.uint32)),
-                      logits=_device_zeros((p.bp, 0, config.vocab_size)), stop_count=stops.lengths.shape[0])
-    state = LookupState(
+                      logits=_device_zeros((p.bp, 0, config.vocab_size)), stop_count=stops.lengths.shape[0],
+                      params=params)
+    state = committed_like(LookupState(
         rows=base, context=on_device(_pad2(contexts, width, 0, p.bp)),
         context_len=on_device(np.array([len(c) for c in contexts] + [1] * (p.bp - b), np.int32)),
-        accepted=on_device(np.zeros((p.bp,), np.int32)))
+        accepted=on_device(np.zeros((p.bp,), np.int32))), params)
     spec = LookupSpec(config=config, draft=draft)
     while True:  # grow the live bound of the cache reads as positions advance (see run_in_segments)
         position, done = jax.device_get((state.rows.position, state.rows.done))

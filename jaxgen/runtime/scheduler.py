@@ -33,7 +33,7 @@ from jaxgen.model.decoder import PassPlan, init_cache
 from jaxgen.results import GenerationResult
 from jaxgen.runtime import matchers
 from jaxgen.runtime.batching import bucket, slot_batch, smaller_slot_batch
-from jaxgen.runtime.devices import committed_like, on_device, on_device_int32
+from jaxgen.runtime.devices import on_device, on_device_int32
 from jaxgen.runtime.generation import (Row, _device_zeros, assemble_results, check_positions, completion, keys_of,
                                        loop_spec, loop_state, plan_rows, prefill_rows, processor_options,
                                        prompt_width, row_history, sampling_options, stop_options)
@@ -319,13 +319,13 @@ class _Session:
         hist = max(len(r.history) + r.max_new for r in rows)
         if self.state is None:
             l0, n0, h0 = bucket(length, minimum=64), bucket(n_out, minimum=64), bucket(hist, minimum=64)
-            self.state = committed_like(loop_state(
+            self.state = loop_state(
                 last=np.zeros((batch,), np.int32), position=np.zeros((batch,), np.int32),
                 done=np.ones((batch,), bool), n_out=n0, history=row_history([], batch, h0, config.vocab_size),
                 cache=init_cache(config, batch, l0, self.prefix.dtype),
                 keys=on_device(np.zeros((batch, 2), np.uint32)),
-                logits=_device_zeros((batch, 0, config.vocab_size)), stop_count=self.stops.lengths.shape[0]),
-                self.replica.params)
+                logits=_device_zeros((batch, 0, config.vocab_size)), stop_count=self.stops.lengths.shape[0],
+                params=self.replica.params)
         else:
             state = self.state
             l0, n0, h0 = state.cache.length, state.out_tokens.shape[1], state.history.tokens.shape[1]
@@ -380,8 +380,8 @@ class _Session:
                            n_out=self.state.out_tokens.shape[1], history=history, cache=cache,
                            keys=keys_of(rows, [req.call.seed for req, _ in pending], n),
                            logits=_device_zeros((n, 0, config.vocab_size)),
-                           stop_count=self.stops.lengths.shape[0], constraint=handles)
-        self.state = insert_rows(self.state, on_device(slots), committed_like(fresh, self.replica.params))
+                           stop_count=self.stops.lengths.shape[0], params=self.replica.params, constraint=handles)
+        self.state = insert_rows(self.state, on_device(slots), fresh)
         self.s.count(refills=1)
         for slot, (req, j), row, pos in zip(free, pending, rows, positions):
             self.slots[slot] = (req, j)
