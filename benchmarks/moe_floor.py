@@ -1,0 +1,110 @@
+"""The floor of a mixture-of-experts decode step on this CPU: what reading the experts' weights costs.
+
+    python benchmarks/moe_floor.py                       # the `moe` workload's shapes (hidden 768, width 1536, 6 layers, 8 experts)
+    python benchmarks/moe_floor.py --rows 1,4,16 --reps 9
+
+At batch 16 with top-2 of 8 experts, 32 choices leave ~7.9 experts chosen per layer and step, so a
+step must read (nearly) every expert's weights whatever the formulation: the MoE MLP cannot cost
+less than the gated MLPs of all experts on a few rows each. This measures, in float32 with the
+weights in the [in, out] layout and every weight distinct (as in a decode step, where they do not
+stay in cache):
+
+- `experts at R rows`: the gated MLPs of layers x experts distinct experts, each on R rows;
+- `dense at 16 rows`: the gated MLPs of a dense model with the same active parameters per token
+  (width 2F, `layers` layers) on 16 rows;
+- the machine's read bandwidth (numpy sums over 512 MiB, 1 and 2 threads).
+
+The step floor of the MoE model is then (dense step time - dense MLP time + experts at ~4 rows),
+against the dense step time measured by `python benchmarks/run.py moe` (the README does the sum).
+Prints one line per measurement; medians of --reps runs after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+from typing import Callable, List, Sequence, Tuple
+
+import numpy as np
+
+
+def read_bandwidth(threads: int, reps: int = 5) -> float:
+    """GB/s of `threads` threads each summing its share of a 512 MiB float32 array (best of reps)."""
+    data = np.ones(128 * 2**20, np.float32)
+    parts = np.split(data, threads)
+    best = 0.0
+    for _ in range(reps):
+        workers = [threading.Thread(target=lambda a=a: a.sum(dtype=np.float32)) for a in parts]
+        start = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = max(best, data.nbytes / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def gated_stack(weights: Sequence[Tuple]) -> Callable:
+    """A jitted sum over gated MLPs x [R, D] -> [R, D], one per (gate [D, F], up [D, F], down [F, D])."""
+    import jax
+    import jax.numpy as jnp
+
+    @jax.jit
+    def run(x, ws):
+        total = jnp.zeros_like(x)
+        for gate, up, down in ws:
+            total = total + (jax.nn.gelu(x @ gate) * (x @ up)) @ down
+        return total
+
+    return lambda x: run(x, weights)
+
+
+def median_ms(fn: Callable, x, reps: int) -> float:
+    fn(x).block_until_ready()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn(x).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times))
+
+
+def main(argv: List[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--expert-width", type=int, default=1536)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--rows", default="1,2,4,8,16", help="rows per expert product")
+    parser.add_argument("--reps", type=int, default=7)
+    args = parser.parse_args(argv)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__))))
+    import harness
+    import jax.numpy as jnp
+
+    d, f, n = args.hidden, args.expert_width, args.layers * args.experts
+    rng = np.random.default_rng(0)
+
+    def weight(shape):
+        return jnp.asarray(rng.standard_normal(shape, np.float32) * 0.02)
+
+    print(f"CPU: {' '.join(harness.cpu_name())}; hidden {d}, expert width {f}, {args.layers} layers x {args.experts} experts, "
+          f"float32, medians of {args.reps}")
+    for threads in (1, 2):
+        print(f"read bandwidth, {threads} thread(s): {read_bandwidth(threads):.1f} GB/s")
+    experts = gated_stack([(weight((d, f)), weight((d, f)), weight((f, d))) for _ in range(n)])
+    mib = n * 3 * d * f * 4 / 2**20
+    for rows in (int(r) for r in args.rows.split(",")):
+        ms = median_ms(experts, weight((rows, d)), args.reps)
+        print(f"experts at {rows:2d} rows ({n} experts, {mib:,.0f} MiB): {ms:7.2f} ms  ({mib / 1024 / ms * 1000:.1f} GiB/s)")
+    dense = gated_stack([(weight((d, 2 * f)), weight((d, 2 * f)), weight((2 * f, d))) for _ in range(args.layers)])
+    dense_mib = args.layers * 3 * d * 2 * f * 4 / 2**20
+    ms = median_ms(dense, weight((16, d)), args.reps)
+    print(f"dense at 16 rows ({args.layers} gated MLPs of width {2 * f}, {dense_mib:,.0f} MiB): {ms:7.2f} ms")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
