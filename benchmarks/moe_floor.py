@@ -12,10 +12,16 @@ stay in cache):
 - `experts at R rows`: the gated MLPs of layers x experts distinct experts, each on R rows;
 - `dense at 16 rows`: the gated MLPs of a dense model with the same active parameters per token
   (width 2F, `layers` layers) on 16 rows;
+- `jaxgen experts_mlp at T tokens`: `jaxgen.model.experts.experts_mlp` (routing top-2, grouping,
+  products, scatter) over the same layers x experts on T tokens, to set against the floor;
 - the machine's read bandwidth (numpy sums over 512 MiB, 1 and 2 threads).
 
-The step floor of the MoE model is then (dense step time - dense MLP time + experts at ~4 rows),
-against the dense step time measured by `python benchmarks/run.py moe` (the README does the sum).
+Absolute times move between runs on a shared machine; ratios within one run are steadier. With
+`python benchmarks/run.py moe`'s dense and all-experts step times (D, A; the all-experts model reads
+the same bytes as a batch-16 MoE step), r_d = dense / experts-at-16 and r_4 = experts-at-4 /
+experts-at-16 from one run here: the MLP part of A is M = (A - D) / (1 - r_d), the rest C = A - M,
+and a MoE step that only read each expert once on its ~4 rows would take C + r_4 * M (the README
+does this sum).
 Prints one line per measurement; medians of --reps runs after a warm-up.
 """
 
@@ -56,7 +62,7 @@ def gated_stack(weights: Sequence[Tuple]) -> Callable:
     def run(x, ws):
         total = jnp.zeros_like(x)
         for gate, up, down in ws:
-            total = total + (jax.nn.gelu(x @ gate) * (x @ up)) @ down
+            total = total + (jax.nn.silu(x @ gate) * (x @ up)) @ down
         return total
 
     return lambda x: run(x, weights)
@@ -70,6 +76,32 @@ def median_ms(fn: Callable, x, reps: int) -> float:
         fn(x).block_until_ready()
         times.append(time.perf_counter() - start)
     return 1000 * float(np.median(times))
+
+
+def jaxgen_experts(d: int, f: int, layers: int, experts: int, weight) -> Callable:
+    """jaxgen's experts MLP over `layers` layers of `experts` experts (top-2, silu), with random
+    routers: x [T, 1, D] -> [T, 1, D]."""
+    import jax
+
+    from jaxgen.model.config import ModelConfig
+    from jaxgen.model.experts import experts_mlp
+
+    config = ModelConfig(architecture="moe-floor", vocab_size=512, hidden_size=d, num_layers=layers,
+                         num_heads=max(1, d // 64), num_kv_heads=max(1, d // 128), head_dim=64,
+                         max_position_embeddings=4096, mlp="experts", num_experts=experts, experts_per_token=2,
+                         expert_intermediate_size=f, intermediate_size=f)
+    params = [{"router": {"weight": weight((d, experts))},
+               **{kind: {"weight": [weight(shape) for _ in range(experts)]}
+                  for kind, shape in (("expert_gate", (d, f)), ("expert_up", (d, f)), ("expert_down", (f, d)))}}
+              for _ in range(layers)]
+
+    @jax.jit
+    def run(x, params):
+        for lp in params:
+            x = x + experts_mlp(config, x, lp)
+        return x
+
+    return lambda x: run(x, params)
 
 
 def main(argv: List[str]) -> None:
@@ -100,6 +132,9 @@ def main(argv: List[str]) -> None:
     for rows in (int(r) for r in args.rows.split(",")):
         ms = median_ms(experts, weight((rows, d)), args.reps)
         print(f"experts at {rows:2d} rows ({n} experts, {mib:,.0f} MiB): {ms:7.2f} ms  ({mib / 1024 / ms * 1000:.1f} GiB/s)")
+    moe = jaxgen_experts(d, f, args.layers, args.experts, weight)
+    for tokens in (1, 16):
+        print(f"jaxgen experts_mlp at {tokens:2d} tokens (top-2): {median_ms(moe, weight((tokens, 1, d)), args.reps):7.2f} ms")
     dense = gated_stack([(weight((d, 2 * f)), weight((d, 2 * f)), weight((2 * f, d))) for _ in range(args.layers)])
     dense_mib = args.layers * 3 * d * 2 * f * 4 / 2**20
     ms = median_ms(dense, weight((16, d)), args.reps)
