@@ -1,0 +1,76 @@
+"""Where a prefill's time goes: the whole prefill, then with attention replaced by zeros, then with
+every linear layer (the int8 or float32 products, the head included) replaced by a cheap stand-in.
+
+    python benchmarks/prefill_breakdown.py                          # default model, int8_float32, 512 tokens
+    python benchmarks/prefill_breakdown.py --compute-type float32 --tokens 1024
+
+An ablation, not a profile: each variant is traced and compiled anew (jax.clear_caches) with one
+function of jaxgen.model.decoder monkeypatched, and timed as `generate_batch(max_length=1)` on a
+random prompt (medians of --reps after a warm-up). The differences to the whole prefill estimate
+what attention and the products cost; the outputs of the patched variants are meaningless.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def main(argv) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="", help="a jaxgen model directory (default: the default model)")
+    parser.add_argument("--compute-type", default="int8_float32")
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--reps", type=int, default=7)
+    args = parser.parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import harness
+    import jax
+    import jax.numpy as jnp
+
+    import jaxgen
+    import jaxgen.model.decoder as decoder
+    from jaxgen import default_model
+
+    generator = jaxgen.Generator(args.model or default_model.default_model_path(progress=False),
+                                 compute_type=args.compute_type)
+    tokens = generator.vocabulary.tokens
+    rng = np.random.default_rng(0)
+    prompt = [tokens[2]] + [tokens[int(t)] for t in rng.integers(1000, len(tokens) - 1, args.tokens - 1)]
+
+    def prefill_ms() -> float:
+        times = []
+        for _ in range(args.reps + 1):
+            start = time.perf_counter()
+            generator.generate_batch([prompt], max_length=1, include_prompt_in_result=False)
+            times.append(time.perf_counter() - start)
+        return 1000 * float(np.median(times[1:]))
+
+    def no_attention(q, k, v, *_, **__):  # [B, T, Hq, hd] -> zeros [B, T, Hq * hd], still reading k
+        return jnp.zeros(q.shape[:2] + (q.shape[2] * q.shape[3],), q.dtype) + 0 * jnp.sum(k)
+
+    def cheap_linear(x, p, transposed=False):  # x [..., K] -> [..., N] without the product
+        w = p["weight_nk"] if "weight_nk" in p else p["weight"]
+        n = w.shape[0] if ("weight_nk" in p or transposed) else w.shape[1]
+        return jnp.zeros(x.shape[:-1] + (n,), x.dtype) + 1e-9 * jnp.sum(x, -1, keepdims=True)
+
+    print(f"CPU: {' '.join(harness.cpu_name())}; {args.compute_type}, {args.tokens}-token prompt, medians of {args.reps}")
+    whole = prefill_ms()
+    print(f"whole prefill: {whole:.1f} ms")
+    for name, attribute, stand_in in (("attention", "attend", no_attention), ("linear layers", "linear", cheap_linear)):
+        original = getattr(decoder, attribute)
+        setattr(decoder, attribute, stand_in)
+        jax.clear_caches()
+        try:
+            ms = prefill_ms()
+        finally:
+            setattr(decoder, attribute, original)
+        print(f"without {name}: {ms:.1f} ms  ({name}: ~{whole - ms:.1f} ms, {(whole - ms) / whole:.0%})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
