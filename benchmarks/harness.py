@@ -380,6 +380,19 @@ def header(title: str, threads: int) -> List[str]:
             f"- load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"]
 
 
+def median_ms(call: Callable[[], object], reps: int) -> float:
+    """Median wall milliseconds of `reps` calls of `call` after one untimed warm-up call, for the
+    standalone in-process measuring scripts (moe_floor.py, prefill_breakdown.py); `call` must wait
+    for its own result (e.g. `block_until_ready`)."""
+    call()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
 def fmt(value: Optional[float], digits: int = 3) -> str:
     """About `digits` significant digits, thousands separated; "—" for no value."""
     if value is None:

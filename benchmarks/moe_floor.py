@@ -68,16 +68,6 @@ def gated_stack(weights: Sequence[Tuple]) -> Callable:
     return lambda x: run(x, weights)
 
 
-def median_ms(fn: Callable, x, reps: int) -> float:
-    fn(x).block_until_ready()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn(x).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
-
-
 def jaxgen_experts(d: int, f: int, layers: int, experts: int, weight) -> Callable:
     """jaxgen's experts MLP over `layers` layers of `experts` experts (top-2, silu), with random
     routers: x [T, 1, D] -> [T, 1, D]."""
@@ -113,7 +103,7 @@ def main(argv: List[str]) -> None:
     parser.add_argument("--rows", default="1,2,4,8,16", help="rows per expert product")
     parser.add_argument("--reps", type=int, default=7)
     args = parser.parse_args(argv)
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import harness
     import jax.numpy as jnp
 
@@ -130,14 +120,18 @@ def main(argv: List[str]) -> None:
     experts = gated_stack([(weight((d, f)), weight((d, f)), weight((f, d))) for _ in range(n)])
     mib = n * 3 * d * f * 4 / 2**20
     for rows in (int(r) for r in args.rows.split(",")):
-        ms = median_ms(experts, weight((rows, d)), args.reps)
+        x = weight((rows, d))
+        ms = harness.median_ms(lambda: experts(x).block_until_ready(), args.reps)
         print(f"experts at {rows:2d} rows ({n} experts, {mib:,.0f} MiB): {ms:7.2f} ms  ({mib / 1024 / ms * 1000:.1f} GiB/s)")
     moe = jaxgen_experts(d, f, args.layers, args.experts, weight)
     for tokens in (1, 16):
-        print(f"jaxgen experts_mlp at {tokens:2d} tokens (top-2): {median_ms(moe, weight((tokens, 1, d)), args.reps):7.2f} ms")
+        x = weight((tokens, 1, d))
+        ms = harness.median_ms(lambda: moe(x).block_until_ready(), args.reps)
+        print(f"jaxgen experts_mlp at {tokens:2d} tokens (top-2): {ms:7.2f} ms")
     dense = gated_stack([(weight((d, 2 * f)), weight((d, 2 * f)), weight((2 * f, d))) for _ in range(args.layers)])
     dense_mib = args.layers * 3 * d * 2 * f * 4 / 2**20
-    ms = median_ms(dense, weight((16, d)), args.reps)
+    x = weight((16, d))
+    ms = harness.median_ms(lambda: dense(x).block_until_ready(), args.reps)
     print(f"dense at 16 rows ({args.layers} gated MLPs of width {2 * f}, {dense_mib:,.0f} MiB): {ms:7.2f} ms")
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -43,12 +42,8 @@ def main(argv) -> None:
     prompt = [tokens[2]] + [tokens[int(t)] for t in rng.integers(1000, len(tokens) - 1, args.tokens - 1)]
 
     def prefill_ms() -> float:
-        times = []
-        for _ in range(args.reps + 1):
-            start = time.perf_counter()
-            generator.generate_batch([prompt], max_length=1, include_prompt_in_result=False)
-            times.append(time.perf_counter() - start)
-        return 1000 * float(np.median(times[1:]))
+        return harness.median_ms(lambda: generator.generate_batch([prompt], max_length=1,
+                                                                  include_prompt_in_result=False), args.reps)
 
     def no_attention(q, k, v, *_, **__):  # [B, T, Hq, hd] -> zeros [B, T, Hq * hd], still reading k
         return jnp.zeros(q.shape[:2] + (q.shape[2] * q.shape[3],), q.dtype) + 0 * jnp.sum(k)
