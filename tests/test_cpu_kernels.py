@@ -40,8 +40,8 @@ class FakeTimer:
         return {c: self.table(*c.split("/"), m, k, n) for c in candidates}
 
 
-def _chooser(table, path=None, fingerprint=FP):
-    return KernelChooser(path, FakeTimer(table), dict(fingerprint))
+def _chooser(table, path=None, fingerprint=FP, native=False):
+    return KernelChooser(path, FakeTimer(table), dict(fingerprint), native=native)
 
 
 def test_picks_fastest_per_row_class_and_layout():

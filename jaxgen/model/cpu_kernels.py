@@ -14,6 +14,7 @@ Candidates, named "kind/layout" (layout: the stored weight "kn" = [K, N] or "nk"
   a8    int8 x int8 -> int32 (activations quantized per row)          } exact, identical results
   u8    uint8 x int8 -> int32 with a ones row (YNNPACK)               } (`jaxgen.model.int8`)
   a8t   int8 x int8 -> int32 with the weight as the left operand      }
+  c8    jaxgen's native kernel (`jaxgen.model.native`), [N, K] only     }
   w8    weight-only int8: the weight converted to float32 in blocks of columns (float32
         activations, so its result is the dequantized weight's float32 product)
 
@@ -68,6 +69,7 @@ def _is_expert_product(decl) -> bool:
     E arrays, see checkpoint.nest_params)."""
     return decl.reduce_axis == 1 and len(decl.shape) == 3
 INT8_KINDS = {"kn": ("a8", "u8", "w8"), "nk": ("a8", "a8t", "u8", "w8")}  # a8t/kn: 2-4x slower everywhere seen
+NATIVE_KINDS = {"kn": (), "nk": ("c8",)}  # where jaxgen.model.native compiles on this machine
 PRUNE = 2.5  # int8 candidates slower than this x the fastest at 16 rows are not timed at 1 and 512 rows
 
 Timer = Callable[[Sequence[str], int, int, int], Dict[str, float]]
@@ -104,9 +106,11 @@ _ISA = re.compile(r"^(avx.*|fma|f16c|amx.*|sse4_2|asimd.*|sve\d?|sme\d?|i8mm|bf1
 
 def machine_fingerprint() -> Dict[str, object]:
     """What a measurement depends on: CPU model and ISA flags, usable cores, jax/jaxlib versions,
-    XLA_FLAGS (e.g. --xla_cpu_max_isa changes the code XLA emits)."""
+    XLA_FLAGS (e.g. --xla_cpu_max_isa changes the code XLA emits), the native kernel's source."""
     import jax
     import jaxlib
+
+    from jaxgen.model import native
 
     model, ident, flags = _cpuinfo()
     try:
@@ -115,7 +119,7 @@ def machine_fingerprint() -> Dict[str, object]:
         cores = os.cpu_count() or 1
     return {"cpu": model, "id": ident, "machine": platform.machine(), "isa": sorted(f for f in flags if _ISA.match(f)),
             "cores": cores, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "native": native.source_hash()}
 
 
 def machine_key(fingerprint: Optional[Dict[str, object]] = None) -> str:
@@ -196,8 +200,10 @@ class KernelChooser:
     file at `path` (None: in memory only), and makes the decisions of the module docstring."""
 
     def __init__(self, path: Optional[str] = None, timer: Optional[Timer] = None,
-                 fingerprint: Optional[Dict[str, object]] = None):
+                 fingerprint: Optional[Dict[str, object]] = None, native: Optional[bool] = None):
+        """native: whether the native kernel is a candidate (None: where it compiles here)."""
         self.path = path
+        self._native = native
         self.timer = timer or measure
         self.fingerprint = machine_fingerprint() if fingerprint is None else fingerprint
         self.key = machine_key(self.fingerprint)
@@ -254,6 +260,14 @@ class KernelChooser:
                 self._save()
             return {c: known[f"{name}:{c}"] * n / nm for c in candidates}
 
+    def int8_kinds(self, layout: str) -> Tuple[str, ...]:
+        """The int8 candidates for a weight stored in `layout`."""
+        if self._native is None:
+            from jaxgen.model import native
+
+            self._native = native.available()
+        return INT8_KINDS[layout] + (NATIVE_KINDS[layout] if self._native else ())
+
     @staticmethod
     def measured(k: int, n: int) -> bool:
         return k * n >= MIN_ELEMENTS
@@ -263,13 +277,13 @@ class KernelChooser:
         (timed first, every candidate of both layouts). The 16-row product separates the
         formulations most (on the AVX2 EPYC uint8 x int8 is 3-10x behind there, and at 1 and 512
         rows too), and pruning saves most of the first load's compilations."""
-        every = [f"{kind}/{lay}" for lay in ("kn", "nk") for kind in INT8_KINDS[lay] + ("f32",)]
+        every = [f"{kind}/{lay}" for lay in ("kn", "nk") for kind in self.int8_kinds(lay) + ("f32",)]
         t16 = self.timings("16", k, n, [c for c in every if c.split("/")[1] in {x.split("/")[1] for x in cands}])
         best = min(t16[c] for c in cands)
         return [c for c in cands if t16[c] <= PRUNE * best]
 
     def _best(self, rows_class, k, n, layouts, int8: bool) -> Tuple[str, float]:
-        cands = [f"{kind}/{lay}" for lay in layouts for kind in (INT8_KINDS[lay] if int8 else ("f32",))]
+        cands = [f"{kind}/{lay}" for lay in layouts for kind in (self.int8_kinds(lay) if int8 else ("f32",))]
         if rows_class != "16" and int8:
             cands = self._viable(k, n, cands)
         t = self.timings(rows_class, k, n, cands)
@@ -424,7 +438,7 @@ def describe(config, int8: bool, chooser: Optional[KernelChooser] = None) -> str
     the int8 formulation at 1 / 16 rows or f32, the stored layout), or that it is measured at the
     first load. Measures nothing."""
     base = chooser or default_chooser()
-    chooser = KernelChooser(base.path, base.timer, base.fingerprint)  # its own instance: read-only
+    chooser = KernelChooser(base.path, base.timer, base.fingerprint, base._native)  # its own instance: read-only
     chooser._timings = base.known()
     fp = chooser.fingerprint
     isa = ", ".join(i for i in fp["isa"] if i.startswith(("avx", "amx", "asimd", "sve"))) or "base ISA"

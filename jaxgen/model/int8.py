@@ -18,10 +18,13 @@ below), since the fastest differs by CPU by factors of 2-10:
        whose product is each output channel's weight sum, to subtract 128 x that sum exactly;
   a8t  a8 with the weight as the left operand (w [N, K] . x^T): a matrix-vector style product
        over contiguous weight rows, the fastest at one row on the EPYC;
+  c8   jaxgen's native kernel (`jaxgen.model.native`, compiled on the machine; weights [N, K]
+       only): each weight row streamed once past the rows of x, near the memory bandwidth where
+       XLA's lowerings are not (one-row products 2-7x faster than a8 on the AVX2 EPYC);
   w8   weight-only: x stays float32, the weight is converted to float32 one block of columns at a
        time (never the whole weight: XLA:CPU would convert all of it to a float32 temporary on
        every call, 4x the bytes, which made int8 slower than float32 before).
-a8, u8 and a8t give identical int32 products. A one-row product (batch-1 decode) is padded to two
+a8, u8, a8t and c8 give identical int32 products. A one-row product (batch-1 decode) is padded to two
 rows: XLA turns a one-row int dot into a matrix-vector product over an int32 copy of the weight
 (~20x slower). Other platforms lower the plain int8 x int8 -> int32 dot. Measured per shape:
 `python benchmarks/run.py int8_kernels`.
@@ -96,9 +99,10 @@ mlir.register_lowering(_mixed_dot_p, _mixed_dot_lowering, platform="cpu")
 #   u8   uint8 x int8 -> int32 with a ones row (YNNPACK; `vpdpbusd` on AVX-512 VNNI)
 #   a8t  the weight as the left operand: w . xq^T -> [N, M], transposed back (a matrix-vector
 #        style product over the weight's rows: fast at one row with w [N, K])
+#   c8   the native kernel (`jaxgen.model.native`), w [N, K] only
 # A one-row product is padded to two rows (XLA turns a one-row int dot into a matrix-vector
 # product over an int32 copy of the weight, ~20x slower).
-EXACT_KINDS = ("a8", "u8", "a8t")
+EXACT_KINDS = ("a8", "u8", "a8t", "c8")
 int8_dot_p = Primitive("jaxgen_int8_dot")
 
 
@@ -119,6 +123,10 @@ def _pad_to_two_rows(xq):
 
 def _int8_dot_cpu(xq, w, *, transpose_w, kind):
     m, k = xq.shape
+    if kind == "c8":
+        from jaxgen.model import native
+
+        return native.int8_gemm_nk(xq, w)
     if kind == "u8":
         xu = lax.bitcast_convert_type(xq, jnp.uint8) ^ jnp.uint8(0x80)  # = xq + 128, in [1, 255]
         rows = jnp.concatenate([xu, jnp.ones((1, k), jnp.uint8)])  # the last row: sum_k w[k, n]
@@ -159,6 +167,8 @@ def int8_dot(xq: jax.Array, w: jax.Array, transpose_w: bool = False, kind: str =
     `kind` (one of `EXACT_KINDS`; every one gives the same result)."""
     if kind not in EXACT_KINDS:
         raise ValueError(f"int8_dot kind must be one of {EXACT_KINDS}, got {kind!r}")
+    if kind == "c8" and not transpose_w:
+        raise ValueError("int8_dot kind 'c8' (the native kernel) takes the weight stored [N, K]: transpose_w=True")
     return int8_dot_p.bind(xq, w, transpose_w=bool(transpose_w), kind=kind)
 
 

@@ -1,0 +1,210 @@
+// jaxgen's native CPU int8 product, an XLA FFI custom call (see jaxgen/model/native.py).
+//
+//   out[m, n] = sum_k x[m, k] * w[n, k]      x int8 [M, K], w int8 [N, K] (the "nk" layout), out int32 [M, N]
+//
+// Exact in int32 (|x|, |w| <= 128, K < 2^17), so its result is identical to every other exact
+// formulation of jaxgen.model.int8. Written for the products where XLA:CPU's own lowering is far
+// from the memory bandwidth (one to a few dozen rows: decoding): each thread takes a block of w's
+// rows, keeps four of them in the L1 cache while every row of x passes over them, and reads the
+// weight once per call. The instruction set is the compiling machine's (-march=native), chosen
+// at compile time:
+//   AVX-512 VNNI   vpdpbusd on (x + 128) as unsigned bytes, minus 128 * the row sums of w
+//   AVX2           vpmaddubsw on |w| and x with w's sign (pairs of products fit int16 since
+//                  |x| <= 127), then vpmaddwd with ones into int32
+//   otherwise      a plain loop the compiler vectorizes (NEON, SVE, SSE)
+// Whether it is used at all is measured per CPU and shape (jaxgen.model.cpu_kernels).
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#ifndef PF_BYTES
+#define PF_BYTES 4096
+#endif
+// Software prefetch distance along w (bytes). One w row is streamed at a time: with several rows
+// interleaved, the hardware prefetchers kept up far worse (a one-row product of the 640 x 262,144
+// head read 6 GB/s per thread with four rows at once, 10.6 with one, on an AVX2 AMD EPYC).
+constexpr int64_t kPrefetchBytes = PF_BYTES;
+constexpr int kMaxRows = 4;  // x rows computed together against one w row (its loads shared)
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+constexpr int64_t kLanes = 64;
+using XElem = uint8_t;  // x + 128 as unsigned bytes (prepared once per call)
+
+// out[i * ldo] = sum_c x[i * k + c] * w[c] over the first kv elements, for i < R.
+template <int R>
+void DotRows(const XElem* x, int64_t kv, int64_t k, const int8_t* w, int32_t* out, int64_t ldo) {
+  __m512i acc[R];
+  __m512i sums = _mm512_setzero_si512();
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
+  for (int64_t c = 0; c < kv; c += kLanes) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + c + kPrefetchBytes), _MM_HINT_T0);
+    const __m512i wv = _mm512_loadu_si512(w + c);
+    sums = _mm512_dpbusd_epi32(sums, ones, wv);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_loadu_si512(x + r * k + c), wv);
+  }
+  const int32_t shift = 128 * _mm512_reduce_add_epi32(sums);  // (x + 128) . w - 128 * sum(w)
+  for (int r = 0; r < R; ++r) out[r * ldo] = _mm512_reduce_add_epi32(acc[r]) - shift;
+}
+#elif defined(__AVX2__)
+constexpr int64_t kLanes = 32;
+using XElem = int8_t;
+
+inline int32_t Hsum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// vpmaddubsw multiplies unsigned by signed bytes: |w| times x with w's sign, pairs summed in
+// int16 (at most 2 * 128 * 127 < 2^15: x is in [-127, 127]), then widened to int32 by vpmaddwd.
+template <int R>
+void DotRows(const XElem* x, int64_t kv, int64_t k, const int8_t* w, int32_t* out, int64_t ldo) {
+  __m256i acc[R];
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
+  for (int64_t c = 0; c < kv; c += kLanes) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + c + kPrefetchBytes), _MM_HINT_T0);
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c));
+    const __m256i wabs = _mm256_abs_epi8(wv);
+    for (int r = 0; r < R; ++r) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + r * k + c));
+      const __m256i pairs = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(xv, wv));
+      acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(pairs, ones));
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r * ldo] = Hsum(acc[r]);
+}
+#else
+constexpr int64_t kLanes = 1;
+using XElem = int8_t;
+
+template <int R>
+void DotRows(const XElem* x, int64_t kv, int64_t k, const int8_t* w, int32_t* out, int64_t ldo) {
+  int32_t acc[R] = {};
+  for (int64_t c = 0; c < kv; ++c)
+    for (int r = 0; r < R; ++r) acc[r] += int32_t(x[r * k + c]) * int32_t(w[c]);
+  for (int r = 0; r < R; ++r) out[r * ldo] = acc[r];
+}
+#endif
+
+// Rows [n0, n1) of w against every row of x: out[:, n0:n1]. xv: x in the vector code's form
+// (XElem), xs: x as given (for the tail of each dot past the last full vector).
+void GemmRows(const XElem* xv, const int8_t* xs, const int8_t* w, int32_t* out, int64_t m, int64_t n,
+              int64_t k, int64_t n0, int64_t n1) {
+  const int64_t kv = k - k % kLanes;
+  for (int64_t j = n0; j < n1; ++j) {
+    const int8_t* wj = w + j * k;
+    int64_t i = 0;
+    for (; i + kMaxRows <= m; i += kMaxRows) DotRows<kMaxRows>(xv + i * k, kv, k, wj, out + i * n + j, n);
+    switch (m - i) {
+      case 3: DotRows<3>(xv + i * k, kv, k, wj, out + i * n + j, n); break;
+      case 2: DotRows<2>(xv + i * k, kv, k, wj, out + i * n + j, n); break;
+      case 1: DotRows<1>(xv + i * k, kv, k, wj, out + i * n + j, n); break;
+      default: break;
+    }
+    if (kv < k) {
+      for (int64_t r = 0; r < m; ++r) {
+        int32_t tail = 0;
+        for (int64_t c = kv; c < k; ++c) tail += int32_t(xs[r * k + c]) * int32_t(wj[c]);
+        out[r * n + j] += tail;
+      }
+    }
+  }
+}
+
+// Runs body(chunk) for chunk in [0, chunks) on the caller and XLA's intra-op threads. The caller
+// claims chunks too and waits only for chunks other threads have claimed, so a pool that runs
+// tasks late (or on the caller) never deadlocks.
+template <typename Body>
+void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, const Body& body) {
+  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), chunks) - 1;
+  if (helpers <= 0) {
+    for (int64_t c = 0; c < chunks; ++c) body(c);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto state = std::make_shared<State>();
+  const Body* shared_body = &body;
+  // A helper that starts after the caller returned finds no chunk left and touches only `state`
+  // (which it co-owns): the caller waits for every claimed chunk before `body` goes away.
+  auto work = [state, chunks, shared_body]() {
+    for (int64_t c; (c = state->next.fetch_add(1)) < chunks;) {
+      (*shared_body)(c);
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule(decltype(work)(work));
+  work();
+  while (state->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+}
+
+ffi::Error Int8GemmNK(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
+                      ffi::ResultBuffer<ffi::S32> out) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
+    return ffi::Error::InvalidArgument("jaxgen_int8_gemm_nk: x [M, K] and w [N, K] expected");
+  const int64_t m = xd[0], k = xd[1], n = wd[0];
+  const int8_t* xs = x.typed_data();
+  const int8_t* wp = w.typed_data();
+  int32_t* op = out->typed_data();
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  if (k == 0) {
+    std::memset(op, 0, sizeof(int32_t) * m * n);
+    return ffi::Error::Success();
+  }
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  std::vector<uint8_t> shifted(m * k);
+  for (int64_t i = 0; i < m * k; ++i) shifted[i] = uint8_t(xs[i]) ^ 0x80;  // x + 128
+  const XElem* xv = shifted.data();
+#else
+  const XElem* xv = xs;
+#endif
+  // Chunks of w's rows, about 8 per thread so uneven threads even out, and at least 64 KiB of
+  // weight each so scheduling stays negligible.
+  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
+  const int64_t rows = std::max<int64_t>({int64_t(1), (64 * 1024) / k, (n + 8 * threads - 1) / (8 * threads)});
+  const int64_t chunks = (n + rows - 1) / rows;
+  ParallelFor(pool, chunks, [&](int64_t c) {
+    GemmRows(xv, xs, wp, op, m, n, k, c * rows, std::min(n, (c + 1) * rows));
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxgenInt8GemmNK, Int8GemmNK,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+
+extern "C" const char* JaxgenInt8GemmIsa() {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  return "avx512vnni";
+#elif defined(__AVX2__)
+  return "avx2";
+#else
+  return "portable";
+#endif
+}

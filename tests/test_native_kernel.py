@@ -1,0 +1,119 @@
+"""jaxgen's native CPU int8 product (`jaxgen.model.native`, candidate "c8" of the CPU chooser).
+
+* It compiles on a machine with a C++ compiler (this test fails if a compiler is there and the
+  build does not work) and says which instruction set it was built for.
+* Exact against an int64 reference over the shapes its code paths split on: one to many rows
+  (blocks of 4 plus 1-3 left), K that is not a multiple of the vector width (the scalar tail),
+  N not a multiple of a thread's chunk, extreme values (-128 weights, +-127 activations), the
+  head's width; under jit and vmap.
+* Without a compiler (or with JAXGEN_NATIVE=0) it is unavailable with a reason, the chooser does
+  not offer it, and nothing raises; the chooser offers it for [N, K] weights only.
+* The compiled library is cached: a second load in a new process does not compile.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgen.model import native
+from jaxgen.model.cpu_kernels import KernelChooser
+from jaxgen.model.int8 import int8_dot
+
+HAS_COMPILER = native._compiler() is not None
+needs_kernel = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler on this machine")
+
+
+@needs_kernel
+def test_builds_on_a_machine_with_a_compiler():
+    assert native.available(), native.unavailable_reason()
+    assert native.isa() in ("avx512vnni", "avx2", "portable")
+
+
+def _reference(xq: np.ndarray, w_nk: np.ndarray) -> np.ndarray:
+    return xq.astype(np.int64) @ w_nk.astype(np.int64).T
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 17])
+@pytest.mark.parametrize("k,n", [(64, 40), (77, 33), (2048 + 17, 65), (640, 4099)])
+def test_exact_over_shapes(rows, k, n):
+    rng = np.random.default_rng(rows * 1000 + k + n)
+    xq = rng.integers(-127, 128, (rows, k), dtype=np.int8)
+    w = rng.integers(-128, 128, (n, k), dtype=np.int8)
+    xq[0, :] = 127
+    xq[-1, : k // 2] = -127
+    w[0, :] = -128  # |w| = 128: vpmaddubsw's pairs still fit int16 (2 * 128 * 127 < 2^15)
+    w[-1, :] = 127
+    got = jax.jit(native.int8_gemm_nk)(jnp.asarray(xq), jnp.asarray(w))
+    assert got.dtype == jnp.int32 and got.shape == (rows, n)
+    np.testing.assert_array_equal(np.asarray(got), _reference(xq, w))
+
+
+@needs_kernel
+def test_through_int8_dot_jit_and_vmap():
+    rng = np.random.default_rng(0)
+    xq = rng.integers(-127, 128, (3, 6, 96), dtype=np.int8)
+    w = rng.integers(-127, 128, (50, 96), dtype=np.int8)
+    ref = np.stack([_reference(a, w) for a in xq])
+    got = jax.jit(jax.vmap(lambda a: int8_dot(a, jnp.asarray(w), True, "c8")))(jnp.asarray(xq))
+    np.testing.assert_array_equal(np.asarray(got), ref)
+    stacked = jnp.asarray(np.stack([w, w[::-1]]))  # a batch of weights: one product each
+    got = jax.vmap(lambda a, b: int8_dot(a, b, True, "c8"))(jnp.asarray(xq[:2]), stacked)
+    np.testing.assert_array_equal(np.asarray(got), np.stack([_reference(xq[0], w), _reference(xq[1], w[::-1])]))
+
+
+def _in_new_process(code: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **env})
+
+
+PROBE = ("from jaxgen.model import native; from jaxgen.model.cpu_kernels import KernelChooser;"
+         "print(native.available(), '|', native.unavailable_reason(), '|', KernelChooser(None).int8_kinds('nk'))")
+
+
+def test_without_a_compiler_it_is_unavailable_and_not_offered(tmp_path):
+    done = _in_new_process(PROBE, {"CXX": str(tmp_path / "no-such-compiler"), "PATH": "/nonexistent",
+                                   "JAXGEN_HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    available, reason, kinds = [p.strip() for p in done.stdout.strip().splitlines()[-1].split("|")]
+    assert available == "False" and "no C++ compiler" in reason and "c8" not in kinds
+    done = _in_new_process(PROBE, {"JAXGEN_NATIVE": "0", "JAXGEN_HOME": str(tmp_path)})
+    assert "JAXGEN_NATIVE=0" in done.stdout and "c8" not in done.stdout.splitlines()[-1]
+
+
+def test_a_failing_compiler_is_a_reason_not_an_error(tmp_path):
+    fake = tmp_path / "cxx"
+    fake.write_text("#!/bin/sh\necho 'broken compiler' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    done = _in_new_process(PROBE, {"CXX": str(fake), "JAXGEN_HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    line = done.stdout.strip().splitlines()[-1]
+    assert line.startswith("False") and "broken compiler" in line and "c8" not in line.split("|")[2]
+    assert not list((tmp_path / "native").glob("*.so"))  # no half-written library left behind
+
+
+def test_offered_for_nk_weights_only():
+    on, off = KernelChooser(None, native=True), KernelChooser(None, native=False)
+    assert "c8" in on.int8_kinds("nk") and "c8" not in on.int8_kinds("kn")
+    assert "c8" not in off.int8_kinds("nk")
+
+
+@needs_kernel
+def test_the_library_is_cached_per_machine(tmp_path):
+    env = {"JAXGEN_HOME": str(tmp_path), "CXX": shutil.which(os.environ.get("CXX") or "c++")}
+    first = _in_new_process(PROBE, env)
+    assert first.stdout.startswith("True"), first.stdout + first.stderr
+    built = list((tmp_path / "native").glob("int8_gemm-*.so"))
+    assert len(built) == 1
+    mtime = built[0].stat().st_mtime_ns
+    again = _in_new_process(PROBE, env)
+    assert again.stdout.startswith("True")
+    assert [p.stat().st_mtime_ns for p in (tmp_path / "native").glob("int8_gemm-*.so")] == [mtime]
