@@ -187,26 +187,38 @@ def test_generation_with_static_prompt_matches_dense(arch, jaxgen_tiny_model, sm
 
 
 @pytest.mark.parametrize("continuous", [False, True], ids=["static", "scheduler"])
-def test_decode_in_live_segments_matches_one_segment(jaxgen_tiny_model, monkeypatch, continuous):
-    """Decode bounds its reads by the live length in power-of-two segments (here 16, 32, 64, 128):
-    the tokens equal those of one segment that reads the whole cache."""
-    # 104 positions, past the tiny model's 64: the context check is lifted (this is about cache reads)
-    generator = jaxgen.Generator(jaxgen_tiny_model("llama"), continuous_batching=continuous, context_length=256)
+@pytest.mark.parametrize("model", ["llama", "sliding"])
+def test_decode_in_live_segments_matches_one_segment(jaxgen_tiny_model, cli_tiny_model, monkeypatch, continuous,
+                                                     model):
+    """Decode bounds its reads by the live length in power-of-two segments (llama: 16, 32, 64, 128;
+    the gemma3-like model, sliding window 8: 4 and 8, where its sliding layers read the unwrapped
+    ring as a position-indexed cache, then 16-128, where they read it as a ring): the tokens equal those of one
+    segment that reads the whole cache."""
+    # 104 positions, past the tiny llama's 64: the context check is lifted (this is about cache reads)
+    path, minimum = (jaxgen_tiny_model("llama"), 16) if model == "llama" else (cli_tiny_model, 4)
+    generator = jaxgen.Generator(path, continuous_batching=continuous, context_length=256)
     module = "jaxgen.runtime.scheduler" if continuous else "jaxgen.runtime.generation"
-    prompt = [generator.vocabulary.tokens[i] for i in (5, 9, 11, 40, 7)]
+    prompt = [generator.vocabulary.tokens[i] for i in (5, 9, 11, 40, 7)][:5 if model == "llama" else 3]
     options = dict(max_length=100, end_token=[], include_prompt_in_result=False, return_scores=True)
     real_live_length = search.live_length
     calls = []
 
-    def small_segments(needed, length, minimum=512):
-        calls.append(real_live_length(needed, length, minimum=16))
+    def small_segments(needed, length, rows=1):
+        calls.append(real_live_length(needed, length, rows, minimum=minimum))
         return calls[-1]
 
     monkeypatch.setattr(f"{module}.live_length", small_segments)
-    segmented = generator.generate_batch([prompt], **options)[0]
-    assert sorted(set(calls)) == [16, 32, 64, 128]
-    monkeypatch.setattr(f"{module}.live_length", lambda needed, length, minimum=512: length)
-    whole = generator.generate_batch([prompt], **options)[0]
-    assert segmented.sequences_ids == whole.sequences_ids
-    assert len(whole.sequences_ids[0]) == 100
-    assert np.allclose(segmented.scores, whole.scores, atol=1e-5)
+    segmented = generator.generate_batch([prompt, prompt[:2]], **options)
+    assert sorted(set(calls)) == [s for s in (4, 8, 16, 32, 64, 128) if s >= minimum]
+    monkeypatch.setattr(f"{module}.live_length", lambda needed, length, rows=1: length)
+    whole = generator.generate_batch([prompt, prompt[:2]], **options)
+    for s, w in zip(segmented, whole):
+        assert s.sequences_ids == w.sequences_ids
+        assert len(w.sequences_ids[0]) == 100
+        assert np.allclose(s.scores, w.scores, atol=1e-5)
+
+
+def test_live_length_starts_lower_for_large_batches():
+    assert [search.live_length(10, 4096, rows) for rows in (1, 4, 8, 16, 64)] == [512, 512, 256, 128, 128]
+    assert search.live_length(600, 4096, 16) == 1024 and search.live_length(600, 700, 1) == 700
+    assert search.live_length(3, 4096, minimum=4) == 4

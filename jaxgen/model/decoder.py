@@ -346,9 +346,11 @@ def _attention(config: ModelConfig, q, k, v, k_cache, v_cache, is_sliding: bool,
         k_pos = jnp.concatenate([ring_positions(start - 1, slots), positions], axis=1)
         return (attend(q, k_all, v_all, positions, k_pos, spec),) + store(k_cache, v_cache)
     k_cache, v_cache = store(k_cache, v_cache)
-    if is_sliding:
+    if is_sliding and (args.attend_len is None or args.attend_len > slots):
         # One token: the slot it overwrote held a position `slots` back, outside the window.
         return attend(q, k_cache, v_cache, positions, ring_positions(positions[:, 0], slots), spec), k_cache, v_cache
+    # Full layers; and sliding layers whose ring has not wrapped: every running row's position is
+    # below attend_len <= slots, so slot == position there too, and slots past attend_len are unused.
     n = slots if args.attend_len is None else min(args.attend_len, slots)
     k_pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, :], (b, n))
     out = attend(q, k_cache[:, :n], v_cache[:, :n], positions, k_pos, spec, linear_keys=True)

@@ -273,15 +273,15 @@ def loop_state(*, last: np.ndarray, position: np.ndarray, done: np.ndarray, n_ou
         stop=zeros((b, stop_count), np.int32), constraint=on_device(np.asarray(constraint, np.int32))), params)
 
 
-def run_in_segments(loop, state, until: int, first_position: int, cache_len: int):
+def run_in_segments(loop, state, until: int, first_position: int, cache_len: int, rows: int):
     """Runs `loop(state, attend_len)` (a jitted decoding loop that stops before a running row's
     position reaches attend_len) with the smallest live bound that fits, growing it until the
     loop is done or `until` steps ran, so that decode reads only the live part of the cache.
 
-    first_position: the highest position fed at step 0 (any row)."""
+    first_position: the highest position fed at step 0 (any row); rows: the loop's batch rows."""
     step = int(jax.device_get(state.step))
     while True:
-        attend_len = live_length(first_position + step + 1, cache_len)
+        attend_len = live_length(first_position + step + 1, cache_len, rows)
         state = loop(state, attend_len)
         if attend_len >= cache_len:
             return state
@@ -327,7 +327,7 @@ def _decode_rows(params, config, rows: List[Row], resolved: ResolvedOptions, sta
     def run_until(state, until: int):
         return run_in_segments(lambda s, attend_len: decode(params, s, consts, on_device_int32(until), on_device_int32(bp + 1),
                                                             spec=spec._replace(attend_len=attend_len)),
-                               state, until, first_position, p.cache_len)
+                               state, until, first_position, p.cache_len, bp)
 
     stopped = [None] * b  # generated-token count at which a callback stopped the row
     if callback is None:
@@ -398,7 +398,7 @@ def run_lookup_rows(params: dict, config, rows: List[Row], resolved: ResolvedOpt
         position, done = jax.device_get((state.rows.position, state.rows.done))
         if bool(np.all(done)):
             break
-        attend_len = live_length(int(position[~done].max()) + spec.draft + 1, p.cache_len)
+        attend_len = live_length(int(position[~done].max()) + spec.draft + 1, p.cache_len, p.bp)
         state = lookup_decode(params, state, consts, spec=spec._replace(attend_len=attend_len))
         if attend_len >= p.cache_len:
             break
@@ -456,7 +456,7 @@ def _beam_rows(params, config, rows: List[Row], resolved: ResolvedOptions, prefi
         constraint=on_device(handles), parent=on_device(np.arange(p.bp * k, dtype=np.int32)))
     state = run_in_segments(lambda s, attend_len: beam_decode(params, s, consts,
                                                               spec=spec._replace(attend_len=attend_len)),
-                            state, p.n_out, int(p.position[:b].max()), p.cache_len)
+                            state, p.n_out, int(p.position[:b].max()), p.cache_len, p.bp * k)
     tokens, lens, scores = jax.device_get((state.fin_tokens, state.fin_len, state.fin_score))
     # The longest kept hypothesis is a lower bound of the steps an example ran.
     check_positions(config, prefix_len, rows, [int(lens[i].max()) if rows[i].max_new > 0 else 0 for i in range(b)],

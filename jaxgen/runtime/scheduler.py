@@ -494,7 +494,7 @@ class _Session:
         finished for a refill group; while none wait, as soon as the running rows fit a smaller
         batch (the next chunk runs on it)."""
         state = self.state
-        attend_len = live_length(int(self.position[occupied].max()) + 1, state.cache.length)
+        attend_len = live_length(int(self.position[occupied].max()) + 1, state.cache.length, self.batch)
         free = self.batch - len(occupied)
         if waiting:
             stop_done = max(min(self.refill_rows, waiting), free + 1)
