@@ -392,7 +392,8 @@ class Int8ProductsEngine(Engine):
 
     f32: float32 weights (the speed to beat); w8: int8 weights converted to float32 inside the dot;
     a8: activations quantized per row x int8 weights -> int32 (`lax.dot_general`, one row padded to
-    two); u8: jaxgen's uint8 x int8 formulation (`jaxgen.model.int8.int8_matmul(kind="u8")`)."""
+    two); u8: jaxgen's uint8 x int8 formulation (`jaxgen.model.int8.int8_matmul(kind="u8")`); c8: jaxgen's
+    native kernel (`kind="c8"`, weights [N, K] only: `jaxgen.model.native`)."""
 
     def __init__(self, spec: dict, prompts: dict, threads: int):
         super().__init__(spec, prompts, threads)
@@ -424,7 +425,10 @@ class Int8ProductsEngine(Engine):
         def u8(x, w, s):  # the uint8 x int8 formulation itself, not the one measured fastest here
             return int8.int8_matmul(x, w, s, nk, kind="u8")
 
-        return self.jax.jit({"f32": f32, "w8": w8, "a8": a8, "u8": u8}[candidate])
+        def c8(x, w, s):  # the native kernel (compiled on this machine at the first use)
+            return int8.int8_matmul(x, w, s, nk, kind="c8")
+
+        return self.jax.jit({"f32": f32, "w8": w8, "a8": a8, "u8": u8, "c8": c8}[candidate])
 
     def matmul(self, k: int, n: int, m: int, candidate: str, nk: bool, check: bool = False) -> dict:
         np, key = self.np, (k, n, m, candidate, nk)

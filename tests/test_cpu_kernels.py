@@ -128,9 +128,23 @@ def test_real_fingerprint_names_this_cpu():
 
 
 def test_measure_times_every_candidate():
-    got = measure(["f32/kn", "a8/nk", "u8/kn", "a8t/nk", "w8/kn"], 2, 64, 128, budget_s=0.0)
-    assert set(got) == {"f32/kn", "a8/nk", "u8/kn", "a8t/nk", "w8/kn"}
+    from jaxgen.model import native
+
+    cands = ["f32/kn", "a8/nk", "u8/kn", "a8t/nk", "w8/kn"] + (["c8/nk", "c32/nk"] if native.available() else [])
+    got = measure(cands, 2, 64, 128, budget_s=0.0)
+    assert set(got) == set(cands)
     assert all(0 < t < 1 for t in got.values())
+
+
+def test_native_float32_kernel_is_chosen_per_row_class():
+    def table(kind, layout, m, k, n):  # the native float32 kernel wins at 16 rows only
+        return {"c32": 1.0 if m == 16 else 3.0, "f32": 2.0}.get(kind, 5.0)
+
+    ch = _chooser(table, native=True)
+    assert ch.float_kind(16, 640, 1024, "nk") == "c32" and ch.float_kind(1, 640, 1024, "nk") == "f32"
+    assert ch.float_kind(16, 640, 1024, "kn") == "f32"  # [N, K] only
+    assert _chooser(table).float_kind(16, 640, 1024, "nk") == "f32"  # no native kernel here
+    assert ch.stored_layout(640, 1024, int8=False) == ("nk", False)  # c32 at 16 + f32 at 1 beats [K, N]
 
 
 def _score(model_dir, compute_type, chooser):
@@ -218,4 +232,4 @@ def test_slow_candidates_are_pruned_and_info_describes_the_choice():
     f32 = _chooser(lambda kind, *a: 1.0)
     for k, n, _, layouts in cpu_kernels.model_shapes(config):
         assert f32.stored_layout(k, n, False, layouts) == (layouts[0], False)
-    assert "256x512 f32 kn" in cpu_kernels.describe(config, False, f32)
+    assert "256x512 f32/f32 kn" in cpu_kernels.describe(config, False, f32)

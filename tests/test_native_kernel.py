@@ -1,4 +1,5 @@
-"""jaxgen's native CPU int8 product (`jaxgen.model.native`, candidate "c8" of the CPU chooser).
+"""jaxgen's native CPU products (`jaxgen.model.native`: candidates "c8", int8, and "c32", float32,
+of the CPU chooser).
 
 * It compiles on a machine with a C++ compiler (this test fails if a compiler is there and the
   build does not work) and says which instruction set it was built for.
@@ -6,6 +7,8 @@
   (blocks of 4 plus 1-3 left), K that is not a multiple of the vector width (the scalar tail),
   N not a multiple of a thread's chunk, extreme values (-128 weights, +-127 activations), the
   head's width; under jit and vmap.
+* The float32 product is within float32 rounding of an float64 reference over the same shapes, and
+  differentiable (its tangents are plain dots); `decoder.linear` runs it where the chooser picks it.
 * Without a compiler (or with JAXGEN_NATIVE=0) it is unavailable with a reason, the chooser does
   not offer it, and nothing raises; the chooser offers it for [N, K] weights only.
 * The compiled library is cached: a second load in a new process does not compile.
@@ -58,6 +61,47 @@ def test_exact_over_shapes(rows, k, n):
 
 
 @needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 4, 17])
+@pytest.mark.parametrize("k,n", [(77, 33), (2048 + 9, 65), (640, 4099)])
+def test_float32_within_rounding(rows, k, n):
+    rng = np.random.default_rng(rows + k + n)
+    x = rng.standard_normal((2, rows, k)).astype(np.float32)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    got = np.asarray(jax.jit(native.float32_matmul_nk)(jnp.asarray(x), jnp.asarray(w)))
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    assert got.shape == (2, rows, n) and got.dtype == np.float32
+    # float32 sums of k terms of unit-variance products: a few ulp of sqrt(k)
+    assert np.abs(got - ref).max() <= 1e-6 * np.sqrt(k) * np.abs(ref).max()
+    grads = jax.grad(lambda a, b: (native.float32_matmul_nk(a, b) ** 2).sum(), argnums=(0, 1))(x, w)
+    expected = jax.grad(lambda a, b: ((a @ b.T) ** 2).sum(), argnums=(0, 1))(x, w)
+    for g, e in zip(grads, expected):  # the same math, float32 sums in other orders
+        g, e = np.asarray(g), np.asarray(e)
+        assert np.abs(g - e).max() <= 1e-5 * np.abs(e).max()
+
+
+@needs_kernel
+def test_linear_runs_the_float32_kernel_where_chosen():
+    from jaxgen.model import cpu_kernels
+    from jaxgen.model.decoder import linear
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((16, 256)).astype(np.float32))
+    w = jnp.asarray(rng.standard_normal((512, 256)).astype(np.float32))  # [N, K], 2^17 elements: timed
+    texts = {}
+    for winner in ("c32", "f32"):
+        ch = KernelChooser(None, lambda cands, m, k, n, w_=winner: {c: 1.0 if c.startswith(w_) else 2.0 for c in cands},
+                           native=True)
+        cpu_kernels.set_default_chooser(ch)
+        try:
+            fn = jax.jit(lambda a, b: linear(a, {"weight_nk": b}))
+            texts[winner] = fn.lower(x, w).as_text()
+            np.testing.assert_allclose(np.asarray(fn(x, w)), np.asarray(x) @ np.asarray(w).T, rtol=1e-4, atol=1e-4)
+        finally:
+            cpu_kernels.set_default_chooser(None)
+    assert "jaxgen_f32_gemm_nk" in texts["c32"] and "jaxgen_f32_gemm_nk" not in texts["f32"]
+
+
+@needs_kernel
 def test_through_int8_dot_jit_and_vmap():
     rng = np.random.default_rng(0)
     xq = rng.integers(-127, 128, (3, 6, 96), dtype=np.int8)
@@ -103,7 +147,8 @@ def test_a_failing_compiler_is_a_reason_not_an_error(tmp_path):
 def test_offered_for_nk_weights_only():
     on, off = KernelChooser(None, native=True), KernelChooser(None, native=False)
     assert "c8" in on.int8_kinds("nk") and "c8" not in on.int8_kinds("kn")
-    assert "c8" not in off.int8_kinds("nk")
+    assert "c32" in on.float_kinds("nk") and "c32" not in on.float_kinds("kn")
+    assert "c8" not in off.int8_kinds("nk") and "c32" not in off.float_kinds("nk")
 
 
 @needs_kernel
@@ -111,9 +156,9 @@ def test_the_library_is_cached_per_machine(tmp_path):
     env = {"JAXGEN_HOME": str(tmp_path), "CXX": shutil.which(os.environ.get("CXX") or "c++")}
     first = _in_new_process(PROBE, env)
     assert first.stdout.startswith("True"), first.stdout + first.stderr
-    built = list((tmp_path / "native").glob("int8_gemm-*.so"))
+    built = list((tmp_path / "native").glob("products-*.so"))
     assert len(built) == 1
     mtime = built[0].stat().st_mtime_ns
     again = _in_new_process(PROBE, env)
     assert again.stdout.startswith("True")
-    assert [p.stat().st_mtime_ns for p in (tmp_path / "native").glob("int8_gemm-*.so")] == [mtime]
+    assert [p.stat().st_mtime_ns for p in (tmp_path / "native").glob("products-*.so")] == [mtime]

@@ -15,6 +15,7 @@ Candidates, named "kind/layout" (layout: the stored weight "kn" = [K, N] or "nk"
   u8    uint8 x int8 -> int32 with a ones row (YNNPACK)               } (`jaxgen.model.int8`)
   a8t   int8 x int8 -> int32 with the weight as the left operand      }
   c8    jaxgen's native kernel (`jaxgen.model.native`), [N, K] only     }
+  c32   jaxgen's native float32 kernel, [N, K] only (float32 results in its own summation order)
   w8    weight-only int8: the weight converted to float32 in blocks of columns (float32
         activations, so its result is the dequantized weight's float32 product)
 
@@ -70,6 +71,8 @@ def _is_expert_product(decl) -> bool:
     return decl.reduce_axis == 1 and len(decl.shape) == 3
 INT8_KINDS = {"kn": ("a8", "u8", "w8"), "nk": ("a8", "a8t", "u8", "w8")}  # a8t/kn: 2-4x slower everywhere seen
 NATIVE_KINDS = {"kn": (), "nk": ("c8",)}  # where jaxgen.model.native compiles on this machine
+FLOAT_KINDS = {"kn": ("f32",), "nk": ("f32",)}
+NATIVE_FLOAT_KINDS = {"kn": (), "nk": ("c32",)}
 PRUNE = 2.5  # int8 candidates slower than this x the fastest at 16 rows are not timed at 1 and 512 rows
 
 Timer = Callable[[Sequence[str], int, int, int], Dict[str, float]]
@@ -144,6 +147,10 @@ def _candidate_fn(kind: str, layout: str):
     nk = layout == "nk"
     if kind == "f32":
         return lambda x, w, s: lax.dot_general(x, w, (((1,), (1 if nk else 0,)), ((), ())))
+    if kind == "c32":
+        from jaxgen.model.native import float32_matmul_nk
+
+        return lambda x, w, s: float32_matmul_nk(x, w)
     return lambda x, w, s: int8_matmul(x, w, s, nk, kind)
 
 
@@ -164,9 +171,10 @@ def measure(candidates: Sequence[str], m: int, k: int, n: int, budget_s: float =
     weights: Dict[str, jax.Array] = {}
 
     def weight(kind: str, layout: str):
-        key = ("f32" if kind == "f32" else "i8") + layout
+        is_float = kind in FLOAT_KINDS[layout] + NATIVE_FLOAT_KINDS[layout]
+        key = ("f32" if is_float else "i8") + layout
         if key not in weights:
-            a = q if kind != "f32" else q.astype(np.float32) * scale
+            a = q if not is_float else q.astype(np.float32) * scale
             weights[key] = jax.device_put(np.ascontiguousarray(a.T) if layout == "nk" else a, cpu)
         return weights[key]
 
@@ -260,13 +268,20 @@ class KernelChooser:
                 self._save()
             return {c: known[f"{name}:{c}"] * n / nm for c in candidates}
 
-    def int8_kinds(self, layout: str) -> Tuple[str, ...]:
-        """The int8 candidates for a weight stored in `layout`."""
+    def native(self) -> bool:
         if self._native is None:
             from jaxgen.model import native
 
             self._native = native.available()
-        return INT8_KINDS[layout] + (NATIVE_KINDS[layout] if self._native else ())
+        return self._native
+
+    def int8_kinds(self, layout: str) -> Tuple[str, ...]:
+        """The int8 candidates for a weight stored in `layout`."""
+        return INT8_KINDS[layout] + (NATIVE_KINDS[layout] if self.native() else ())
+
+    def float_kinds(self, layout: str) -> Tuple[str, ...]:
+        """The float32 candidates for a weight stored in `layout`."""
+        return FLOAT_KINDS[layout] + (NATIVE_FLOAT_KINDS[layout] if self.native() else ())
 
     @staticmethod
     def measured(k: int, n: int) -> bool:
@@ -277,13 +292,13 @@ class KernelChooser:
         (timed first, every candidate of both layouts). The 16-row product separates the
         formulations most (on the AVX2 EPYC uint8 x int8 is 3-10x behind there, and at 1 and 512
         rows too), and pruning saves most of the first load's compilations."""
-        every = [f"{kind}/{lay}" for lay in ("kn", "nk") for kind in self.int8_kinds(lay) + ("f32",)]
+        every = [f"{kind}/{lay}" for lay in ("kn", "nk") for kind in self.int8_kinds(lay) + self.float_kinds(lay)]
         t16 = self.timings("16", k, n, [c for c in every if c.split("/")[1] in {x.split("/")[1] for x in cands}])
         best = min(t16[c] for c in cands)
         return [c for c in cands if t16[c] <= PRUNE * best]
 
     def _best(self, rows_class, k, n, layouts, int8: bool) -> Tuple[str, float]:
-        cands = [f"{kind}/{lay}" for lay in layouts for kind in (self.int8_kinds(lay) if int8 else ("f32",))]
+        cands = [f"{kind}/{lay}" for lay in layouts for kind in (self.int8_kinds(lay) if int8 else self.float_kinds(lay))]
         if rows_class != "16" and int8:
             cands = self._viable(k, n, cands)
         t = self.timings(rows_class, k, n, cands)
@@ -309,6 +324,13 @@ class KernelChooser:
         if not self.measured(k, n):
             return "a8"
         return self._best(row_class(rows), k, n, (layout,), True)[0].split("/")[0]
+
+    def float_kind(self, rows: int, k: int, n: int, layout: str) -> str:
+        """The float32 formulation ("f32" or "c32") for rows x k times a float32 k x n weight stored
+        in `layout`."""
+        if not self.measured(k, n):
+            return "f32"
+        return self._best(row_class(rows), k, n, (layout,), False)[0].split("/")[0]
 
     def int8_pays(self, shapes: Sequence[Tuple[int, int, int, Tuple[str, ...]]]) -> bool:
         """Whether int8 products beat float32 ones over a model's weights at 1 and at 16 rows (True
@@ -450,14 +472,12 @@ def describe(config, int8: bool, chooser: Optional[KernelChooser] = None) -> str
             if not chooser.measured(k, n):
                 continue
             layout, deq = chooser.stored_layout(k, n, int8, layouts)
-            if int8 and not deq:
-                kinds = "/".join(chooser.int8_kind(ROW_CLASSES[c], k, n, layout) for c in DECODE_CLASSES)
-                parts.append(f"{k}x{n} {kinds} {layout}")
-            else:
-                parts.append(f"{k}x{n} f32 {layout}")
+            pick = chooser.int8_kind if int8 and not deq else chooser.float_kind
+            kinds = "/".join(pick(ROW_CLASSES[c], k, n, layout) for c in DECODE_CLASSES)
+            parts.append(f"{k}x{n} {kinds} {layout}")
     except KeyError:
         return f"{cpu}: not measured yet (timed at the first load, then kept in {chooser.path or 'memory'})"
-    label = "int8 at 1 / 16 rows" if int8 else "float32"
+    label = "int8 at 1 / 16 rows" if int8 else "float32 at 1 / 16 rows"
     return f"{cpu}: {label}: " + ", ".join(parts)
 
 

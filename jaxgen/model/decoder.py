@@ -119,10 +119,25 @@ def linear(x: jax.Array, p: dict, transposed: bool = False) -> jax.Array:
     elif w.dtype == jnp.int8:
         y = jnp.dot(x, (w.T if transposed else w).astype(x.dtype)) * p["weight_scale"].astype(x.dtype)
     else:
-        y = jnp.dot(x, w.T if transposed else w)
+        y = _float_product(x, w, transposed)
     if "bias" in p:
         y = y + p["bias"].astype(y.dtype)
     return y
+
+
+def _float_product(x: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
+    """x [..., K] @ w [K, N] (transposed: w [N, K]). On CPU a float32 [N, K] weight runs in the
+    formulation measured fastest there for the product's rows: XLA's dot or jaxgen's native
+    kernel (`jaxgen.model.cpu_kernels`, "c32")."""
+    if transposed and x.dtype == w.dtype == jnp.float32 and jax.default_backend() == "cpu":
+        from jaxgen.model.cpu_kernels import default_chooser
+
+        n, k = w.shape
+        if default_chooser().float_kind(math.prod(x.shape[:-1]), k, n, "nk") == "c32":
+            from jaxgen.model.native import float32_matmul_nk
+
+            return float32_matmul_nk(x, w)
+    return jnp.dot(x, w.T if transposed else w)
 
 
 def norm(x: jax.Array, p: Optional[dict], config: ModelConfig) -> jax.Array:

@@ -1,16 +1,18 @@
-"""jaxgen's native CPU int8 product: `native/int8_gemm.cc`, compiled on this machine at first use.
+"""jaxgen's native CPU products: `native/products.cc`, compiled on this machine at the first use.
 
 XLA:CPU's own int8 products are far from the memory bandwidth where decoding needs them most:
 on an AVX2 AMD EPYC (Zen 3, no VNNI) a one-row int8 product with the 640 x 262,144 head took
 32 ms (5 GB/s) against 12 ms (14 GB/s, about what the machine reads) for this kernel, which
-streams each weight row once past the rows of x. It is one more candidate ("c8", weights stored
-[N, K]) of `jaxgen.model.cpu_kernels`, used only where it measures fastest.
+streams each weight row once past the rows of x. The same loop in float32 serves float32 weights
+(XLA's float32 products of 16 rows were compute-bound far below the machine's rate there). Each is
+one more candidate of `jaxgen.model.cpu_kernels` ("c8": int8, "c32": float32; weights stored
+[N, K]), used only where it measures fastest.
 
 The source is compiled with the system's C++ compiler (`$CXX`, else `c++`) for this machine's
 instruction set (`-march=native`) against the XLA FFI headers jaxlib ships, into
 `<jaxgen cache dir>/native/<key>.so`, keyed by the source, the compiler, the flags, jaxlib and
-the CPU: another machine compiles its own. It is then registered as the XLA FFI target
-`jaxgen_int8_gemm_nk`. Without a compiler (or `JAXGEN_NATIVE=0`) the kernel is unavailable and
+the CPU: another machine compiles its own. It is then registered as the XLA FFI targets
+`jaxgen_int8_gemm_nk` and `jaxgen_f32_gemm_nk`. Without a compiler (or `JAXGEN_NATIVE=0`) the kernel is unavailable and
 the other candidates run; `unavailable_reason()` says why.
 """
 
@@ -29,8 +31,8 @@ import jax
 import jax.numpy as jnp
 
 ENV_SWITCH = "JAXGEN_NATIVE"
-TARGET = "jaxgen_int8_gemm_nk"
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "int8_gemm.cc")
+TARGETS = {"jaxgen_int8_gemm_nk": "JaxgenInt8GemmNK", "jaxgen_f32_gemm_nk": "JaxgenF32GemmNK"}  # name -> symbol
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "products.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 COMPILE_TIMEOUT_S = 300
 
@@ -86,13 +88,14 @@ def _load() -> dict:
         return {"reason": f"no C++ compiler ({os.environ.get('CXX') or 'c++'} not found; set CXX)"}
     from jaxgen.default_model import cache_dir
 
-    path = os.path.join(cache_dir(), "native", f"int8_gemm-{build_key(cxx)}.so")
+    path = os.path.join(cache_dir(), "native", f"products-{build_key(cxx)}.so")
     try:
         if not os.path.isfile(path):
             _build(cxx, path)
         lib = ctypes.CDLL(path)
         lib.JaxgenInt8GemmIsa.restype = ctypes.c_char_p
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxgenInt8GemmNK), platform="cpu")
+        for target, symbol in TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
         return {"reason": f"{type(e).__name__}: {e}"}
     return {"lib": lib, "path": path}
@@ -116,7 +119,7 @@ def unavailable_reason() -> Optional[str]:
 
 
 def isa() -> Optional[str]:
-    """The instruction set the kernel was compiled for ("avx512vnni", "avx2", "portable")."""
+    """The instruction set the int8 kernel was compiled for ("avx512vnni", "avx2", "portable")."""
     lib = _ensure().get("lib")
     return lib.JaxgenInt8GemmIsa().decode() if lib is not None else None
 
@@ -126,11 +129,36 @@ def source_hash() -> str:
     return hashlib.sha256(open(SOURCE, "rb").read()).hexdigest()[:12]
 
 
+def _call(target: str, x: jax.Array, w: jax.Array, out_dtype) -> jax.Array:
+    state = _ensure()
+    if "lib" not in state:
+        raise RuntimeError(f"jaxgen's native CPU products are unavailable: {state['reason']}")
+    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), out_dtype)
+    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(x, w)
+
+
 def int8_gemm_nk(xq: jax.Array, w: jax.Array) -> jax.Array:
     """int8 xq [M, K] . int8 w [N, K]^T -> exact int32 [M, N] through the native kernel (CPU only;
     raises RuntimeError if it is unavailable)."""
-    state = _ensure()
-    if "lib" not in state:
-        raise RuntimeError(f"jaxgen's native int8 kernel is unavailable: {state['reason']}")
-    out = jax.ShapeDtypeStruct((xq.shape[0], w.shape[0]), jnp.int32)
-    return jax.ffi.ffi_call(TARGET, out)(xq, w)
+    return _call("jaxgen_int8_gemm_nk", xq, w, jnp.int32)
+
+
+def f32_gemm_nk(x: jax.Array, w: jax.Array) -> jax.Array:
+    """float32 x [M, K] . float32 w [N, K]^T -> float32 [M, N] through the native kernel (CPU only;
+    raises RuntimeError if it is unavailable). Not differentiable: `float32_matmul` is."""
+    return _call("jaxgen_f32_gemm_nk", x, w, jnp.float32)
+
+
+@jax.custom_jvp
+def float32_matmul_nk(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., K] float32 @ w [N, K]^T -> [..., N] through the native float32 kernel, differentiable
+    (the tangents are plain dots)."""
+    y = f32_gemm_nk(x.reshape(-1, x.shape[-1]), w)
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+@float32_matmul_nk.defjvp
+def _float32_matmul_nk_jvp(primals, tangents):
+    x, w = primals
+    dx, dw = tangents
+    return float32_matmul_nk(x, w), jnp.dot(dx, w.T) + jnp.dot(x, dw.T)

@@ -1,17 +1,21 @@
-// jaxgen's native CPU int8 product, an XLA FFI custom call (see jaxgen/model/native.py).
+// jaxgen's native CPU matrix products, XLA FFI custom calls (see jaxgen/model/native.py).
 //
-//   out[m, n] = sum_k x[m, k] * w[n, k]      x int8 [M, K], w int8 [N, K] (the "nk" layout), out int32 [M, N]
+//   out[m, n] = sum_k x[m, k] * w[n, k]      w stored [N, K] (the "nk" layout)
+//   jaxgen_int8_gemm_nk: x int8 [M, K], w int8 [N, K] -> int32 [M, N]
+//   jaxgen_f32_gemm_nk:  x float32 [M, K], w float32 [N, K] -> float32 [M, N]
 //
-// Exact in int32 (|x|, |w| <= 128, K < 2^17), so its result is identical to every other exact
-// formulation of jaxgen.model.int8. Written for the products where XLA:CPU's own lowering is far
+// The int8 product is exact in int32 (|x|, |w| <= 128, K < 2^17), so its result is identical to
+// every other exact formulation of jaxgen.model.int8; the float32 one sums in its own order (float
+// rounding). Written for the products where XLA:CPU's own lowering is far
 // from the memory bandwidth (one to a few dozen rows: decoding): each thread takes a block of w's
 // rows, keeps four of them in the L1 cache while every row of x passes over them, and reads the
 // weight once per call. The instruction set is the compiling machine's (-march=native), chosen
 // at compile time:
-//   AVX-512 VNNI   vpdpbusd on (x + 128) as unsigned bytes, minus 128 * the row sums of w
-//   AVX2           vpmaddubsw on |w| and x with w's sign (pairs of products fit int16 since
-//                  |x| <= 127), then vpmaddwd with ones into int32
-//   otherwise      a plain loop the compiler vectorizes (NEON, SVE, SSE)
+//   int8     AVX-512 VNNI: vpdpbusd on (x + 128) as unsigned bytes, minus 128 * the row sums of w;
+//            AVX2: vpmaddubsw on |w| and x with w's sign (pairs of products fit int16 since
+//            |x| <= 127), then vpmaddwd with ones into int32
+//   float32  AVX-512F or AVX2 + FMA: fused multiply-adds, two accumulators per row of x
+//   both     otherwise a plain loop the compiler vectorizes (NEON, SVE, SSE)
 // Whether it is used at all is measured per CPU and shape (jaxgen.model.cpu_kernels).
 
 #include <algorithm>
@@ -41,6 +45,7 @@ namespace {
 constexpr int64_t kPrefetchBytes = PF_BYTES;
 constexpr int kMaxRows = 4;  // x rows computed together against one w row (its loads shared)
 
+// ---------------------------------------------------------------------------- int8 x int8 -> int32
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 constexpr int64_t kLanes = 64;
 using XElem = uint8_t;  // x + 128 as unsigned bytes (prepared once per call)
@@ -104,29 +109,117 @@ void DotRows(const XElem* x, int64_t kv, int64_t k, const int8_t* w, int32_t* ou
 }
 #endif
 
-// Rows [n0, n1) of w against every row of x: out[:, n0:n1]. xv: x in the vector code's form
-// (XElem), xs: x as given (for the tail of each dot past the last full vector).
-void GemmRows(const XElem* xv, const int8_t* xs, const int8_t* w, int32_t* out, int64_t m, int64_t n,
-              int64_t k, int64_t n0, int64_t n1) {
-  const int64_t kv = k - k % kLanes;
+struct Int8Dot {
+  using X = XElem;
+  using W = int8_t;
+  using Out = int32_t;
+  using Scalar = int8_t;  // x as given, for the tail
+  static constexpr int64_t lanes = kLanes;
+  template <int R>
+  static void Rows(const X* x, int64_t kv, int64_t k, const W* w, Out* out, int64_t ldo) {
+    DotRows<R>(x, kv, k, w, out, ldo);
+  }
+};
+
+// ---------------------------------------------------------------------------- float32
+#if defined(__AVX512F__)
+constexpr int64_t kF32Lanes = 32;  // two vectors of 16 per step: two accumulators per row
+
+template <int R>
+void F32Rows(const float* x, int64_t kv, int64_t k, const float* w, float* out, int64_t ldo) {
+  __m512 a0[R], a1[R];
+  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < kv; c += kF32Lanes) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + c) + kPrefetchBytes, _MM_HINT_T0);
+    const __m512 w0 = _mm512_loadu_ps(w + c), w1 = _mm512_loadu_ps(w + c + 16);
+    for (int r = 0; r < R; ++r) {
+      a0[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * k + c), w0, a0[r]);
+      a1[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * k + c + 16), w1, a1[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r * ldo] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int64_t kF32Lanes = 16;
+
+inline float HsumPs(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int R>
+void F32Rows(const float* x, int64_t kv, int64_t k, const float* w, float* out, int64_t ldo) {
+  __m256 a0[R], a1[R];
+  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < kv; c += kF32Lanes) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + c) + kPrefetchBytes, _MM_HINT_T0);
+    const __m256 w0 = _mm256_loadu_ps(w + c), w1 = _mm256_loadu_ps(w + c + 8);
+    for (int r = 0; r < R; ++r) {
+      a0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * k + c), w0, a0[r]);
+      a1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * k + c + 8), w1, a1[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r * ldo] = HsumPs(_mm256_add_ps(a0[r], a1[r]));
+}
+#else
+constexpr int64_t kF32Lanes = 1;
+
+template <int R>
+void F32Rows(const float* x, int64_t kv, int64_t k, const float* w, float* out, int64_t ldo) {
+  float acc[R] = {};
+  for (int64_t c = 0; c < kv; ++c)
+    for (int r = 0; r < R; ++r) acc[r] += x[r * k + c] * w[c];
+  for (int r = 0; r < R; ++r) out[r * ldo] = acc[r];
+}
+#endif
+
+struct F32Dot {
+  using X = float;
+  using W = float;
+  using Out = float;
+  using Scalar = float;
+  static constexpr int64_t lanes = kF32Lanes;
+  template <int R>
+  static void Rows(const X* x, int64_t kv, int64_t k, const W* w, Out* out, int64_t ldo) {
+    F32Rows<R>(x, kv, k, w, out, ldo);
+  }
+};
+
+// ---------------------------------------------------------------------------- shared
+// Rows [n0, n1) of w against every row of x: out[:, n0:n1]. xv: x in the vector code's form,
+// xs: x as given (for the tail of each dot past the last full vector).
+template <typename Dot>
+void GemmRows(const typename Dot::X* xv, const typename Dot::Scalar* xs, const typename Dot::W* w,
+              typename Dot::Out* out, int64_t m, int64_t n, int64_t k, int64_t n0, int64_t n1) {
+  using Out = typename Dot::Out;
+  const int64_t kv = k - k % Dot::lanes;
   for (int64_t j = n0; j < n1; ++j) {
-    const int8_t* wj = w + j * k;
+    const typename Dot::W* wj = w + j * k;
     int64_t i = 0;
-    for (; i + kMaxRows <= m; i += kMaxRows) DotRows<kMaxRows>(xv + i * k, kv, k, wj, out + i * n + j, n);
+    for (; i + kMaxRows <= m; i += kMaxRows) Dot::template Rows<kMaxRows>(xv + i * k, kv, k, wj, out + i * n + j, n);
     switch (m - i) {
-      case 3: DotRows<3>(xv + i * k, kv, k, wj, out + i * n + j, n); break;
-      case 2: DotRows<2>(xv + i * k, kv, k, wj, out + i * n + j, n); break;
-      case 1: DotRows<1>(xv + i * k, kv, k, wj, out + i * n + j, n); break;
+      case 3: Dot::template Rows<3>(xv + i * k, kv, k, wj, out + i * n + j, n); break;
+      case 2: Dot::template Rows<2>(xv + i * k, kv, k, wj, out + i * n + j, n); break;
+      case 1: Dot::template Rows<1>(xv + i * k, kv, k, wj, out + i * n + j, n); break;
       default: break;
     }
     if (kv < k) {
       for (int64_t r = 0; r < m; ++r) {
-        int32_t tail = 0;
-        for (int64_t c = kv; c < k; ++c) tail += int32_t(xs[r * k + c]) * int32_t(wj[c]);
+        Out tail = 0;
+        for (int64_t c = kv; c < k; ++c) tail += Out(xs[r * k + c]) * Out(wj[c]);
         out[r * n + j] += tail;
       }
     }
   }
+}
+
+// Chunks of w's rows, about 8 per thread so uneven threads even out, and at least 64 KiB of
+// weight each so scheduling stays negligible.
+int64_t ChunkRows(ffi::ThreadPool& pool, int64_t n, int64_t row_bytes) {
+  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
+  return std::max<int64_t>({int64_t(1), (64 * 1024) / row_bytes, (n + 8 * threads - 1) / (8 * threads)});
 }
 
 // Runs body(chunk) for chunk in [0, chunks) on the caller and XLA's intra-op threads. The caller
@@ -179,13 +272,30 @@ ffi::Error Int8GemmNK(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<
 #else
   const XElem* xv = xs;
 #endif
-  // Chunks of w's rows, about 8 per thread so uneven threads even out, and at least 64 KiB of
-  // weight each so scheduling stays negligible.
-  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
-  const int64_t rows = std::max<int64_t>({int64_t(1), (64 * 1024) / k, (n + 8 * threads - 1) / (8 * threads)});
-  const int64_t chunks = (n + rows - 1) / rows;
-  ParallelFor(pool, chunks, [&](int64_t c) {
-    GemmRows(xv, xs, wp, op, m, n, k, c * rows, std::min(n, (c + 1) * rows));
+  const int64_t rows = ChunkRows(pool, n, k);
+  ParallelFor(pool, (n + rows - 1) / rows, [&](int64_t c) {
+    GemmRows<Int8Dot>(xv, xs, wp, op, m, n, k, c * rows, std::min(n, (c + 1) * rows));
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error F32GemmNK(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                     ffi::ResultBuffer<ffi::F32> out) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1])
+    return ffi::Error::InvalidArgument("jaxgen_f32_gemm_nk: x [M, K] and w [N, K] expected");
+  const int64_t m = xd[0], k = xd[1], n = wd[0];
+  float* op = out->typed_data();
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  if (k == 0) {
+    std::memset(op, 0, sizeof(float) * m * n);
+    return ffi::Error::Success();
+  }
+  const float* xs = x.typed_data();
+  const float* wp = w.typed_data();
+  const int64_t rows = ChunkRows(pool, n, 4 * k);
+  ParallelFor(pool, (n + rows - 1) / rows, [&](int64_t c) {
+    GemmRows<F32Dot>(xs, xs, wp, op, m, n, k, c * rows, std::min(n, (c + 1) * rows));
   });
   return ffi::Error::Success();
 }
@@ -198,6 +308,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxgenInt8GemmNK, Int8GemmNK,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxgenF32GemmNK, F32GemmNK,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 extern "C" const char* JaxgenInt8GemmIsa() {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
