@@ -35,7 +35,9 @@ install: $(STAMP_RUN) $(STAMP_TEST) $(STAMP_BENCH)
 # comparisons, device workers, benchmark compiles); `make test-all` both. PYTEST_ARGS passes options
 # (e.g. PYTEST_ARGS="--durations=20", or "-n 0" for one process).
 TEST_WORKERS ?= auto
-PYTEST := $(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadfile
+# tests/run_suite.py runs pytest, kills whatever the run left behind, and gives the failed tests of a
+# crashed worker (XLA:CPU's rare SIGSEGV in its compiler) one more try.
+PYTEST := $(PY) tests/run_suite.py -q -ra -n $(TEST_WORKERS) --dist loadfile --max-worker-restart 0
 test: $(STAMP_TEST)
 	$(PYTEST) -m "not slow" tests $(PYTEST_ARGS)
 
