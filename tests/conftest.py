@@ -36,41 +36,12 @@ FAST_MODULES = frozenset({
 })
 
 
-# ---- tests/run_suite.py's bookkeeping (in the xdist controller; see run_suite.py why)
-def _suite_log(name: str, line: str) -> None:
-    folder = os.environ.get("JAXGEN_TEST_SUITE_DIR")
-    if folder and not os.environ.get("PYTEST_XDIST_WORKER"):
-        with open(os.path.join(folder, name), "a") as f:
-            f.write(line + "\n")
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_handlecrashitem(crashitem, report, sched):
-    """xdist: the test a worker died in."""
-    _suite_log("crashed", crashitem)
-
-
-def pytest_runtest_logreport(report):
-    if report.failed:
-        _suite_log("failed", report.nodeid)
-    if report.when == "call" or (report.when == "setup" and not report.passed):
-        _suite_log("done", report.nodeid)
-
-
-def _deselect_done(config, items):
-    """JAXGEN_TEST_DONE names a file of node ids that ran already: they are deselected (run_suite's
-    second try runs the crashed test and those its worker never reached)."""
-    path = os.environ.get("JAXGEN_TEST_DONE")
-    if not path or not os.path.exists(path):
-        return
-    with open(path) as f:
-        done = {line.strip() for line in f if line.strip()}
-    config.hook.pytest_deselected(items=[item for item in items if item.nodeid in done])
-    items[:] = [item for item in items if item.nodeid not in done]
+# tests/run_suite.py's bookkeeping hooks (crashed, failed and finished tests; a second try's deselection)
+from suite_plugin import deselect_done, pytest_handlecrashitem, pytest_runtest_logreport  # noqa: E402,F401
 
 
 def pytest_collection_modifyitems(config, items):
-    _deselect_done(config, items)
+    deselect_done(config, items)
     for item in items:
         if item.module is not None and item.module.__name__.rpartition(".")[2] in FAST_MODULES:
             item.add_marker(pytest.mark.fast)
