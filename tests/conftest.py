@@ -26,13 +26,6 @@ os.environ.setdefault("JAXGEN_HOME", os.path.join(os.path.dirname(os.path.dirnam
 # test_drafts_are_accepted[llama]), never with that file alone. tests/run_suite.py, which `make test`
 # runs, ends a run at a crash and gives the crashed test and those not reached one more try.
 os.environ.setdefault("JAXGEN_COMPILATION_CACHE", "0")
-if os.environ["JAXGEN_COMPILATION_CACHE"] == "0":
-    # ... and JAX's own switch off too, in the test processes only (not inherited by subprocesses):
-    # jaxlib 0.10.2 otherwise serializes and hashes every module for a cache key even with no cache
-    # directory, on the path where every crash above happened.
-    import jax
-
-    jax.config.update("jax_enable_compilation_cache", False)
 
 
 # `make test-fast` runs these modules' tests (marked `fast` here): jaxgen's own functions on tiny
