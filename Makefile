@@ -36,7 +36,7 @@ install: $(STAMP_RUN) $(STAMP_TEST) $(STAMP_BENCH)
 # (e.g. PYTEST_ARGS="--durations=20", or "-n 0" for one process).
 TEST_WORKERS ?= auto
 # tests/run_suite.py runs pytest, kills whatever the run left behind, and gives the failed tests of a
-# crashed worker (XLA:CPU's rare SIGSEGV in its compiler) one more try.
+# crashed worker (XLA:CPU's SIGSEGV/SIGABRT in its compiler, see README "Known issues") one more try.
 PYTEST := $(PY) tests/run_suite.py -q -ra -n $(TEST_WORKERS) --dist loadfile --max-worker-restart 0
 test: $(STAMP_TEST)
 	$(PYTEST) -m "not slow" tests $(PYTEST_ARGS)

@@ -11,8 +11,8 @@ This wrapper adds two things a plain `pytest` call lacks:
   crashed worker, say) would keep CI's output pipe open, and CI would wait on it until its time
   limit.
 - **A crashed worker gets one more try.** XLA:CPU (jaxlib 0.10.2) has died inside its compiler
-  (SIGSEGV, once SIGABRT) in full runs, lately always in test_prompt_lookup.py's
-  test_drafts_are_accepted, never when that file ran alone (see conftest.py and the README's
+  (SIGSEGV, SIGABRT) in full runs, lately always compiling test_prompt_lookup.py's
+  `lookup_decode`, never when that file ran alone (see conftest.py and the README's
   known issues). pytest-xdist's replacement of a crashed worker hung the whole run under
   `--dist loadfile` (both workers idle, the controller waiting), so `make test` runs with
   `--max-worker-restart 0`: a crash ends the run (the other worker finishes its file). When every
@@ -34,9 +34,9 @@ import time
 import uuid
 from typing import Dict, List, Optional, Sequence
 
+from suite_plugin import CRASHED, DONE, FAILED, FINISHED, SUITE_DIR, read_ids  # this folder, sys.path[0]
+
 MARKER = "JAXGEN_TEST_RUN"
-SUITE_DIR = "JAXGEN_TEST_SUITE_DIR"  # suite_plugin.py writes node ids of crashed, failed, done tests here
-DONE = "JAXGEN_TEST_DONE"  # suite_plugin.py deselects the node ids listed in this file
 
 
 def _processes_with_marker(run_id: str) -> List[int]:
@@ -96,13 +96,6 @@ def run_pytest(args: Sequence[str], folder: str, env_extra: Optional[Dict[str, s
         _kill_leftovers(run_id, proc.pid)
 
 
-def _lines(path: str) -> List[str]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return sorted({line.strip() for line in f if line.strip()})
-
-
 def _terminated(signum, frame):
     raise SystemExit(128 + signum)  # SIGTERM (a CI timeout): leave through run_pytest's cleanup
 
@@ -113,12 +106,13 @@ def main(argv: Sequence[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="jaxgen-suite-") as first, \
             tempfile.TemporaryDirectory(prefix="jaxgen-suite-") as second:
         rc = run_pytest(args, first)
-        crashed, failed = _lines(os.path.join(first, "crashed")), _lines(os.path.join(first, "failed"))
-        if rc == 0 or not crashed or not set(failed) <= set(crashed):
+        crashed, failed = read_ids(os.path.join(first, CRASHED)), read_ids(os.path.join(first, FAILED))
+        if rc == 0 or not crashed or not failed <= crashed:
             return rc  # passed, or failures that are not crashes: no second try
-        print(f"\nrun_suite: a test worker crashed in {', '.join(crashed)}; running "
+        print(f"\nrun_suite: a test worker crashed in {', '.join(sorted(crashed))}; running "
               f"{'it' if len(crashed) == 1 else 'them'} and the tests not run yet once more\n", flush=True)
-        return run_pytest(args, second, {DONE: os.path.join(first, "done")})
+        return run_pytest(args, second, {DONE: os.path.join(first, FINISHED)})
+
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
