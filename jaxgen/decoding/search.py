@@ -176,17 +176,17 @@ def _step(params: dict, state: DecodeState, consts: DecodeConsts, spec: LoopSpec
     if spec.sampling:
         log_probs = jax.nn.log_softmax(processed, axis=-1)
         token = sample(draw_keys, log_probs, consts.samp, spec.k_static)
-        normalizer = None
+    else:
+        token = greedy(processed)
+    active = ~state.done
+    token = jnp.where(active, token, 0)
+    if spec.sampling:
+        chosen_log_prob = jnp.take_along_axis(log_probs, token[:, None], axis=1)[:, 0]
     else:
         # greedy needs only the chosen token's log-prob: logit - logsumexp, two passes over the
         # [batch, vocab] logits instead of a materialized log_softmax (a large share of a 16-row step)
-        token = greedy(processed)
-        log_probs, normalizer = processed, jax.nn.logsumexp(processed, axis=-1)
-    active = ~state.done
-    token = jnp.where(active, token, 0)
-    chosen_log_prob = jnp.take_along_axis(log_probs, token[:, None], axis=1)[:, 0]
-    if normalizer is not None:
-        chosen_log_prob = chosen_log_prob - normalizer
+        chosen_log_prob = (jnp.take_along_axis(processed, token[:, None], axis=1)[:, 0]
+                           - jax.nn.logsumexp(processed, axis=-1))
     rows = jnp.arange(token.shape[0])
     column = jnp.where(active, state.gen_len, state.out_tokens.shape[1])  # done rows: out of bounds, dropped
     out_tokens = state.out_tokens.at[rows, column].set(token, mode="drop")
