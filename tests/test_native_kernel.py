@@ -4,7 +4,7 @@ of the CPU chooser).
 * It compiles on a machine with a C++ compiler (this test fails if a compiler is there and the
   build does not work) and says which instruction set it was built for.
 * Exact against an int64 reference over the shapes its code paths split on: one to many rows
-  (blocks of 4 plus 1-3 left), K that is not a multiple of the vector width (the scalar tail),
+  (groups of 8 plus 1-7 left, blocks of w's rows), K that is not a multiple of the vector width (the scalar tail),
   N not a multiple of a thread's chunk, extreme values (-128 weights, +-127 activations), the
   head's width; under jit and vmap.
 * The float32 product is within float32 rounding of an float64 reference over the same shapes, and
@@ -45,7 +45,7 @@ def _reference(xq: np.ndarray, w_nk: np.ndarray) -> np.ndarray:
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 17])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17])
 @pytest.mark.parametrize("k,n", [(64, 40), (77, 33), (2048 + 17, 65), (640, 4099)])
 def test_exact_over_shapes(rows, k, n):
     rng = np.random.default_rng(rows * 1000 + k + n)
@@ -61,7 +61,7 @@ def test_exact_over_shapes(rows, k, n):
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 3, 4, 17])
+@pytest.mark.parametrize("rows", [1, 3, 4, 8, 9, 17])
 @pytest.mark.parametrize("k,n", [(77, 33), (2048 + 9, 65), (640, 4099)])
 def test_float32_within_rounding(rows, k, n):
     rng = np.random.default_rng(rows + k + n)

@@ -6,15 +6,17 @@
 //
 // The int8 product is exact in int32 (|x|, |w| <= 128, K < 2^17), so its result is identical to
 // every other exact formulation of jaxgen.model.int8; the float32 one sums in its own order (float
-// rounding). Written for the products where XLA:CPU's own lowering is far
-// from the memory bandwidth (one to a few dozen rows: decoding): each thread takes a block of w's
-// rows, keeps four of them in the L1 cache while every row of x passes over them, and reads the
-// weight once per call. The instruction set is the compiling machine's (-march=native), chosen
-// at compile time:
+// rounding). Written first for the products where XLA:CPU's own lowering is far from the memory
+// bandwidth (one to a few dozen rows: decoding): each thread takes a chunk of w's rows and reads
+// each weight once per call, streaming one w row at a time past a group of up to eight rows of x.
+// With more rows than that, w's rows are taken in blocks that stay in the L2 cache while each
+// group of x rows (in L1) passes over them; that also made the int8 product faster than XLA's
+// float32 one at hundreds of rows (prefill, scoring) on an AVX2 AMD EPYC.
+// The instruction set is the compiling machine's (-march=native), chosen at compile time:
 //   int8     AVX-512 VNNI: vpdpbusd on (x + 128) as unsigned bytes, minus 128 * the row sums of w;
 //            AVX2: vpmaddubsw on |w| and x with w's sign (pairs of products fit int16 since
 //            |x| <= 127), then vpmaddwd with ones into int32
-//   float32  AVX-512F or AVX2 + FMA: fused multiply-adds, two accumulators per row of x
+//   float32  AVX-512F or AVX2 + FMA: fused multiply-adds, two accumulators per row of x up to 4 rows
 //   both     otherwise a plain loop the compiler vectorizes (NEON, SVE, SSE)
 // Whether it is used at all is measured per CPU and shape (jaxgen.model.cpu_kernels).
 
@@ -43,7 +45,17 @@ namespace {
 // interleaved, the hardware prefetchers kept up far worse (a one-row product of the 640 x 262,144
 // head read 6 GB/s per thread with four rows at once, 10.6 with one, on an AVX2 AMD EPYC).
 constexpr int64_t kPrefetchBytes = PF_BYTES;
-constexpr int kMaxRows = 4;  // x rows computed together against one w row (its loads shared)
+#ifndef MAX_ROWS
+#define MAX_ROWS 8
+#endif
+#ifndef BLOCK_BYTES
+#define BLOCK_BYTES (96 * 1024)
+#endif
+constexpr int kMaxRows = MAX_ROWS;  // x rows computed together against one w row (its loads shared)
+// w's rows are taken in blocks of about this many bytes: the block stays in the L2 cache while
+// every group of kMaxRows rows of x passes over it (read from memory once, and the x group stays
+// in L1 instead of all of x streaming from L2 for every row of w).
+constexpr int64_t kBlockBytes = BLOCK_BYTES;
 
 // ---------------------------------------------------------------------------- int8 x int8 -> int32
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -127,17 +139,18 @@ constexpr int64_t kF32Lanes = 32;  // two vectors of 16 per step: two accumulato
 
 template <int R>
 void F32Rows(const float* x, int64_t kv, int64_t k, const float* w, float* out, int64_t ldo) {
-  __m512 a0[R], a1[R];
-  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < kv; c += kF32Lanes) {
+  constexpr int A = R <= 4 ? 2 : 1;  // accumulators per row (see the AVX2 version)
+  __m512 acc[A][R];
+  for (int a = 0; a < A; ++a)
+    for (int r = 0; r < R; ++r) acc[a][r] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < kv; c += 16 * A) {
     _mm_prefetch(reinterpret_cast<const char*>(w + c) + kPrefetchBytes, _MM_HINT_T0);
-    const __m512 w0 = _mm512_loadu_ps(w + c), w1 = _mm512_loadu_ps(w + c + 16);
-    for (int r = 0; r < R; ++r) {
-      a0[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * k + c), w0, a0[r]);
-      a1[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * k + c + 16), w1, a1[r]);
+    for (int a = 0; a < A; ++a) {
+      const __m512 wv = _mm512_loadu_ps(w + c + 16 * a);
+      for (int r = 0; r < R; ++r) acc[a][r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + r * k + c + 16 * a), wv, acc[a][r]);
     }
   }
-  for (int r = 0; r < R; ++r) out[r * ldo] = _mm512_reduce_add_ps(_mm512_add_ps(a0[r], a1[r]));
+  for (int r = 0; r < R; ++r) out[r * ldo] = _mm512_reduce_add_ps(A == 2 ? _mm512_add_ps(acc[0][r], acc[A - 1][r]) : acc[0][r]);
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int64_t kF32Lanes = 16;
@@ -151,17 +164,20 @@ inline float HsumPs(__m256 v) {
 
 template <int R>
 void F32Rows(const float* x, int64_t kv, int64_t k, const float* w, float* out, int64_t ldo) {
-  __m256 a0[R], a1[R];
-  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
-  for (int64_t c = 0; c < kv; c += kF32Lanes) {
+  // Two accumulators per row hide the fused multiply-add's latency for up to 4 rows; with more
+  // rows there are enough independent sums already (and not enough registers for two each).
+  constexpr int A = R <= 4 ? 2 : 1;
+  __m256 acc[A][R];
+  for (int a = 0; a < A; ++a)
+    for (int r = 0; r < R; ++r) acc[a][r] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < kv; c += 8 * A) {
     _mm_prefetch(reinterpret_cast<const char*>(w + c) + kPrefetchBytes, _MM_HINT_T0);
-    const __m256 w0 = _mm256_loadu_ps(w + c), w1 = _mm256_loadu_ps(w + c + 8);
-    for (int r = 0; r < R; ++r) {
-      a0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * k + c), w0, a0[r]);
-      a1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * k + c + 8), w1, a1[r]);
+    for (int a = 0; a < A; ++a) {
+      const __m256 wv = _mm256_loadu_ps(w + c + 8 * a);
+      for (int r = 0; r < R; ++r) acc[a][r] = _mm256_fmadd_ps(_mm256_loadu_ps(x + r * k + c + 8 * a), wv, acc[a][r]);
     }
   }
-  for (int r = 0; r < R; ++r) out[r * ldo] = HsumPs(_mm256_add_ps(a0[r], a1[r]));
+  for (int r = 0; r < R; ++r) out[r * ldo] = HsumPs(A == 2 ? _mm256_add_ps(acc[0][r], acc[A - 1][r]) : acc[0][r]);
 }
 #else
 constexpr int64_t kF32Lanes = 1;
@@ -188,6 +204,13 @@ struct F32Dot {
 };
 
 // ---------------------------------------------------------------------------- shared
+// Rows r < R of x (xv: in the vector code's form) against w's rows [j0, j1): out[r, j].
+template <typename Dot, int R>
+void RowGroup(const typename Dot::X* xv, const typename Dot::W* w, typename Dot::Out* out, int64_t n,
+              int64_t k, int64_t kv, int64_t j0, int64_t j1) {
+  for (int64_t j = j0; j < j1; ++j) Dot::template Rows<R>(xv, kv, k, w + j * k, out + j, n);
+}
+
 // Rows [n0, n1) of w against every row of x: out[:, n0:n1]. xv: x in the vector code's form,
 // xs: x as given (for the tail of each dot past the last full vector).
 template <typename Dot>
@@ -195,21 +218,31 @@ void GemmRows(const typename Dot::X* xv, const typename Dot::Scalar* xs, const t
               typename Dot::Out* out, int64_t m, int64_t n, int64_t k, int64_t n0, int64_t n1) {
   using Out = typename Dot::Out;
   const int64_t kv = k - k % Dot::lanes;
-  for (int64_t j = n0; j < n1; ++j) {
-    const typename Dot::W* wj = w + j * k;
+  const int64_t block = std::max<int64_t>(1, kBlockBytes / int64_t(k * sizeof(typename Dot::W)));
+  for (int64_t j0 = n0; j0 < n1; j0 += block) {
+    const int64_t j1 = std::min(n1, j0 + block);
     int64_t i = 0;
-    for (; i + kMaxRows <= m; i += kMaxRows) Dot::template Rows<kMaxRows>(xv + i * k, kv, k, wj, out + i * n + j, n);
+    for (; i + kMaxRows <= m; i += kMaxRows) RowGroup<Dot, kMaxRows>(xv + i * k, w, out + i * n, n, k, kv, j0, j1);
+    const auto* xi = xv + i * k;
+    Out* oi = out + i * n;
     switch (m - i) {
-      case 3: Dot::template Rows<3>(xv + i * k, kv, k, wj, out + i * n + j, n); break;
-      case 2: Dot::template Rows<2>(xv + i * k, kv, k, wj, out + i * n + j, n); break;
-      case 1: Dot::template Rows<1>(xv + i * k, kv, k, wj, out + i * n + j, n); break;
+      case 7: RowGroup<Dot, 7>(xi, w, oi, n, k, kv, j0, j1); break;
+      case 6: RowGroup<Dot, 6>(xi, w, oi, n, k, kv, j0, j1); break;
+      case 5: RowGroup<Dot, 5>(xi, w, oi, n, k, kv, j0, j1); break;
+      case 4: RowGroup<Dot, 4>(xi, w, oi, n, k, kv, j0, j1); break;
+      case 3: RowGroup<Dot, 3>(xi, w, oi, n, k, kv, j0, j1); break;
+      case 2: RowGroup<Dot, 2>(xi, w, oi, n, k, kv, j0, j1); break;
+      case 1: RowGroup<Dot, 1>(xi, w, oi, n, k, kv, j0, j1); break;
       default: break;
     }
     if (kv < k) {
-      for (int64_t r = 0; r < m; ++r) {
-        Out tail = 0;
-        for (int64_t c = kv; c < k; ++c) tail += Out(xs[r * k + c]) * Out(wj[c]);
-        out[r * n + j] += tail;
+      for (int64_t j = j0; j < j1; ++j) {
+        const typename Dot::W* wj = w + j * k;
+        for (int64_t r = 0; r < m; ++r) {
+          Out tail = 0;
+          for (int64_t c = kv; c < k; ++c) tail += Out(xs[r * k + c]) * Out(wj[c]);
+          out[r * n + j] += tail;
+        }
       }
     }
   }
