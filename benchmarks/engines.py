@@ -428,7 +428,12 @@ class Int8ProductsEngine(Engine):
         def c8(x, w, s):  # the native kernel (compiled on this machine at the first use)
             return int8.int8_matmul(x, w, s, nk, kind="c8")
 
-        return self.jax.jit({"f32": f32, "w8": w8, "a8": a8, "u8": u8, "c8": c8}[candidate])
+        def c32(x, w, s):  # the native float32 kernel, weight [N, K]
+            from jaxgen.model.native import float32_matmul_nk
+
+            return float32_matmul_nk(x, w)
+
+        return self.jax.jit({"f32": f32, "w8": w8, "a8": a8, "u8": u8, "c8": c8, "c32": c32}[candidate])
 
     def matmul(self, k: int, n: int, m: int, candidate: str, nk: bool, check: bool = False) -> dict:
         np, key = self.np, (k, n, m, candidate, nk)
@@ -439,9 +444,10 @@ class Int8ProductsEngine(Engine):
             q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
             x = rng.standard_normal((m, k)).astype(np.float32)
             x[:, :max(1, k // 64)] *= 8  # a few outlier channels, as in real activations
-            stored = w if candidate == "f32" else q
+            float_weight = candidate in ("f32", "c32")
+            stored = w if float_weight else q
             args = (x, np.ascontiguousarray(stored.T) if nk else stored, scale.astype(np.float32))
-            ref = x.astype(np.float64) @ (w if candidate == "f32" else q * scale.astype(np.float64))
+            ref = x.astype(np.float64) @ (w if float_weight else q * scale.astype(np.float64))
             self.data[key] = (self._function(candidate, nk), [self.jax.device_put(a) for a in args], ref)
         fn, args, ref = self.data[key]
         out = fn(*args).block_until_ready()

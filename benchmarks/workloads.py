@@ -377,17 +377,18 @@ SHAPES = {  # the default model's int8 products: name -> (K, N, weight stored [N
 
 @workload("int8 matrix-product formulations on XLA, in the default model's shapes",
           tiny=dict(shapes="kv,head_block_int8", ms=(1, 16)), shapes=",".join(SHAPES), ms=(1, 16, 512),
-          candidates="f32,w8,a8,u8,c8")
+          candidates="f32,w8,a8,u8,c8,c32")
 def int8_kernels(ctx: Context) -> List[str]:
     """y = x [M, K] @ (int8 weight x per-channel scale) per formulation (see engines.Int8ProductsEngine;
-    u8 and c8 are jaxgen's; c8 for the [N, K] shapes), alternating, medians; error: max |y - ref| / rms(ref), ref in float64 (f32: against
-    the float32 weight). M = 1: batch-1 decode, 16: batch-16 decode, 512: prefill / scoring rows."""
+    u8, c8 and c32 are jaxgen's; c8 (int8) and c32 (float32) are the native kernels, always with the
+    weight stored [N, K], as jaxgen stores it where it chooses them), alternating, medians; error:
+    max |y - ref| / rms(ref), ref in float64 (f32, c32: against the float32 weight). M = 1: batch-1
+    decode, 16: batch-16 decode, 512: prefill / scoring rows."""
     p = ctx.p
     cases = [Case(f"{name} M={m} {c}", "matmul", dict(k=SHAPES[name][0], n=SHAPES[name][1], m=m, candidate=c,
-                                                      nk=SHAPES[name][2]), warmup={"check": True})
+                                                      nk=SHAPES[name][2] or c in ("c8", "c32")), warmup={"check": True})
              for name in p.shapes.split(",") for m in p.ms for c in p.candidates.split(",")
-             if not (name == "head" and m > 64)  # the whole head never runs at 512 rows
-             and not (c == "c8" and not SHAPES[name][2])]  # the native kernel takes [N, K] weights only
+             if not (name == "head" and m > 64)]  # the whole head never runs at 512 rows
     results = ctx.run([Spec("xla", "int8 products", "")], cases, {})
     rows, base = [], {}
     for case in cases:

@@ -16,6 +16,8 @@ import sys
 
 import pytest
 
+from jaxgen.model import native
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 
@@ -181,6 +183,9 @@ def test_int8_kernels(bench_dir):
         exact, ours = table(data, f"kv | 640 x 256 | {m} | f32"), table(data, f"kv | 640 x 256 | {m} | u8")
         assert num(ours[0]) > 0  # median ms
         assert float(exact[2]) < 1e-4 and 1e-4 < float(ours[2]) < 0.2  # error against the float64 product
+        if native.available():  # the native kernels: the same int8 products as u8; float32 within rounding
+            assert table(data, f"kv | 640 x 256 | {m} | c8")[2] == ours[2]
+            assert float(table(data, f"kv | 640 x 256 | {m} | c32")[2]) < 1e-4
 
 
 def test_long_context(bench_dir):
