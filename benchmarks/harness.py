@@ -382,8 +382,8 @@ def header(title: str, threads: int) -> List[str]:
 
 def median_ms(call: Callable[[], object], reps: int) -> float:
     """Median wall milliseconds of `reps` calls of `call` after one untimed warm-up call, for the
-    standalone in-process measuring scripts (moe_floor.py, prefill_breakdown.py); `call` must wait
-    for its own result (e.g. `block_until_ready`)."""
+    standalone in-process measuring scripts (moe_floor.py, prefill_breakdown.py, step_profile.py);
+    `call` must wait for its own result (e.g. `block_until_ready`)."""
     call()
     times = []
     for _ in range(reps):
@@ -391,6 +391,15 @@ def median_ms(call: Callable[[], object], reps: int) -> float:
         call()
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
+
+
+def random_prompt(tokens: Sequence[str], length: int, seed: int = 0) -> List[str]:
+    """A prompt of `length` tokens for the standalone measuring scripts: the vocabulary's token 2
+    (BOS in the SentencePiece models here) and random tokens from id 1000 on (no special tokens)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [tokens[2]] + [tokens[int(t)] for t in rng.integers(1000, len(tokens) - 1, length - 1)]
 
 
 def fmt(value: Optional[float], digits: int = 3) -> str:

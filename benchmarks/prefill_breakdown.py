@@ -18,8 +18,6 @@ import argparse
 import os
 import sys
 
-import numpy as np
-
 
 def main(argv) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -43,8 +41,7 @@ def main(argv) -> None:
     generator = jaxgen.Generator(args.model or default_model.default_model_path(progress=False),
                                  compute_type=args.compute_type)
     tokens = generator.vocabulary.tokens
-    rng = np.random.default_rng(0)
-    prompt = [tokens[2]] + [tokens[int(t)] for t in rng.integers(1000, len(tokens) - 1, args.tokens - 1)]
+    prompt = harness.random_prompt(tokens, args.tokens)
 
     def prefill_ms() -> float:
         if args.decode:

@@ -4,8 +4,8 @@
     python benchmarks/step_profile.py --compute-type float32 --batch 16
     python benchmarks/step_profile.py --prefill 512                    # one 512-token prefill instead
 
-Runs `generate_batch` on the default model (a warm-up, one timed call, then one call under
-`jax.profiler`), reads the trace's XLA:CPU operations (thunks) and prints their time per step,
+Runs `generate_batch` on the default model (a warm-up, the median of --reps timed calls, then one
+call under `jax.profiler`), reads the trace's XLA:CPU operations (thunks) and prints their time per step,
 summed per kind of operation (`ffi_call`: jaxgen's native products; `ynn_fusion`: YNNPACK's dots
 and reductions; loop fusions by their name), then the slowest single operations. Operations that
 run at the same time on the intra-op threads are each counted in full, so the sums can exceed the
@@ -24,9 +24,6 @@ import os
 import re
 import sys
 import tempfile
-import time
-
-import numpy as np
 
 
 def main(argv) -> None:
@@ -37,7 +34,10 @@ def main(argv) -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prefill", type=int, default=0, metavar="TOKENS", help="profile one prefill of TOKENS instead")
     parser.add_argument("--top", type=int, default=12, help="how many single operations to list")
+    parser.add_argument("--reps", type=int, default=3, help="timed calls without the profiler (median)")
     args = parser.parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import harness
     import jax
 
     import jaxgen
@@ -46,25 +46,21 @@ def main(argv) -> None:
     generator = jaxgen.Generator(args.model or default_model.default_model_path(progress=False),
                                  compute_type=args.compute_type)
     tokens = generator.vocabulary.tokens
-    rng = np.random.default_rng(0)
     if args.prefill:
-        prompt = [tokens[2]] + [tokens[int(t)] for t in rng.integers(1000, len(tokens) - 1, args.prefill - 1)]
+        prompt = harness.random_prompt(tokens, args.prefill)
         steps, unit = 1, "call"
 
         def run():
             generator.generate_batch([prompt], max_length=1, include_prompt_in_result=False)
     else:
-        prompt = [tokens[2]] + [tokens[int(t)] for t in rng.integers(1000, len(tokens) - 1, 8)]
+        prompt = harness.random_prompt(tokens, 9)
         steps, unit = args.new_tokens, "step"
 
         def run():
             generator.generate_batch([prompt] * args.batch, max_length=steps, min_length=steps,
                                      include_prompt_in_result=False)
 
-    run()
-    t0 = time.perf_counter()
-    run()
-    wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    wall_ms = harness.median_ms(run, args.reps) / steps
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
         run()
@@ -85,7 +81,8 @@ def main(argv) -> None:
         per_kind[kind] += e["dur"]
         count[kind] += 1
     what = f"prefill of {args.prefill} tokens" if args.prefill else f"decode, batch {args.batch}, {steps} steps"
-    print(f"{args.compute_type}, {what}: {wall_ms:.1f} ms per {unit} (timed call, without the profiler)")
+    print(f"CPU: {' '.join(harness.cpu_name())}; {args.compute_type}, {what}: {wall_ms:.1f} ms per {unit} "
+          f"(median of {args.reps} calls without the profiler)")
     print(f"\nper kind of operation (ms per {unit}, operations per {unit}):")
     for kind, us in per_kind.most_common(20):
         print(f"  {us / 1e3 / steps:9.2f}  {count[kind] / steps:7.1f}  {kind}")
