@@ -9,10 +9,10 @@
 // rounding). Written first for the products where XLA:CPU's own lowering is far from the memory
 // bandwidth (one to a few dozen rows: decoding): each thread takes a chunk of w's rows and reads
 // each weight once per call, streaming one w row at a time past a group of rows of x (16 for
-// int8, 8 for float32) held in L1, eight rows at a time in registers. With more rows than that,
-// w's rows are taken in blocks that stay in the L2 cache while each group of x passes over them;
-// that also made the int8 product faster than XLA's float32 one at hundreds of rows (prefill,
-// scoring) on an AVX2 AMD EPYC.
+// int8, 8 for float32) held in L1, eight rows at a time in registers. w's rows go in blocks that
+// stay in the L2 cache while each group of x passes over them, so with more rows than one group
+// a weight is still read from memory once; that also made the int8 product faster than XLA's
+// float32 one at hundreds of rows (prefill, scoring) on an AVX2 AMD EPYC.
 // The instruction set is the compiling machine's (-march=native), chosen at compile time:
 //   int8     AVX-512 VNNI: vpdpbusd on (x + 128) as unsigned bytes, minus 128 * the row sums of w;
 //            AVX2: vpmaddubsw on |w| and x with w's sign (pairs of products fit int16 since
@@ -53,11 +53,9 @@ constexpr int64_t kPrefetchBytes = PF_BYTES;
 #define BLOCK_BYTES (96 * 1024)
 #endif
 constexpr int kMaxRows = MAX_ROWS;  // x rows computed together against one w row (its loads shared)
-// w's rows are taken in blocks of about this many bytes: the block stays in the L2 cache while
-// every group of kMaxRows rows of x passes over it (read from memory once, and the x group stays
-// in L1 instead of all of x streaming from L2 for every row of w).
+// w's rows are taken in blocks of about this many bytes: a block stays in the L2 cache while
+// every group of x's rows (Dot::group_rows) passes over it, so it is read from memory once.
 constexpr int64_t kBlockBytes = BLOCK_BYTES;
-
 
 // ---------------------------------------------------------------------------- int8 x int8 -> int32
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -134,10 +132,8 @@ struct Int8Dot {
   static constexpr int64_t group_rows = 16;
   static constexpr int64_t panel_bytes = 16 * 1024;
   template <int R>
-  static void Rows(const X* x, int64_t kv, int64_t k, const W* w, Out* out, int64_t ldo, bool add) {
-    Out sums[R];
-    DotRows<R>(x, kv, k, w, sums, 1);
-    for (int r = 0; r < R; ++r) out[r * ldo] = add ? out[r * ldo] + sums[r] : sums[r];
+  static void Rows(const X* x, int64_t kv, int64_t k, const W* w, Out* out, int64_t ldo) {
+    DotRows<R>(x, kv, k, w, out, ldo);
   }
 };
 
@@ -210,14 +206,22 @@ struct F32Dot {
   static constexpr int64_t group_rows = kMaxRows;
   static constexpr int64_t panel_bytes = 32 * 1024;
   template <int R>
-  static void Rows(const X* x, int64_t kv, int64_t k, const W* w, Out* out, int64_t ldo, bool add) {
-    Out sums[R];
-    F32Rows<R>(x, kv, k, w, sums, 1);
-    for (int r = 0; r < R; ++r) out[r * ldo] = add ? out[r * ldo] + sums[r] : sums[r];
+  static void Rows(const X* x, int64_t kv, int64_t k, const W* w, Out* out, int64_t ldo) {
+    F32Rows<R>(x, kv, k, w, out, ldo);
   }
 };
 
 // ---------------------------------------------------------------------------- shared
+// Dot::Rows<R> for x rows r < R against one w row over kv columns: out[r * ldo] is set to the
+// dot product, or has it added when `add` (a later chunk of columns).
+template <typename Dot, int R>
+void RowsInto(const typename Dot::X* x, int64_t kv, int64_t k, const typename Dot::W* w, typename Dot::Out* out,
+              int64_t ldo, bool add) {
+  typename Dot::Out sums[R];
+  Dot::template Rows<R>(x, kv, k, w, sums, 1);
+  for (int r = 0; r < R; ++r) out[r * ldo] = add ? out[r * ldo] + sums[r] : sums[r];
+}
+
 // Rows [g0, g1) of x (xv: in the vector code's form) against w's rows [j0, j1) over the columns
 // [c0, c1) of both: out[r, j] is set to that partial dot product, or has it added when `add`.
 // Every row of the group takes its turn on a w row (kMaxRows at a time) before the next w row.
@@ -230,16 +234,16 @@ void GroupRows(const typename Dot::X* xv, const typename Dot::W* w, typename Dot
   for (int64_t j = j0; j < j1; ++j) {
     const typename Dot::W* wj = w + j * k + c0;
     for (int64_t i = g0; i < full; i += kMaxRows)
-      Dot::template Rows<kMaxRows>(xv + i * k + c0, kc, k, wj, out + i * n + j, n, add);
+      RowsInto<Dot, kMaxRows>(xv + i * k + c0, kc, k, wj, out + i * n + j, n, add);
     auto* ot = out + full * n + j;
     switch (g1 - full) {
-      case 7: Dot::template Rows<7>(xt, kc, k, wj, ot, n, add); break;
-      case 6: Dot::template Rows<6>(xt, kc, k, wj, ot, n, add); break;
-      case 5: Dot::template Rows<5>(xt, kc, k, wj, ot, n, add); break;
-      case 4: Dot::template Rows<4>(xt, kc, k, wj, ot, n, add); break;
-      case 3: Dot::template Rows<3>(xt, kc, k, wj, ot, n, add); break;
-      case 2: Dot::template Rows<2>(xt, kc, k, wj, ot, n, add); break;
-      case 1: Dot::template Rows<1>(xt, kc, k, wj, ot, n, add); break;
+      case 7: RowsInto<Dot, 7>(xt, kc, k, wj, ot, n, add); break;
+      case 6: RowsInto<Dot, 6>(xt, kc, k, wj, ot, n, add); break;
+      case 5: RowsInto<Dot, 5>(xt, kc, k, wj, ot, n, add); break;
+      case 4: RowsInto<Dot, 4>(xt, kc, k, wj, ot, n, add); break;
+      case 3: RowsInto<Dot, 3>(xt, kc, k, wj, ot, n, add); break;
+      case 2: RowsInto<Dot, 2>(xt, kc, k, wj, ot, n, add); break;
+      case 1: RowsInto<Dot, 1>(xt, kc, k, wj, ot, n, add); break;
       default: break;
     }
   }
