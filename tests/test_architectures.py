@@ -49,7 +49,8 @@ def test_float32_logits_and_greedy_match_hf(arch, hf_tiny_model, jaxgen_tiny_mod
         assert result[0].sequences_ids[0] == reference, f"{arch}: greedy tokens differ from HF generate"
 
 
-@pytest.mark.parametrize("arch", FAMILIES)
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if a in ("qwen2_moe", "qwen3_moe") else a
+                                  for a in FAMILIES])  # the other mixtures of experts run in `make test`
 def test_int8_within_tolerance(arch, hf_tiny_model, jaxgen_tiny_model):
     tiny = hf_tiny_model(arch)
     batch = tiny.batch(0) + tiny.batch(1) + tiny.batch(2)
@@ -84,9 +85,11 @@ def test_every_family_has_a_loader():
 # One family per new decoder choice: a parallel block, experts with a shared expert and a dense
 # layer, ALiBi (when its builder exists), Gemma 4's shared-KV layers, per-layer inputs and attention shapes.
 COMPOSED = [arch for arch in ("gpt_neox", "qwen2_moe", "bloom", "gemma4_text") if arch in hf_models.FAMILIES]
+# The slowest cases of the matrices below (30-65 s each on 2 cores) run in `make test-slow` only.
+SLOW_COMPOSED = {"qwen2_moe", "gemma4_text"}
 
 
-@pytest.mark.parametrize("arch", COMPOSED)
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if a in SLOW_COMPOSED else a for a in COMPOSED])
 def test_new_blocks_compose_with_the_engine(arch, hf_tiny_model, jaxgen_tiny_model):
     """Static prompts, the slot scheduler, bfloat16 and jaxgen.functional (with its gradient) work
     for the new block, MLP and position choices: each agrees with the plain path."""

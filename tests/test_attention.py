@@ -142,7 +142,8 @@ def test_attention_choice_and_errors(jaxgen_tiny_model):
 
 
 # ---------------------------------------------------------------------------- whole model
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if a in ("qwen2", "qwen3", "gemma") else a
+                                  for a in ARCHS])  # attention like llama's or gemma2/3's: `make test-slow`
 def test_chunked_blocked_attention_matches_dense_and_hf(arch, hf_tiny_model, jaxgen_tiny_model, small_blocks):
     tiny = hf_tiny_model(arch)
     path = jaxgen_tiny_model(arch)
@@ -165,7 +166,8 @@ def test_chunked_blocked_attention_matches_dense_and_hf(arch, hf_tiny_model, jax
         assert np.allclose(a.log_probs, b.log_probs, atol=TOLERANCE)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma2", "gemma3_text", "gpt2", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", pytest.param("gemma2", marks=pytest.mark.slow), "gemma3_text",
+                                  pytest.param("gpt2", marks=pytest.mark.slow), pytest.param("qwen2", marks=pytest.mark.slow)])
 def test_generation_with_static_prompt_matches_dense(arch, jaxgen_tiny_model, small_blocks):
     """Chunked prefill (a 10-token static prompt, then prompts of 40/21/5 tokens in 32-token chunks)
     and ring-buffer decode give the dense reference's tokens and scores."""
@@ -186,8 +188,10 @@ def test_generation_with_static_prompt_matches_dense(arch, jaxgen_tiny_model, sm
             assert np.allclose(g.scores, r.scores, atol=TOLERANCE)
 
 
-@pytest.mark.parametrize("continuous", [False, True], ids=["static", "scheduler"])
-@pytest.mark.parametrize("model", ["llama", "sliding"])
+@pytest.mark.parametrize("model, continuous", [
+    ("llama", False), pytest.param("llama", True, marks=pytest.mark.slow),
+    pytest.param("sliding", False, marks=pytest.mark.slow), ("sliding", True),
+], ids=["llama-static", "llama-scheduler", "sliding-static", "sliding-scheduler"])
 def test_decode_in_live_segments_matches_one_segment(jaxgen_tiny_model, cli_tiny_model, monkeypatch, continuous,
                                                      model):
     """Decode bounds its reads by the live length in power-of-two segments (llama: 16, 32, 64, 128;

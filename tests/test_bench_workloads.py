@@ -203,6 +203,7 @@ def test_continuous_batching(bench_dir):
     assert replies(data, "greedy 4", "scheduler")[-1]["scheduler"]["slot_steps"] > 0
 
 
+@pytest.mark.slow
 def test_prompt_lookup_and_beam(bench_dir):
     data = run_workload(bench_dir, "prompt_lookup")
     assert not any("OUTPUTS DIFFER" in line for line in data["report"])
@@ -211,6 +212,7 @@ def test_prompt_lookup_and_beam(bench_dir):
     assert all(r["tokens"] == 4 * 8 for r in replies(data, "greedy", "jaxgen"))
 
 
+@pytest.mark.slow
 def test_constraints(bench_dir):
     """Free and constrained sampling of exactly N tokens per row, and a new constraint's preparation."""
     pytest.importorskip("llguidance")

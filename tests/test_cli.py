@@ -134,6 +134,7 @@ def _json_lines(text: str):
     return [json.loads(line) for line in text.splitlines()]
 
 
+@pytest.mark.slow  # ~1 min on 2 cores (several CLI processes)
 def test_generate_input_txt_and_jsonl_match_single_prompts(cli_tiny_model, tmp_path):
     import json
 

@@ -182,6 +182,7 @@ def test_cut_by_max_length_is_flagged(gen):
 
 
 # ---------------------------------------------------------------------------- mixed batches, paths
+@pytest.mark.slow  # ~45 s on 2 cores
 def test_free_row_equals_unconstrained(gen):
     prompts = [prompt("ab"), prompt("cd"), prompt("q")]
     for decoding in (dict(), dict(sampling_topk=0, random_seed=3), dict(beam_size=2)):

@@ -215,6 +215,7 @@ def test_model_args_are_checked(checkpoints):
         backend.JaxgenLM(model=checkpoints[1], max_length=1)
 
 
+@pytest.mark.slow  # ~35 s on 2 cores (lm-eval's own CLI in a subprocess)
 def test_jaxgen_eval_runs_lm_evals_cli(checkpoints, tmp_path):
     """`jaxgen eval` is lm-eval's command line with the backend registered."""
     tasks = str(tmp_path / "tasks")

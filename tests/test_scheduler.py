@@ -53,7 +53,7 @@ def assert_same(actual, expected, what=""):
 
 
 @pytest.mark.parametrize("options", [
-    dict(include_prompt_in_result=False),
+    pytest.param(dict(include_prompt_in_result=False), marks=pytest.mark.slow),  # the other two cover it
     dict(include_prompt_in_result=True, repetition_penalty=1.2, no_repeat_ngram_size=3, min_length=3),
     dict(include_prompt_in_result=False, static_prompt_len=6),
 ], ids=["plain", "prompt-penalties-min-length", "static-prompt"])

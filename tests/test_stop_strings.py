@@ -126,7 +126,8 @@ def _pick_strings(texts, ids):
 FREE = dict(max_length=24, include_prompt_in_result=False, end_token=[])
 
 
-@pytest.mark.parametrize("mode", [dict(), dict(sampling_topk=0, sampling_temperature=1.5, random_seed=7),
+@pytest.mark.parametrize("mode", [dict(), pytest.param(dict(sampling_topk=0, sampling_temperature=1.5, random_seed=7),
+                                                       marks=pytest.mark.slow),
                                   dict(prompt_lookup_tokens=3)], ids=["greedy", "sampling", "prompt-lookup"])
 def test_generation_stops_at_the_first_completing_token(tiny, mode):
     gen, tok = tiny
