@@ -172,8 +172,10 @@ def uses_blocked(batch: int, heads: int, queries: int, keys: int) -> bool:
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, spec: AttentionSpec,
-           *, linear_keys: bool = False, self_causal: bool = False) -> jax.Array:
-    """q [B, T, Hq, hd], k/v [B, S, Hkv, hd], q_pos [B, T], k_pos [B, S] -> [B, T, Hq * hd].
+           *, linear_keys: bool = False, self_causal: bool = False, native_decode: bool = False) -> jax.Array:
+    """q [B, T, Hq, hd], k/v [B, S, Hkv, hd], q_pos [B, T], k_pos [B, N] -> [B, T, Hq * hd]: the
+    keys are the first N <= S slots of k/v (a cache read up to a static length; passing it whole
+    lets the native decode kernel read it in place, where a slice would be copied).
 
     `linear_keys` (static) promises k_pos[b, s] == s for every valid slot (a position-indexed
     cache), which lets the blocked path skip key blocks no query of a block can see.
@@ -182,9 +184,17 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: ja
     rows [i, j) see keys [i - window + 1, j) at most: the one-einsum path then runs in static
     blocks of CAUSAL_SPLIT rows over those keys only (about 56% of the work at T = 512).
     A query with position -1 (padding) yields zeros.
+    `native_decode` (static) allows jaxgen's native CPU kernel for one query per row
+    (`uses_native_decode`); the caller says whether the arrays live on one device.
     """
     b, t, hq, hd = q.shape
     hkv = k.shape[2]
+    if native_decode and uses_native_decode(q, k, v, spec):
+        from jaxgen.model import native
+
+        mask = visible(q_pos, k_pos, spec.window)[:, 0]  # [B, N]
+        return native.decode_attention(q[:, 0], k, v, mask, spec.scale, spec.softcap).reshape(b, 1, hq * hd)
+    k, v = k[:, :k_pos.shape[1]], v[:, :k_pos.shape[1]]
     qg = q.reshape(b, t, hkv, hq // hkv, hd)
     if spec.impl != "dense" and uses_blocked(b, hq, t, k.shape[1]):
         out, _ = _blocked(qg, k, v, q_pos, k_pos, spec, linear_keys)
@@ -194,6 +204,33 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: ja
     else:
         out, _ = _dense(qg, k, v, q_pos, k_pos, spec)
     return out.reshape(b, t, hq * hd)
+
+
+def uses_native_decode(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec) -> bool:
+    """Whether `attend(native_decode=True)` runs jaxgen's native kernel (`jaxgen.model.native`): one
+    query per row, float32 on CPU, the portable implementation ("flash"; "dense" stays XLA's
+    reference), no ALiBi, and the kernel compiled on this machine. It reads each cache row once
+    where XLA:CPU copied every layer's key cache into the [hd, S] layout of its dot each step."""
+    if q.shape[1] != 1 or spec.impl != "flash" or spec.alibi is not None or jax.default_backend() != "cpu":
+        return False
+    if not all(x.dtype == jnp.float32 for x in (q, k, v)):
+        return False
+    from jaxgen.model import native
+
+    return native.available()
+
+
+def decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, visible_slots: jax.Array, scale: float,
+                               softcap: float = 0.0) -> jax.Array:
+    """What the native decode kernel computes, in XLA: q [B, Hq, hd] over the first N slots of k/v
+    [B, S, Hkv, hd] where visible_slots [B, N] is true -> [B, Hq, hd] (zeros for a row that sees nothing)."""
+    b, hq, hd = q.shape
+    n, hkv = visible_slots.shape[1], k.shape[2]
+    k_pos = jnp.where(visible_slots, jnp.arange(n, dtype=jnp.int32)[None, :], -1)
+    q_pos = jnp.full((b, 1), n, jnp.int32)  # after every slot: exactly the visible ones are seen
+    out, _ = _dense(q.reshape(b, 1, hkv, hq // hkv, hd), k[:, :n], v[:, :n], q_pos, k_pos,
+                    AttentionSpec(scale, softcap or None, None))
+    return out.reshape(b, hq, hd)
 
 
 def _causal_block(qg, k, v, pos, start: int, stop: int, spec: AttentionSpec) -> jax.Array:
@@ -365,6 +402,15 @@ def describe_attention(config, platform: str, dtype=None, requested: str = "auto
     text = (f"{impl} (portable: one einsum for small inputs and decode, causal query blocks for a first chunk, "
             f"blocked online softmax for long inputs)" if impl == "flash" else
             f"{impl} (the reference: one einsum over every key, scores materialised)")
+    if impl == "flash" and platform == "cpu" and jnp.dtype(dtype) == jnp.float32:
+        from jaxgen.model import native
+
+        if config.position_embedding == "alibi":
+            text += "; decode steps: XLA (the native kernel has no ALiBi)"
+        elif native.available():
+            text += "; decode steps: jaxgen's native kernel"
+        else:
+            text += f"; decode steps: XLA (native kernel unavailable: {native.unavailable_reason()})"
     if platform == "cuda":
         reason = _fused_reason(config) or cudnn_supported(dtype, config.max_head_dim, config.attn_logit_softcapping)
         text += f"; cuDNN not used: {reason or f'attention={requested!r} requested'}"

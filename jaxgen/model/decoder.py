@@ -363,12 +363,13 @@ def _attention(config: ModelConfig, q, k, v, k_cache, v_cache, is_sliding: bool,
     k_cache, v_cache = store(k_cache, v_cache)
     if is_sliding and (args.attend_len is None or args.attend_len > slots):
         # One token: the slot it overwrote held a position `slots` back, outside the window.
-        return attend(q, k_cache, v_cache, positions, ring_positions(positions[:, 0], slots), spec), k_cache, v_cache
+        return (attend(q, k_cache, v_cache, positions, ring_positions(positions[:, 0], slots), spec,
+                       native_decode=config.mesh is None), k_cache, v_cache)
     # Full layers; and sliding layers whose ring has not wrapped: every running row's position is
     # below attend_len <= slots, so slot == position there too, and slots past attend_len are unused.
     n = slots if args.attend_len is None else min(args.attend_len, slots)
     k_pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, :], (b, n))
-    out = attend(q, k_cache[:, :n], v_cache[:, :n], positions, k_pos, spec, linear_keys=True)
+    out = attend(q, k_cache, v_cache, positions, k_pos, spec, linear_keys=True, native_decode=config.mesh is None)
     return out, k_cache, v_cache
 
 

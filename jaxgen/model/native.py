@@ -1,4 +1,5 @@
-"""jaxgen's native CPU products: `native/products.cc`, compiled on this machine at the first use.
+"""jaxgen's native CPU kernels: `native/products.cc` (matrix products) and `native/attention.cc` (a
+decode step's attention), compiled on this machine at the first use.
 
 XLA:CPU's own int8 products are far from the memory bandwidth where decoding needs them most:
 on an AVX2 AMD EPYC (Zen 3, no VNNI) a one-row int8 product with the 640 x 262,144 head took
@@ -12,8 +13,9 @@ The source is compiled with the system's C++ compiler (`$CXX`, else `c++`) for t
 instruction set (`-march=native`) against the XLA FFI headers jaxlib ships, into
 `<jaxgen cache dir>/native/<key>.so`, keyed by the source, the compiler, the flags, jaxlib and
 the CPU: another machine compiles its own. It is then registered as the XLA FFI targets
-`jaxgen_int8_gemm_nk` and `jaxgen_f32_gemm_nk`. Without a compiler (or `JAXGEN_NATIVE=0`) the kernel is unavailable and
-the other candidates run; `unavailable_reason()` says why.
+`jaxgen_int8_gemm_nk`, `jaxgen_f32_gemm_nk` and `jaxgen_decode_attention`. Without a compiler (or
+`JAXGEN_NATIVE=0`) the kernels are unavailable and XLA's own formulations run; `unavailable_reason()`
+says why.
 """
 
 from __future__ import annotations
@@ -25,14 +27,19 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from functools import partial
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 ENV_SWITCH = "JAXGEN_NATIVE"
-TARGETS = {"jaxgen_int8_gemm_nk": "JaxgenInt8GemmNK", "jaxgen_f32_gemm_nk": "JaxgenF32GemmNK"}  # name -> symbol
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native", "products.cc")
+TARGETS = {"jaxgen_int8_gemm_nk": "JaxgenInt8GemmNK", "jaxgen_f32_gemm_nk": "JaxgenF32GemmNK",
+           "jaxgen_decode_attention": "JaxgenDecodeAttention"}  # name -> symbol
+_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
+SOURCES = tuple(os.path.join(_DIR, name) for name in ("products.cc", "attention.cc"))
+HEADERS = (os.path.join(_DIR, "parallel.h"),)
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 COMPILE_TIMEOUT_S = 300
 
@@ -59,18 +66,18 @@ def build_key(cxx: str) -> str:
     from jaxgen.model.cpu_kernels import machine_fingerprint
 
     machine = {k: str(v) for k, v in machine_fingerprint().items() if k in ("cpu", "id", "machine", "isa")}
-    parts = [open(SOURCE, "rb").read().decode(), cxx, _compiler_version(cxx), " ".join(FLAGS),
+    parts = [*(open(path, "rb").read().decode() for path in SOURCES + HEADERS), cxx, _compiler_version(cxx), " ".join(FLAGS),
              jaxlib.__version__, repr(sorted(machine.items()))]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def _build(cxx: str, path: str) -> None:
-    """Compiles SOURCE into `path` (atomically: concurrent processes may build the same file)."""
+    """Compiles SOURCES into `path` (atomically: concurrent processes may build the same file)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".so.tmp")
     os.close(fd)
     try:
-        cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), SOURCE, "-o", tmp]
+        cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), *SOURCES, "-o", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-2000:]}")
@@ -125,8 +132,8 @@ def isa() -> Optional[str]:
 
 
 def source_hash() -> str:
-    """A hash of the kernel's source (part of the CPU kernel cache's machine fingerprint)."""
-    return hashlib.sha256(open(SOURCE, "rb").read()).hexdigest()[:12]
+    """A hash of the products' source (part of the CPU kernel cache's machine fingerprint)."""
+    return hashlib.sha256(b"".join(open(path, "rb").read() for path in (SOURCES[0],) + HEADERS)).hexdigest()[:12]
 
 
 def _call(target: str, x: jax.Array, w: jax.Array, out_dtype) -> jax.Array:
@@ -162,3 +169,34 @@ def _float32_matmul_nk_jvp(primals, tangents):
     x, w = primals
     dx, dw = tangents
     return float32_matmul_nk(x, w), jnp.dot(dx, w.T) + jnp.dot(x, dw.T)
+
+
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array, scale: float,
+                     softcap) -> jax.Array:
+    """One new token per row attending to a cache (CPU only, float32; raises RuntimeError if the
+    kernel is unavailable): q [B, Hq, hd], k/v [B, S, Hkv, hd], visible bool [B, N] with N <= S
+    (only the first N slots are read) -> [B, Hq, hd]; a row that sees nothing gets zeros.
+    Differentiable: the tangents go through `jaxgen.model.attention`'s XLA formulation."""
+    return _decode_attention(q, k, v, visible, float(scale), float(softcap or 0.0))
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(4, 5))
+def _decode_attention(q, k, v, visible, scale: float, softcap: float):
+    state = _ensure()
+    if "lib" not in state:
+        raise RuntimeError(f"jaxgen's native CPU kernels are unavailable: {state['reason']}")
+    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    return jax.ffi.ffi_call("jaxgen_decode_attention", out, vmap_method="sequential")(
+        q, k, v, visible.astype(jnp.uint8), scale=np.float32(scale), softcap=np.float32(softcap))
+
+
+@_decode_attention.defjvp
+def _decode_attention_jvp(scale, softcap, primals, tangents):
+    from jaxgen.model.attention import decode_attention_reference
+
+    q, k, v, visible = primals
+    dq, dk, dv, _ = tangents
+    out = _decode_attention(q, k, v, visible, scale, softcap)
+    _, dout = jax.jvp(lambda q, k, v: decode_attention_reference(q, k, v, visible, scale, softcap), (q, k, v),
+                      (dq, dk, dv))
+    return out, dout

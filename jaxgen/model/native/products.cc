@@ -33,9 +33,11 @@
 #include <immintrin.h>
 #endif
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using jaxgen_native::ParallelFor;
 
 namespace {
 
@@ -291,35 +293,6 @@ void GemmRows(const typename Dot::X* xv, const typename Dot::Scalar* xs, const t
 int64_t ChunkRows(ffi::ThreadPool& pool, int64_t n, int64_t row_bytes) {
   const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
   return std::max<int64_t>({int64_t(1), (64 * 1024) / row_bytes, (n + 8 * threads - 1) / (8 * threads)});
-}
-
-// Runs body(chunk) for chunk in [0, chunks) on the caller and XLA's intra-op threads. The caller
-// claims chunks too and waits only for chunks other threads have claimed, so a pool that runs
-// tasks late (or on the caller) never deadlocks.
-template <typename Body>
-void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, const Body& body) {
-  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), chunks) - 1;
-  if (helpers <= 0) {
-    for (int64_t c = 0; c < chunks; ++c) body(c);
-    return;
-  }
-  struct State {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-  };
-  auto state = std::make_shared<State>();
-  const Body* shared_body = &body;
-  // A helper that starts after the caller returned finds no chunk left and touches only `state`
-  // (which it co-owns): the caller waits for every claimed chunk before `body` goes away.
-  auto work = [state, chunks, shared_body]() {
-    for (int64_t c; (c = state->next.fetch_add(1)) < chunks;) {
-      (*shared_body)(c);
-      state->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule(decltype(work)(work));
-  work();
-  while (state->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
 
 ffi::Error Int8GemmNK(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> x, ffi::Buffer<ffi::S8> w,
