@@ -206,18 +206,26 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: ja
     return out.reshape(b, t, hq * hd)
 
 
-def uses_native_decode(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec) -> bool:
-    """Whether `attend(native_decode=True)` runs jaxgen's native kernel (`jaxgen.model.native`): one
-    query per row, float32 on CPU, the portable implementation ("flash"; "dense" stays XLA's
-    reference), no ALiBi, and the kernel compiled on this machine. It reads each cache row once
-    where XLA:CPU copied every layer's key cache into the [hd, S] layout of its dot each step."""
-    if q.shape[1] != 1 or spec.impl != "flash" or spec.alibi is not None or jax.default_backend() != "cpu":
-        return False
-    if not all(x.dtype == jnp.float32 for x in (q, k, v)):
-        return False
+def native_decode_reason(platform: str, dtype, impl: str, alibi: bool) -> Optional[str]:
+    """None when decode steps can run jaxgen's native kernel (`jaxgen.model.native`): float32 on
+    CPU, the portable implementation ("flash"; "dense" stays XLA's reference), no ALiBi, and the
+    kernel compiled on this machine; else why they run XLA's formulation. The kernel reads each
+    cache row once where XLA:CPU copied every layer's key cache into the [hd, S] layout of its
+    dot each step."""
+    if platform != "cpu" or jnp.dtype(dtype) != jnp.float32 or impl != "flash":
+        return f"{impl} attention in {jnp.dtype(dtype).name} on {platform}"
+    if alibi:
+        return "the native kernel has no ALiBi"
     from jaxgen.model import native
 
-    return native.available()
+    return None if native.available() else f"native kernel unavailable: {native.unavailable_reason()}"
+
+
+def uses_native_decode(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec) -> bool:
+    """Whether `attend(native_decode=True)` runs the native kernel: one query per row, q, k and v
+    of one dtype, and `native_decode_reason` has no objection."""
+    return (q.shape[1] == 1 and q.dtype == k.dtype == v.dtype
+            and native_decode_reason(jax.default_backend(), q.dtype, spec.impl, spec.alibi is not None) is None)
 
 
 def decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, visible_slots: jax.Array, scale: float,
@@ -403,14 +411,8 @@ def describe_attention(config, platform: str, dtype=None, requested: str = "auto
             f"blocked online softmax for long inputs)" if impl == "flash" else
             f"{impl} (the reference: one einsum over every key, scores materialised)")
     if impl == "flash" and platform == "cpu" and jnp.dtype(dtype) == jnp.float32:
-        from jaxgen.model import native
-
-        if config.position_embedding == "alibi":
-            text += "; decode steps: XLA (the native kernel has no ALiBi)"
-        elif native.available():
-            text += "; decode steps: jaxgen's native kernel"
-        else:
-            text += f"; decode steps: XLA (native kernel unavailable: {native.unavailable_reason()})"
+        reason = native_decode_reason(platform, dtype, impl, config.position_embedding == "alibi")
+        text += "; decode steps: jaxgen's native kernel" if reason is None else f"; decode steps: XLA ({reason})"
     if platform == "cuda":
         reason = _fused_reason(config) or cudnn_supported(dtype, config.max_head_dim, config.attn_logit_softcapping)
         text += f"; cuDNN not used: {reason or f'attention={requested!r} requested'}"

@@ -66,8 +66,8 @@ def build_key(cxx: str) -> str:
     from jaxgen.model.cpu_kernels import machine_fingerprint
 
     machine = {k: str(v) for k, v in machine_fingerprint().items() if k in ("cpu", "id", "machine", "isa")}
-    parts = [*(open(path, "rb").read().decode() for path in SOURCES + HEADERS), cxx, _compiler_version(cxx), " ".join(FLAGS),
-             jaxlib.__version__, repr(sorted(machine.items()))]
+    sources = [open(path, "rb").read().decode() for path in SOURCES + HEADERS]
+    parts = [*sources, cxx, _compiler_version(cxx), " ".join(FLAGS), jaxlib.__version__, repr(sorted(machine.items()))]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -136,10 +136,15 @@ def source_hash() -> str:
     return hashlib.sha256(b"".join(open(path, "rb").read() for path in (SOURCES[0],) + HEADERS)).hexdigest()[:12]
 
 
-def _call(target: str, x: jax.Array, w: jax.Array, out_dtype) -> jax.Array:
+def _require() -> None:
+    """Raises RuntimeError (with the reason) if the native kernels are unavailable."""
     state = _ensure()
     if "lib" not in state:
-        raise RuntimeError(f"jaxgen's native CPU products are unavailable: {state['reason']}")
+        raise RuntimeError(f"jaxgen's native CPU kernels are unavailable: {state['reason']}")
+
+
+def _call(target: str, x: jax.Array, w: jax.Array, out_dtype) -> jax.Array:
+    _require()
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), out_dtype)
     return jax.ffi.ffi_call(target, out, vmap_method="sequential")(x, w)
 
@@ -182,9 +187,7 @@ def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Arra
 
 @partial(jax.custom_jvp, nondiff_argnums=(4, 5))
 def _decode_attention(q, k, v, visible, scale: float, softcap: float):
-    state = _ensure()
-    if "lib" not in state:
-        raise RuntimeError(f"jaxgen's native CPU kernels are unavailable: {state['reason']}")
+    _require()
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
     return jax.ffi.ffi_call("jaxgen_decode_attention", out, vmap_method="sequential")(
         q, k, v, visible.astype(jnp.uint8), scale=np.float32(scale), softcap=np.float32(softcap))

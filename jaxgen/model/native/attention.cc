@@ -42,11 +42,10 @@ void HeadAttention(const float* q, const float* k, const float* v, const uint8_t
                    int64_t n, int64_t g_count, int64_t hd, int64_t slot_stride, float scale, float softcap,
                    std::vector<float>& scores) {
   scores.assign(g_count * n, 0.f);
-  std::vector<int64_t> seen;
-  seen.reserve(n);
+  bool any = false;
   for (int64_t s = 0; s < n; ++s) {
     if (!visible[s]) continue;
-    seen.push_back(s);
+    any = true;
     const float* ks = k + s * slot_stride;
     for (int64_t g = 0; g < g_count; ++g) {
       float x = Dot(q + g * hd, ks, hd) * scale;
@@ -55,16 +54,19 @@ void HeadAttention(const float* q, const float* k, const float* v, const uint8_t
     }
   }
   std::memset(out, 0, sizeof(float) * g_count * hd);
-  if (seen.empty()) return;
+  if (!any) return;
   for (int64_t g = 0; g < g_count; ++g) {
     float* sg = scores.data() + g * n;
     float m = -INFINITY;
-    for (int64_t s : seen) m = std::max(m, sg[s]);
+    for (int64_t s = 0; s < n; ++s)
+      if (visible[s]) m = std::max(m, sg[s]);
     float denom = 0.f;
-    for (int64_t s : seen) denom += (sg[s] = std::exp(sg[s] - m));
+    for (int64_t s = 0; s < n; ++s)
+      if (visible[s]) denom += (sg[s] = std::exp(sg[s] - m));
     const float inv = 1.f / denom;
     float* og = out + g * hd;
-    for (int64_t s : seen) {
+    for (int64_t s = 0; s < n; ++s) {
+      if (!visible[s]) continue;
       const float p = sg[s] * inv;
       const float* vs = v + s * slot_stride;
       for (int64_t d = 0; d < hd; ++d) og[d] += p * vs[d];
