@@ -15,6 +15,10 @@ of the CPU chooser).
 * The decode-step attention kernel (`native.decode_attention`) equals XLA's formulation (GQA/MHA/
   MQA, soft-capping, a cache read up to N slots, rows that see nothing; jit, vmap, grad), and
   generation through it gives XLA's tokens and scores.
+* The causal attention kernel of fresh chunks (`native.causal_attention`) equals XLA's formulation
+  (GQA/MHA/MQA, head dims off and on the vector width, sliding windows, soft-capping, padded and
+  empty rows, padding it must not read; jit, vmap, grad), and generation and scoring through it give
+  XLA's tokens and scores.
 """
 
 from __future__ import annotations
@@ -216,11 +220,85 @@ def test_generation_runs_the_native_decode_attention(cli_tiny_model, monkeypatch
 
     native_results = run()
     assert calls, "the decode steps did not run the native attention"
-    monkeypatch.setattr(attention, "uses_native_decode", lambda *a: False)
+    monkeypatch.setattr(attention, "uses_native", lambda *a: False)
     calls.clear()
     xla_results = run()
     assert not calls
     for a, b in zip(native_results, xla_results):
         assert a.sequences_ids == b.sequences_ids
         np.testing.assert_allclose(a.scores, b.scores, atol=1e-4)
+    jax.clear_caches()
+
+
+# ---------------------------------------------------------------------------- causal attention
+@needs_kernel
+@pytest.mark.parametrize("hq, hkv, hd, t, window, softcap", [
+    (4, 1, 256, 70, 0, 0.0),  # MQA, the default model's head dim, tiles of 16 rows
+    (4, 2, 20, 37, 0, 0.0),  # GQA, a head dim below the 16-wide column tiles
+    (3, 3, 80, 130, 16, 0.0),  # MHA with a sliding window shorter than a tile
+    (8, 2, 16, 9, 4, 30.0),  # soft-capping, fewer tokens than a tile
+])
+def test_causal_attention_matches_the_xla_reference(hq, hkv, hd, t, window, softcap):
+    """Rows of every length (full, padded, empty); padding must not be read (NaN there changes
+    nothing); under jit, vmap and grad."""
+    from jaxgen.model.attention import causal_attention_reference
+
+    keys = jax.random.split(jax.random.PRNGKey(hq * 1000 + t), 3)
+    q = 2 * jax.random.normal(keys[0], (3, t, hq, hd))
+    k = jax.random.normal(keys[1], (3, t, hkv, hd))
+    v = jax.random.normal(keys[2], (3, t, hkv, hd))
+    lengths = jnp.array([t, t // 2 + 1, 0], jnp.int32)
+    run = jax.jit(lambda q, k, v: native.causal_attention(q, k, v, lengths, 0.3, softcap, window))
+    out = run(q, k, v)
+    ref = causal_attention_reference(q, k, v, lengths, 0.3, softcap, window)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=2e-5)
+    assert float(jnp.abs(out[1, t // 2 + 1:]).max(initial=0.0)) == 0.0 and float(jnp.abs(out[2]).max()) == 0.0
+    padding = (jnp.arange(t)[None, :] >= lengths[:, None])[:, :, None, None]
+    poisoned = [jnp.where(padding, jnp.nan, x) for x in (q, k, v)]
+    np.testing.assert_array_equal(np.asarray(run(*poisoned)), np.asarray(out))
+    both = jax.vmap(lambda q: native.causal_attention(q, k, v, lengths, 0.3, softcap, window))(jnp.stack([q, -q]))
+    np.testing.assert_allclose(np.asarray(both[1]), np.asarray(
+        causal_attention_reference(-q, k, v, lengths, 0.3, softcap, window)), rtol=1e-5, atol=2e-5)
+
+    def loss(attend):
+        return lambda q, k, v: jnp.sum(jnp.sin(attend(q, k, v, lengths, 0.3, softcap, window)))
+
+    grads = jax.grad(loss(native.causal_attention), argnums=(0, 1, 2))(q, k, v)
+    grads_ref = jax.grad(loss(causal_attention_reference), argnums=(0, 1, 2))(q, k, v)
+    for g, g_ref in zip(grads, grads_ref):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_prefill_and_scoring_run_the_native_causal_attention(cli_tiny_model, monkeypatch):
+    """A gemma3-like model (sliding and full layers): prompts of several lengths in one batch
+    (right-padded first chunks), a static prompt, and score_batch give XLA's tokens and scores."""
+    import jaxgen
+    from jaxgen.model import attention
+
+    calls = []
+    real = native.causal_attention
+    monkeypatch.setattr(native, "causal_attention", lambda *a: calls.append(1) or real(*a))
+    prompts = [[2, 5 + i, 9, 13 + 2 * i, 4] * (2 + 3 * i) for i in range(3)]
+
+    def run():
+        jax.clear_caches()
+        g = jaxgen.Generator(cli_tiny_model)
+        tokens = [g.vocabulary.to_tokens(p) for p in prompts]
+        kwargs = dict(max_length=8, include_prompt_in_result=False, end_token=[], return_scores=True)
+        generated = (g.generate_batch(tokens, **kwargs)
+                     + g.generate_batch(tokens[1:], static_prompt=g.vocabulary.to_tokens([2, 7, 7, 8]), **kwargs))
+        return [r.sequences_ids for r in generated], [r.scores for r in generated], g.score_batch(tokens)
+
+    native_ids, native_scores, native_logprobs = run()
+    assert calls, "the first chunks did not run the native causal attention"
+    monkeypatch.setattr(attention, "uses_native", lambda *a: False)
+    calls.clear()
+    xla_ids, xla_scores, xla_logprobs = run()
+    assert not calls
+    assert native_ids == xla_ids
+    np.testing.assert_allclose(native_scores, xla_scores, atol=1e-4)
+    for a, b in zip(native_logprobs, xla_logprobs):
+        assert a.tokens == b.tokens
+        np.testing.assert_allclose(a.log_probs, b.log_probs, atol=1e-4)
     jax.clear_caches()

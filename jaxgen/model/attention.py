@@ -172,7 +172,7 @@ def uses_blocked(batch: int, heads: int, queries: int, keys: int) -> bool:
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, spec: AttentionSpec,
-           *, linear_keys: bool = False, self_causal: bool = False, native_decode: bool = False) -> jax.Array:
+           *, linear_keys: bool = False, self_causal: bool = False, native: bool = False) -> jax.Array:
     """q [B, T, Hq, hd], k/v [B, S, Hkv, hd], q_pos [B, T], k_pos [B, N] -> [B, T, Hq * hd]: the
     keys are the first N <= S slots of k/v (a cache read up to a static length; passing it whole
     lets the native decode kernel read it in place, where a slice would be copied).
@@ -184,16 +184,20 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: ja
     rows [i, j) see keys [i - window + 1, j) at most: the one-einsum path then runs in static
     blocks of CAUSAL_SPLIT rows over those keys only (about 56% of the work at T = 512).
     A query with position -1 (padding) yields zeros.
-    `native_decode` (static) allows jaxgen's native CPU kernel for one query per row
-    (`uses_native_decode`); the caller says whether the arrays live on one device.
+    `native` (static) allows jaxgen's native CPU kernels (`uses_native`: decode steps, and
+    self_causal chunks); the caller says whether the arrays live on one device.
     """
     b, t, hq, hd = q.shape
     hkv = k.shape[2]
-    if native_decode and uses_native_decode(q, k, v, spec):
-        from jaxgen.model import native
+    if native and uses_native(q, k, v, spec, self_causal):
+        from jaxgen.model import native as kernels
 
+        if self_causal:
+            lengths = jnp.sum(q_pos >= 0, axis=1)
+            return kernels.causal_attention(q, k, v, lengths, spec.scale, spec.softcap,
+                                            spec.window).reshape(b, t, hq * hd)
         mask = visible(q_pos, k_pos, spec.window)[:, 0]  # [B, N]
-        return native.decode_attention(q[:, 0], k, v, mask, spec.scale, spec.softcap).reshape(b, 1, hq * hd)
+        return kernels.decode_attention(q[:, 0], k, v, mask, spec.scale, spec.softcap).reshape(b, 1, hq * hd)
     k, v = k[:, :k_pos.shape[1]], v[:, :k_pos.shape[1]]
     qg = q.reshape(b, t, hkv, hq // hkv, hd)
     if spec.impl != "dense" and uses_blocked(b, hq, t, k.shape[1]):
@@ -206,26 +210,27 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: ja
     return out.reshape(b, t, hq * hd)
 
 
-def native_decode_reason(platform: str, dtype, impl: str, alibi: bool) -> Optional[str]:
-    """None when decode steps can run jaxgen's native kernel (`jaxgen.model.native`): float32 on
-    CPU, the portable implementation ("flash"; "dense" stays XLA's reference), no ALiBi, and the
-    kernel compiled on this machine; else why they run XLA's formulation. The kernel reads each
-    cache row once where XLA:CPU copied every layer's key cache into the [hd, S] layout of its
-    dot each step."""
+def native_reason(platform: str, dtype, impl: str, alibi: bool) -> Optional[str]:
+    """None when decode steps and fresh chunks can run jaxgen's native kernels
+    (`jaxgen.model.native`): float32 on CPU, the portable implementation ("flash"; "dense" stays
+    XLA's reference), no ALiBi, and the kernels compiled on this machine; else why they run XLA's
+    formulation. The decode kernel reads each cache row once where XLA:CPU copied every layer's key
+    cache into the [hd, S] layout of its dot each step; the causal one replaces XLA's small
+    per-block dots and softmaxes."""
     if platform != "cpu" or jnp.dtype(dtype) != jnp.float32 or impl != "flash":
         return f"{impl} attention in {jnp.dtype(dtype).name} on {platform}"
     if alibi:
-        return "the native kernel has no ALiBi"
+        return "the native kernels have no ALiBi"
     from jaxgen.model import native
 
-    return None if native.available() else f"native kernel unavailable: {native.unavailable_reason()}"
+    return None if native.available() else f"native kernels unavailable: {native.unavailable_reason()}"
 
 
-def uses_native_decode(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec) -> bool:
-    """Whether `attend(native_decode=True)` runs the native kernel: one query per row, q, k and v
-    of one dtype, and `native_decode_reason` has no objection."""
-    return (q.shape[1] == 1 and q.dtype == k.dtype == v.dtype
-            and native_decode_reason(jax.default_backend(), q.dtype, spec.impl, spec.alibi is not None) is None)
+def uses_native(q: jax.Array, k: jax.Array, v: jax.Array, spec: AttentionSpec, self_causal: bool = False) -> bool:
+    """Whether `attend(native=True)` runs a native kernel: one query per row (decode) or a
+    self_causal chunk, q, k and v of one dtype, and `native_reason` has no objection."""
+    return ((self_causal or q.shape[1] == 1) and q.dtype == k.dtype == v.dtype
+            and native_reason(jax.default_backend(), q.dtype, spec.impl, spec.alibi is not None) is None)
 
 
 def decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, visible_slots: jax.Array, scale: float,
@@ -239,6 +244,18 @@ def decode_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, visible
     out, _ = _dense(q.reshape(b, 1, hkv, hq // hkv, hd), k[:, :n], v[:, :n], q_pos, k_pos,
                     AttentionSpec(scale, softcap or None, None))
     return out.reshape(b, hq, hd)
+
+
+def causal_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, scale: float,
+                               softcap: float = 0.0, window: int = 0) -> jax.Array:
+    """What the native causal kernel computes, in XLA: q [B, T, Hq, hd] over k/v [B, T, Hkv, hd],
+    row b's first lengths[b] tokens real -> [B, T, Hq, hd] (zeros for padding queries)."""
+    b, t, hq, hd = q.shape
+    index = jnp.arange(t, dtype=jnp.int32)[None, :]
+    pos = jnp.where(index < lengths[:, None], index, -1)
+    out, _ = _dense(q.reshape(b, t, k.shape[2], hq // k.shape[2], hd), k, v, pos, pos,
+                    AttentionSpec(scale, softcap or None, window or None))
+    return out.reshape(b, t, hq, hd)
 
 
 def _causal_block(qg, k, v, pos, start: int, stop: int, spec: AttentionSpec) -> jax.Array:
@@ -411,8 +428,9 @@ def describe_attention(config, platform: str, dtype=None, requested: str = "auto
             f"blocked online softmax for long inputs)" if impl == "flash" else
             f"{impl} (the reference: one einsum over every key, scores materialised)")
     if impl == "flash" and platform == "cpu" and jnp.dtype(dtype) == jnp.float32:
-        reason = native_decode_reason(platform, dtype, impl, config.position_embedding == "alibi")
-        text += "; decode steps: jaxgen's native kernel" if reason is None else f"; decode steps: XLA ({reason})"
+        reason = native_reason(platform, dtype, impl, config.position_embedding == "alibi")
+        text += ("; decode steps and first chunks: jaxgen's native kernels" if reason is None
+                 else f"; decode steps and first chunks: XLA ({reason})")
     if platform == "cuda":
         reason = _fused_reason(config) or cudnn_supported(dtype, config.max_head_dim, config.attn_logit_softcapping)
         text += f"; cuDNN not used: {reason or f'attention={requested!r} requested'}"

@@ -350,7 +350,7 @@ def _attention(config: ModelConfig, q, k, v, k_cache, v_cache, is_sliding: bool,
         elif impl == "pallas":  # sliding layers too: the splash kernel takes a local (window) mask
             out = pallas_self_attention(q, k, v, lengths, spec)
         else:
-            out = attend(q, k, v, positions, positions, spec, self_causal=True)
+            out = attend(q, k, v, positions, positions, spec, self_causal=True, native=config.mesh is None)
         return (out,) + store(k_cache, v_cache)
     if is_sliding and t > 1:
         # Later tokens of the chunk would overwrite ring slots its earlier tokens still see: read
@@ -364,12 +364,12 @@ def _attention(config: ModelConfig, q, k, v, k_cache, v_cache, is_sliding: bool,
     if is_sliding and (args.attend_len is None or args.attend_len > slots):
         # One token: the slot it overwrote held a position `slots` back, outside the window.
         return (attend(q, k_cache, v_cache, positions, ring_positions(positions[:, 0], slots), spec,
-                       native_decode=config.mesh is None), k_cache, v_cache)
+                       native=config.mesh is None), k_cache, v_cache)
     # Full layers; and sliding layers whose ring has not wrapped: every running row's position is
     # below attend_len <= slots, so slot == position there too, and slots past attend_len are unused.
     n = slots if args.attend_len is None else min(args.attend_len, slots)
     k_pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[None, :], (b, n))
-    out = attend(q, k_cache, v_cache, positions, k_pos, spec, linear_keys=True, native_decode=config.mesh is None)
+    out = attend(q, k_cache, v_cache, positions, k_pos, spec, linear_keys=True, native=config.mesh is None)
     return out, k_cache, v_cache
 
 

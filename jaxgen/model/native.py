@@ -1,5 +1,6 @@
 """jaxgen's native CPU kernels: `native/products.cc` (matrix products) and `native/attention.cc` (a
-decode step's attention), compiled on this machine at the first use.
+decode step's attention, a fresh chunk's causal self-attention), compiled on this machine at the
+first use.
 
 XLA:CPU's own int8 products are far from the memory bandwidth where decoding needs them most:
 on an AVX2 AMD EPYC (Zen 3, no VNNI) a one-row int8 product with the 640 x 262,144 head took
@@ -13,7 +14,8 @@ The source is compiled with the system's C++ compiler (`$CXX`, else `c++`) for t
 instruction set (`-march=native`) against the XLA FFI headers jaxlib ships, into
 `<jaxgen cache dir>/native/<key>.so`, keyed by the source, the compiler, the flags, jaxlib and
 the CPU: another machine compiles its own. It is then registered as the XLA FFI targets
-`jaxgen_int8_gemm_nk`, `jaxgen_f32_gemm_nk` and `jaxgen_decode_attention`. Without a compiler (or
+`jaxgen_int8_gemm_nk`, `jaxgen_f32_gemm_nk`, `jaxgen_decode_attention` and
+`jaxgen_causal_attention`. Without a compiler (or
 `JAXGEN_NATIVE=0`) the kernels are unavailable and XLA's own formulations run; `unavailable_reason()`
 says why.
 """
@@ -36,10 +38,11 @@ import numpy as np
 
 ENV_SWITCH = "JAXGEN_NATIVE"
 TARGETS = {"jaxgen_int8_gemm_nk": "JaxgenInt8GemmNK", "jaxgen_f32_gemm_nk": "JaxgenF32GemmNK",
-           "jaxgen_decode_attention": "JaxgenDecodeAttention"}  # name -> symbol
+           "jaxgen_decode_attention": "JaxgenDecodeAttention",
+           "jaxgen_causal_attention": "JaxgenCausalAttention"}  # name -> symbol
 _DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
 SOURCES = tuple(os.path.join(_DIR, name) for name in ("products.cc", "attention.cc"))
-HEADERS = (os.path.join(_DIR, "parallel.h"),)
+HEADERS = tuple(os.path.join(_DIR, name) for name in ("parallel.h", "gemm.h"))  # parallel.h: products.cc's
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 COMPILE_TIMEOUT_S = 300
 
@@ -133,7 +136,7 @@ def isa() -> Optional[str]:
 
 def source_hash() -> str:
     """A hash of the products' source (part of the CPU kernel cache's machine fingerprint)."""
-    return hashlib.sha256(b"".join(open(path, "rb").read() for path in (SOURCES[0],) + HEADERS)).hexdigest()[:12]
+    return hashlib.sha256(b"".join(open(path, "rb").read() for path in (SOURCES[0], HEADERS[0]))).hexdigest()[:12]
 
 
 def _require() -> None:
@@ -202,4 +205,35 @@ def _decode_attention_jvp(scale, softcap, primals, tangents):
     out = _decode_attention(q, k, v, visible, scale, softcap)
     _, dout = jax.jvp(lambda q, k, v: decode_attention_reference(q, k, v, visible, scale, softcap), (q, k, v),
                       (dq, dk, dv))
+    return out, dout
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, scale: float, softcap,
+                     window) -> jax.Array:
+    """A fresh chunk's causal self-attention (CPU only, float32; raises RuntimeError if the kernel is
+    unavailable): q [B, T, Hq, hd], k/v [B, T, Hkv, hd], lengths int [B] (row b's first lengths[b]
+    tokens are real, at positions 0, 1, ...; the rest is padding) -> [B, T, Hq, hd]. Query i sees
+    keys j with i - window < j <= i (window None: no limit); padding queries get zeros.
+    Differentiable: the tangents go through `jaxgen.model.attention`'s XLA formulation."""
+    return _causal_attention(q, k, v, lengths, float(scale), float(softcap or 0.0), int(window or 0))
+
+
+@partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6))
+def _causal_attention(q, k, v, lengths, scale: float, softcap: float, window: int):
+    _require()
+    return jax.ffi.ffi_call("jaxgen_causal_attention", jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                            vmap_method="sequential")(
+        q, k, v, lengths.astype(jnp.int32), scale=np.float32(scale), softcap=np.float32(softcap),
+        window=np.int64(window))
+
+
+@_causal_attention.defjvp
+def _causal_attention_jvp(scale, softcap, window, primals, tangents):
+    from jaxgen.model.attention import causal_attention_reference
+
+    q, k, v, lengths = primals
+    dq, dk, dv, _ = tangents
+    out = _causal_attention(q, k, v, lengths, scale, softcap, window)
+    _, dout = jax.jvp(lambda q, k, v: causal_attention_reference(q, k, v, lengths, scale, softcap, window),
+                      (q, k, v), (dq, dk, dv))
     return out, dout
