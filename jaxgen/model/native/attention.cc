@@ -137,9 +137,9 @@ inline Vec8 ExpNonPositive(Vec8 x) {
   return e * reinterpret_cast<const Vec8&>(bits);
 }
 
-// Softmax of x[0, n) in place (n >= 1), eight lanes at a time; the last partial vector goes
-// through a padded copy.
-void SoftmaxInPlace(float* x, int64_t n) {
+// exp(x[j] - max x) for j < n (n >= 1) in place, eight lanes at a time (the last partial vector
+// through a padded copy); returns their sum.
+float ExpShiftedInPlace(float* x, int64_t n) {
   const int64_t n8 = n / 8 * 8;
   float tail[8];
   std::fill(tail, tail + 8, -INFINITY);
@@ -150,16 +150,15 @@ void SoftmaxInPlace(float* x, int64_t n) {
   for (int l = 1; l < 8; ++l) m = std::max(m, top[l]);
   Vec8 sum = ExpNonPositive(LoadVec8(tail) - m);  // -inf padding: exp gives 0
   StoreVec8(tail, sum);
+  std::copy(tail, tail + (n - n8), x + n8);
   for (int64_t j = 0; j < n8; j += 8) {
     const Vec8 e = ExpNonPositive(LoadVec8(x + j) - m);
     StoreVec8(x + j, e);
     sum += e;
   }
-  float denom = 0.f;
-  for (int l = 0; l < 8; ++l) denom += sum[l];
-  const float inv = 1.f / denom;  // denom >= 1: the maximum's own term
-  for (int64_t j = 0; j < n8; j += 8) StoreVec8(x + j, LoadVec8(x + j) * inv);
-  for (int64_t j = n8; j < n; ++j) x[j] = tail[j - n8] * inv;
+  float total = 0.f;
+  for (int l = 0; l < 8; ++l) total += sum[l];
+  return total;  // >= 1: the maximum's own term
 }
 
 // Sizes of a causal call: q/out [B, T, Hq, hd], k/v [B, T, Hkv, hd], G = Hq / Hkv.
@@ -169,10 +168,12 @@ struct CausalDims {
 
 // Query rows [i0, i0 + rows) of row `row`, key/value head h, with their G heads each, over the keys
 // they see; `length` valid tokens. kt: the pair's keys transposed, [hd, T]. Buffers: q_tile and
-// out_tile [rows * G, hd] (query i's heads at (i - i0) * G ...), scores [rows * G, keys seen].
+// out_tile [rows * G, hd] (query i's heads at (i - i0) * G ...), scores [rows * G, keys seen],
+// inverse [rows * G] (each softmax's 1 / sum, applied to its output row).
 void CausalTile(const CausalDims& d, const float* q, const float* kt, const float* v, float* out, int64_t row,
                 int64_t h, int64_t i0, int64_t rows, int64_t length, int64_t window, float scale, float softcap,
-                std::vector<float>& q_tile, std::vector<float>& out_tile, std::vector<float>& scores) {
+                std::vector<float>& q_tile, std::vector<float>& out_tile, std::vector<float>& scores,
+                std::vector<float>& inverse) {
   const int64_t heads = d.g * d.hd;  // one query's G heads: contiguous in q and out
   auto at = [&](int64_t i) { return ((row * d.t + i) * d.hq + h * d.g) * d.hd; };
   const int64_t valid = std::clamp<int64_t>(length - i0, 0, rows);
@@ -184,22 +185,31 @@ void CausalTile(const CausalDims& d, const float* q, const float* kt, const floa
   q_tile.resize(m * d.hd);
   out_tile.resize(m * d.hd);
   scores.resize(m * n);
-  for (int64_t i = 0; i < valid; ++i) std::memcpy(q_tile.data() + i * heads, q + at(i0 + i), sizeof(float) * heads);
+  for (int64_t i = 0; i < valid; ++i) {  // the scale applied here, once per query element
+    const float* src = q + at(i0 + i);
+    float* dst = q_tile.data() + i * heads;
+    for (int64_t c = 0; c < heads; ++c) dst[c] = src[c] * scale;
+  }
   float* s = scores.data();
   GemmKN(q_tile.data(), d.hd, kt + lo, d.t, s, n, m, n, d.hd);
+  inverse.resize(m);
   for (int64_t r = 0; r < m; ++r) {
     const int64_t i = i0 + r / d.g;
     const int64_t a = (window > 0 ? std::max<int64_t>(lo, i - window + 1) : lo) - lo, b = i + 1 - lo;
     float* sr = s + r * n;
-    for (int64_t j = a; j < b; ++j) sr[j] *= scale;
     if (softcap > 0.f)
       for (int64_t j = a; j < b; ++j) sr[j] = std::tanh(sr[j] / softcap) * softcap;
-    SoftmaxInPlace(sr + a, b - a);
+    inverse[r] = 1.f / ExpShiftedInPlace(sr + a, b - a);  // normalized on the output rows below
     std::fill(sr, sr + a, 0.f);
     std::fill(sr + b, sr + n, 0.f);
   }
   GemmKN(s, n, v + ((row * d.t + lo) * d.hkv + h) * d.hd, d.hkv * d.hd, out_tile.data(), d.hd, m, d.hd, n);
-  for (int64_t i = 0; i < valid; ++i) std::memcpy(out + at(i0 + i), out_tile.data() + i * heads, sizeof(float) * heads);
+  for (int64_t i = 0; i < valid; ++i) {
+    float* dst = out + at(i0 + i);
+    const float* src = out_tile.data() + i * heads;
+    for (int64_t g = 0; g < d.g; ++g)
+      for (int64_t c = 0; c < d.hd; ++c) dst[g * d.hd + c] = src[g * d.hd + c] * inverse[i * d.g + g];
+  }
 }
 
 ffi::Error CausalAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
@@ -236,11 +246,11 @@ ffi::Error CausalAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   const int64_t rows = std::min<int64_t>(d.t, std::max<int64_t>(4, 64 / d.g));
   const int64_t tiles = (d.t + rows - 1) / rows;
   ParallelFor(pool, pairs * tiles, [&](int64_t task) {
-    thread_local std::vector<float> q_tile, out_tile, scores;
+    thread_local std::vector<float> q_tile, out_tile, scores, inverse;
     const int64_t pair = task % pairs, tile = tiles - 1 - task / pairs;  // the longest tiles first
     const int64_t row = pair / d.hkv, i0 = tile * rows;
     CausalTile(d, qp, kt.data() + pair * d.hd * d.t, vp, op, row, pair % d.hkv, i0, std::min(rows, d.t - i0),
-               std::clamp<int64_t>(lp[row], 0, d.t), window, scale, softcap, q_tile, out_tile, scores);
+               std::clamp<int64_t>(lp[row], 0, d.t), window, scale, softcap, q_tile, out_tile, scores, inverse);
   });
   return ffi::Error::Success();
 }
