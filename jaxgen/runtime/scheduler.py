@@ -366,9 +366,9 @@ class _Session:
         n = bucket(len(pending), minimum=1)
         config = self.s.config
         started = time.perf_counter()
-        cache = jax.block_until_ready(prefill_rows(self.replica.params, config, rows, self.prefix, self.prefix_len,
-                                                   self.s.plan, n, self.state.cache.length, self.share))
-        self.s.count(prefill_seconds=time.perf_counter() - started)
+        # Not waited for here: the rows' state below is built while the prefill runs.
+        cache = prefill_rows(self.replica.params, config, rows, self.prefix, self.prefix_len,
+                             self.s.plan, n, self.state.cache.length, self.share)
         history = row_history(rows, n, self.state.history.tokens.shape[1], config.vocab_size)
         pad = [0] * (n - len(rows))
         slots = np.array(free + [self.batch] * (n - len(rows)), np.int32)
@@ -382,7 +382,8 @@ class _Session:
                            logits=_device_zeros((n, 0, config.vocab_size)),
                            stop_count=self.stops.lengths.shape[0], params=self.replica.params, constraint=handles)
         self.state = insert_rows(self.state, on_device(slots), fresh)
-        self.s.count(refills=1)
+        jax.block_until_ready(cache)
+        self.s.count(refills=1, prefill_seconds=time.perf_counter() - started)
         for slot, (req, j), row, pos in zip(free, pending, rows, positions):
             self.slots[slot] = (req, j)
             self.max_new[slot] = row.max_new
