@@ -2,7 +2,7 @@
 
 With fake timings (no clock involved):
 * the chooser picks the fastest candidate per row class and layout, and the layout by the decode
-  and prefill row classes (relative to the fastest of each); an int8 weight falls back to float32 (dequantized at load) when every int8
+  row classes; an int8 weight falls back to float32 (dequantized at load) when every int8
   candidate is slower, and `compute_type="auto"` then resolves to float32 on CPU;
 * the on-disk cache is keyed by the machine: the same CPU reads its timings back without timing
   again, another CPU (or jax version, or XLA_FLAGS) times again;
@@ -65,24 +65,6 @@ def test_picks_fastest_per_row_class_and_layout():
     # small weights are never timed: stored layout, a8
     assert ch.int8_kind(16, 8, 8, "nk") == "a8" and ch.stored_layout(8, 8, True) == ("kn", False)
     assert all(k * n >= cpu_kernels.MIN_ELEMENTS for _, _, k, n in ch.timer.calls)
-
-
-def test_layout_is_chosen_over_decode_and_prefill():
-    """A layout a little faster at one row but a third slower at 512 rows (the prefill) loses; one
-    clearly faster at decode sizes and a little slower at 512 rows wins."""
-    def table(kind, layout, m, k, n):
-        if kind != "a8":
-            return 9.0
-        return {("kn", 1): 0.9, ("kn", 16): 3.0, ("kn", 512): 40.0, ("nk", 1): 1.0, ("nk", 16): 3.0,
-                ("nk", 512): 30.0}[(layout, m)]
-
-    ch = _chooser(table)
-    assert ch.stored_layout(640, 1024, int8=True) == ("nk", False)
-    assert {m for _, m, _, _ in ch.timer.calls} == {1, 16, 512}
-    decode_heavy = _chooser(lambda kind, layout, m, k, n: 9.0 if kind != "a8" else
-                            {1: 1.0, 16: 3.0, 512: 30.0}[m] * (0.7 if layout == "kn" and m < 512 else
-                                                             1.1 if layout == "kn" else 1.0))
-    assert decode_heavy.stored_layout(640, 1024, int8=True) == ("kn", False)
 
 
 def test_int8_slower_than_float32_falls_back():
@@ -243,8 +225,6 @@ def test_slow_candidates_are_pruned_and_info_describes_the_choice():
     assert ch.int8_kind(1, 256, 512, "nk") in ("a8", "a8t", "w8")
     timed_at_1 = [c for cands, m, k, n in ch.timer.calls if m == 1 for c in cands]
     assert timed_at_1 and not any(c.startswith("u8") for c in timed_at_1)  # 10x behind at 16 rows
-    for k, n, _, layouts in cpu_kernels.model_shapes(config):  # as a load arranges the weights
-        ch.stored_layout(k, n, True, layouts)
     line = cpu_kernels.describe(config, True, ch)
     assert line.startswith("Fake CPU family 25 model 1 (avx2; 2 cores): int8 at 1 / 16 rows: ")
     assert "256x512 a8/a8 nk" in line

@@ -22,8 +22,7 @@ Candidates, named "kind/layout" (layout: the stored weight "kn" = [K, N] or "nk"
 Decisions:
 * At load (`arrange_for_cpu`, single-device CPU): each layer weight's (and each expert's) layout,
   and for int8 weights whether to dequantize it to float32 (when float32 beats every int8
-  candidate), by how much slower each option's best product is than the fastest option's at 1,
-  16 and 512 rows, summed (`stored_layout`). A tied head (the embedding, [V, D]) keeps its layout.
+  candidate), by the summed time of decode-sized products (1 and 16 rows). A tied head (the embedding, [V, D]) keeps its layout.
 * At trace time (`int8_kind`, from `decoder.linear`): the int8 formulation for the product's row
   class (1 row; 2-64 rows; more), within the stored layout.
 * `compute_type="auto"` on CPU (`int8_pays`): int8 only when the model's int8 products beat its
@@ -56,7 +55,6 @@ CACHE_FILE = "cpu_kernels.json"
 CACHE_VERSION = 2  # 2: up to 25 timing rounds (was 9: too few for 0.1 ms products on a noisy machine)
 ROW_CLASSES = {"1": 1, "16": 16, "512": 512}  # class -> rows measured
 DECODE_CLASSES = ("1", "16")
-LAYOUT_CLASSES = ("1", "16", "512")  # what a weight's stored layout (and dequantization) is chosen by
 MIN_ELEMENTS = 1 << 16
 MAX_MEASURED_COLUMNS = 1 << 16  # wider weights are timed on this many columns (still past the L3 cache)
 
@@ -309,21 +307,15 @@ class KernelChooser:
 
     # -- decisions
     def stored_layout(self, k: int, n: int, int8: bool, layouts: Sequence[str] = ("kn", "nk")) -> Tuple[str, bool]:
-        """(layout to store a k x n weight in, whether an int8 weight is dequantized to float32):
-        the option whose best product is, summed over the row classes (one-row decode, batched
-        decode, prefill), the least slower than the fastest option of each class. Relative, so the
-        prefill's long products do not outweigh decoding, and a layout that is barely faster at
-        one row (or only by the noise of a 0.1 ms product) cannot cost a prefill a third more, as
-        the summed decode times alone let it on a shared AVX2 EPYC. layouts: those allowed (a tied
-        head: nk)."""
+        """(layout to store a k x n weight in, whether an int8 weight is dequantized to float32),
+        by the summed time of the decode row classes. layouts: those allowed (a tied head: nk)."""
         if not self.measured(k, n):
             return layouts[0], False
-        times = {}  # in order of preference on a tie: int8 before float32, the first layout first
+        best = {}  # in order of preference on a tie: int8 before float32, the first layout first
         for kind in ("i8", "f32") if int8 else ("f32",):
             for lay in layouts:
-                times[(kind, lay)] = [self._best(c, k, n, (lay,), kind == "i8")[1] for c in LAYOUT_CLASSES]
-        fastest = [min(t[i] for t in times.values()) for i in range(len(LAYOUT_CLASSES))]
-        kind, lay = min(times, key=lambda o: sum(t / f for t, f in zip(times[o], fastest)))
+                best[(kind, lay)] = sum(self._best(c, k, n, (lay,), kind == "i8")[1] for c in DECODE_CLASSES)
+        kind, lay = min(best, key=best.__getitem__)
         return lay, kind == "f32" and int8
 
     def int8_kind(self, rows: int, k: int, n: int, layout: str) -> str:
