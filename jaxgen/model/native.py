@@ -42,7 +42,8 @@ TARGETS = {"jaxgen_int8_gemm_nk": "JaxgenInt8GemmNK", "jaxgen_f32_gemm_nk": "Jax
            "jaxgen_causal_attention": "JaxgenCausalAttention"}  # name -> symbol
 _DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "native")
 SOURCES = tuple(os.path.join(_DIR, name) for name in ("products.cc", "attention.cc"))
-HEADERS = tuple(os.path.join(_DIR, name) for name in ("parallel.h", "gemm.h"))  # parallel.h: products.cc's
+HEADERS = tuple(os.path.join(_DIR, name) for name in ("parallel.h", "gemm.h"))
+PRODUCT_FILES = tuple(os.path.join(_DIR, name) for name in ("products.cc", "parallel.h"))  # what the products are built from
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 COMPILE_TIMEOUT_S = 300
 
@@ -136,7 +137,7 @@ def isa() -> Optional[str]:
 
 def source_hash() -> str:
     """A hash of the products' source (part of the CPU kernel cache's machine fingerprint)."""
-    return hashlib.sha256(b"".join(open(path, "rb").read() for path in (SOURCES[0], HEADERS[0]))).hexdigest()[:12]
+    return hashlib.sha256(b"".join(open(path, "rb").read() for path in PRODUCT_FILES)).hexdigest()[:12]
 
 
 def _require() -> None:

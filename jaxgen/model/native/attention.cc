@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "gemm.h"
@@ -114,13 +115,13 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
 using jaxgen_native::LoadVec8;
 using jaxgen_native::StoreVec8;
 using jaxgen_native::Vec8;
-typedef int32_t Int8x32 __attribute__((vector_size(32)));  // eight int32
+typedef int32_t Int32x8 __attribute__((vector_size(32)));
 
 inline Vec8 Max(Vec8 a, Vec8 b) { return a > b ? a : b; }
 
-// exp(x) for x <= 0 (scores minus their row's maximum), within about 2 ulp, 0 below -87 (as
-// float32 underflows): Cephes' expf polynomial on eight lanes, where std::exp stays one scalar
-// call per element without -ffast-math.
+// exp(x) for x <= 0 (scores minus their row's maximum), within about 2 ulp; x below -87 is taken
+// as -87 (exp about 1.6e-38, nothing next to the maximum's own 1): Cephes' expf polynomial on eight
+// lanes, where std::exp stays one scalar call per element without -ffast-math.
 inline Vec8 ExpNonPositive(Vec8 x) {
   const Vec8 floor_x = Vec8{} - 87.f;
   x = Max(x, floor_x);
@@ -133,7 +134,7 @@ inline Vec8 ExpNonPositive(Vec8 x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const Vec8 e = p * r * r + r + 1.f;  // exp(r), |r| <= ln 2 / 2
-  const Int8x32 bits = (__builtin_convertvector(n, Int8x32) + 127) << 23;  // 2^n: n >= -126 here
+  const Int32x8 bits = (__builtin_convertvector(n, Int32x8) + 127) << 23;  // 2^n: n >= -126 here
   return e * reinterpret_cast<const Vec8&>(bits);
 }
 
@@ -148,7 +149,7 @@ float ExpShiftedInPlace(float* x, int64_t n) {
   for (int64_t j = 0; j < n8; j += 8) top = Max(top, LoadVec8(x + j));
   float m = top[0];
   for (int l = 1; l < 8; ++l) m = std::max(m, top[l]);
-  Vec8 sum = ExpNonPositive(LoadVec8(tail) - m);  // -inf padding: exp gives 0
+  Vec8 sum = ExpNonPositive(LoadVec8(tail) - m);  // the -inf padding adds at most 8 x 1.6e-38
   StoreVec8(tail, sum);
   std::copy(tail, tail + (n - n8), x + n8);
   for (int64_t j = 0; j < n8; j += 8) {
@@ -232,13 +233,13 @@ ffi::Error CausalAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   float* op = out->typed_data();
   const int64_t pairs = d.b * d.hkv;  // (row, key/value head)
   // Each pair's keys transposed to [hd, T] once, the layout the scores' product reads.
-  std::vector<float> kt(pairs * d.hd * d.t);
+  std::unique_ptr<float[]> kt(new float[pairs * d.hd * d.t]);  // every element written below
   constexpr int64_t kKeyBlock = 64;
   const int64_t key_blocks = (d.t + kKeyBlock - 1) / kKeyBlock;
   ParallelFor(pool, pairs * key_blocks, [&](int64_t task) {
     const int64_t pair = task / key_blocks, j0 = task % key_blocks * kKeyBlock, j1 = std::min(d.t, j0 + kKeyBlock);
     const float* src = kp + ((pair / d.hkv) * d.t * d.hkv + pair % d.hkv) * d.hd;  // key j at src + j * hkv * hd
-    float* dst = kt.data() + pair * d.hd * d.t;
+    float* dst = kt.get() + pair * d.hd * d.t;
     for (int64_t c = 0; c < d.hd; ++c)
       for (int64_t j = j0; j < j1; ++j) dst[c * d.t + j] = src[j * d.hkv * d.hd + c];
   });
@@ -249,7 +250,7 @@ ffi::Error CausalAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
     thread_local std::vector<float> q_tile, out_tile, scores, inverse;
     const int64_t pair = task % pairs, tile = tiles - 1 - task / pairs;  // the longest tiles first
     const int64_t row = pair / d.hkv, i0 = tile * rows;
-    CausalTile(d, qp, kt.data() + pair * d.hd * d.t, vp, op, row, pair % d.hkv, i0, std::min(rows, d.t - i0),
+    CausalTile(d, qp, kt.get() + pair * d.hd * d.t, vp, op, row, pair % d.hkv, i0, std::min(rows, d.t - i0),
                std::clamp<int64_t>(lp[row], 0, d.t), window, scale, softcap, q_tile, out_tile, scores, inverse);
   });
   return ffi::Error::Success();
